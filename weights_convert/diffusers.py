@@ -6,12 +6,15 @@ A diffusers folder stores the UNet3D, VAE and text encoder with exactly our para
 
 from __future__ import annotations
 
+import logging
 from typing import Mapping
 
 import torch
 
-from t2v.config import TextEncoderConfig
+from t2v.config import TextEncoderConfig, UNetConfig
 from t2v.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 TEXT_MODEL_PREFIX = "text_model."
 
@@ -49,3 +52,95 @@ def text_encoder_from_transformers(state: Mapping[str, torch.Tensor]) -> dict[st
             continue  # a non-learned buffer older transformers versions saved
         out[key.removeprefix(TEXT_MODEL_PREFIX)] = tensor
     return out
+
+
+# UNet3DConditionModel config keys that hold no architecture (or that we read elsewhere).
+UNET_INERT_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size"}
+# Keys some uploads carry (ms-1.7b's first config, older diffusers) with the only value
+# UNet3DConditionModel ever implemented; any other value is a different model.
+UNET_FIXED_KEYS = {
+    "act_fn": "silu", "downsample_padding": 1, "mid_block_scale_factor": 1,
+    "num_attention_heads": None, "time_cond_proj_dim": None, "flip_sin_to_cos": True,
+    "freq_shift": 0, "use_linear_projection": True, "mid_block_type": "UNetMidBlock3DCrossAttn",
+    "time_embedding_type": "positional", "class_embed_type": None,
+    "dual_cross_attention": False, "only_cross_attention": False,
+    "resnet_time_scale_shift": "default",
+    # Softmax upcasting only changes reduced-precision rounding; t2v's SDPA path accumulates
+    # in float32 either way, so both values load.
+    "upcast_attention": (False, True),
+}
+UNET_KEYS = {"in_channels", "out_channels", "block_out_channels", "down_block_types",
+             "up_block_types", "layers_per_block", "attention_head_dim", "cross_attention_dim",
+             "norm_num_groups", "norm_eps"}
+DOWN_TYPES = {"CrossAttnDownBlock3D": True, "DownBlock3D": False}
+UP_TYPES = {"CrossAttnUpBlock3D": True, "UpBlock3D": False}
+
+
+def unet_config(diffusers_config: Mapping) -> UNetConfig:
+    """diffusers `unet/config.json` (UNet3DConditionModel) -> UNetConfig.
+
+    diffusers' `attention_head_dim` is, despite its name, passed to the blocks as their head
+    count argument, whose transformers then use `channels // attention_head_dim` heads of
+    width `attention_head_dim`; so it is our `head_dim` (64) either way. `transformer_in` always
+    has 8 heads in diffusers.
+    """
+    what = "unet/config.json"
+    c = dict(diffusers_config)
+    for key, allowed in UNET_FIXED_KEYS.items():
+        if key in c:
+            allowed = allowed if isinstance(allowed, tuple) else (allowed,)
+            _require(c, key, allowed, what)
+    unknown = sorted(set(c) - UNET_KEYS - UNET_INERT_KEYS - set(UNET_FIXED_KEYS))
+    if unknown:
+        log.warning("%s: ignoring keys t2v does not know: %s", what, ", ".join(unknown))
+    if c.get("_class_name", "UNet3DConditionModel") != "UNet3DConditionModel":
+        raise ConfigError(f"{what}: _class_name={c['_class_name']!r}; t2v loads "
+                          "UNet3DConditionModel configs")
+    channels = tuple(int(x) for x in c.get("block_out_channels", (320, 640, 1280, 1280)))
+    down = tuple(c.get("down_block_types", ("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",)))
+    up = tuple(c.get("up_block_types", ("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3))
+    for name, types, table in (("down_block_types", down, DOWN_TYPES),
+                               ("up_block_types", up, UP_TYPES)):
+        bad = [t for t in types if t not in table]
+        if bad:
+            raise ConfigError(f"{what}: {name} contains {bad}; t2v supports {sorted(table)}")
+    attention = tuple(DOWN_TYPES[t] for t in down)
+    if tuple(UP_TYPES[t] for t in reversed(up)) != attention or len(down) != len(channels):
+        raise ConfigError(f"{what}: up_block_types must mirror down_block_types and both need "
+                          f"one entry per block_out_channels entry")
+    head_dim = c.get("attention_head_dim", 64)
+    if isinstance(head_dim, (list, tuple)):
+        if len(set(head_dim)) != 1:
+            raise ConfigError(f"{what}: attention_head_dim={list(head_dim)}; t2v supports one "
+                              "value for all levels")
+        head_dim = head_dim[0]
+    return UNetConfig(
+        in_channels=int(c.get("in_channels", 4)),
+        out_channels=int(c.get("out_channels", 4)),
+        channels=channels,
+        attention=attention,
+        layers_per_block=int(c.get("layers_per_block", 2)),
+        head_dim=int(head_dim),
+        transformer_in_heads=8,
+        context_dim=int(c.get("cross_attention_dim", 1024)),
+        norm_groups=int(c.get("norm_num_groups", 32)),
+        norm_eps=float(c.get("norm_eps", 1e-5)),
+    )
+
+
+def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
+    """The inverse: UNet3DConditionModel constructor arguments for a UNetConfig."""
+    if cfg.transformer_in_heads != 8:
+        raise ConfigError("diffusers' UNet3DConditionModel fixes transformer_in to 8 heads; "
+                          f"model.unet.transformer_in_heads={cfg.transformer_in_heads}")
+    return dict(
+        in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        block_out_channels=cfg.channels,
+        down_block_types=tuple("CrossAttnDownBlock3D" if a else "DownBlock3D"
+                               for a in cfg.attention),
+        up_block_types=tuple("CrossAttnUpBlock3D" if a else "UpBlock3D"
+                             for a in reversed(cfg.attention)),
+        layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.head_dim,
+        cross_attention_dim=cfg.context_dim, norm_num_groups=cfg.norm_groups,
+        norm_eps=cfg.norm_eps,
+    )

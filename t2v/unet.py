@@ -1,0 +1,387 @@
+"""UNet3D: the ModelScope text-to-video denoiser (diffusers' UNet3DConditionModel, same keys).
+
+    x (B, 4, F, h, w), t, context (B, L, 1024) -> eps (B, 4, F, h, w)
+
+An SD-2.1-style image UNet whose 2-D layers see the frames folded into the batch,
+`(b c f h w) -> ((b f) c h w)` (batch-major), plus two kinds of temporal layers that unfold
+them again: after every ResBlock a temporal convolution (kernel (3, 1, 1)), and after every
+spatial transformer a temporal transformer (self-attention over frames, no positional
+encoding). One more temporal transformer (`transformer_in`) follows `conv_in`.
+
+Every level: [ResBlock -> TemporalConv -> (SpatialTransformer -> TemporalTransformer)] x n,
+then a stride-2 downsample (up path: n + 1 layers, then nearest x2 upsample + conv).
+Architecture reference: MODEL.md §2; diffusers `unet_3d_condition.py`, ModelScope `unet_sd.py`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torch.utils.checkpoint import checkpoint
+
+from t2v.config import UNetConfig
+from t2v.layers import attention
+
+TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm at the entry of spatial and temporal transformers
+LAYER_NORM_EPS = 1e-5  # LayerNorms inside transformer blocks
+TEMPORAL_CONV_DROPOUT = 0.1  # as both references build it; inactive in eval mode
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos(t f_i), sin(t f_i)], f_i = max_period^(-i / (dim/2)).
+
+    Cosines first (diffusers' flip_sin_to_cos=True, downscale_freq_shift=0), computed in float32
+    through exp(-ln(max_period) i / half) exactly as diffusers does; ModelScope's torch.pow
+    form differs by <= 6e-5 over t in [0, 999].
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    angles = t[:, None].float() * torch.exp(exponent / half)[None, :]
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimestepMLP(nn.Module):
+    """Linear -> SiLU -> Linear on the sinusoidal embedding."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, + time embedding, GN-SiLU-conv, + (1x1-projected) input."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, eps: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.time_emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return skip + h
+
+
+class TemporalConv(nn.Module):
+    """Four GN-SiLU-Conv3d(3,1,1) stages over the frame axis, one residual around them.
+
+    Sequential slots mirror the references' keys: conv1.{0: GN, 2: conv},
+    conv{2,3,4}.{0: GN, 2: Dropout, 3: conv}. GroupNorm statistics pool over F, H and W.
+    """
+
+    def __init__(self, ch: int, groups: int, eps: float):
+        super().__init__()
+
+        def stage(dropout: bool) -> nn.Sequential:
+            layers = [nn.GroupNorm(groups, ch, eps=eps), nn.SiLU()]
+            layers += [nn.Dropout(TEMPORAL_CONV_DROPOUT)] if dropout else []
+            return nn.Sequential(*layers, nn.Conv3d(ch, ch, (3, 1, 1), padding=(1, 0, 0)))
+
+        self.conv1 = stage(dropout=False)
+        self.conv2 = stage(dropout=True)
+        self.conv3 = stage(dropout=True)
+        self.conv4 = stage(dropout=True)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        x = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
+        h = self.conv4(self.conv3(self.conv2(self.conv1(x))))
+        return rearrange(x + h, "b c f h w -> (b f) c h w")
+
+
+class Attention(nn.Module):
+    """Multi-head attention, q/k/v without bias; self-attention when no context is given."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # diffusers' key: to_out.0
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out[0](out)
+
+
+class GEGLU(nn.Module):
+    """Linear to 2*hidden, then a * gelu(gate) with a the first half (exact GELU)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Slot 1 is the references' Dropout(0.0); kept so the Linear is `net.2` as in their keys.
+        self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LN: self-attention, second attention (to `context`, or self when context_dim is
+    None), GEGLU feed-forward; each with a residual."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim)
+        self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Per frame: tokens are the h*w positions; cross-attention to the text context."""
+
+    def __init__(self, ch: int, heads: int, head_dim: int, context_dim: int, groups: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(groups, ch, eps=TRANSFORMER_NORM_EPS)
+        self.proj_in = nn.Linear(ch, inner)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim,
+                                                                  context_dim)])
+        self.proj_out = nn.Linear(inner, ch)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        y = rearrange(self.norm(x), "n c h w -> n (h w) c")
+        y = self.transformer_blocks[0](self.proj_in(y), context)
+        y = rearrange(self.proj_out(y), "n (h w) c -> n c h w", h=h, w=w)
+        return x + y
+
+
+class TemporalTransformer(nn.Module):
+    """Per spatial position: tokens are the F frames; both attentions are self-attention.
+
+    GroupNorm statistics pool over F, H and W (frames interact in the norm).
+    """
+
+    def __init__(self, ch: int, heads: int, head_dim: int, groups: int):
+        super().__init__()
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(groups, ch, eps=TRANSFORMER_NORM_EPS)
+        self.proj_in = nn.Linear(ch, inner)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, None)])
+        self.proj_out = nn.Linear(inner, ch)
+
+    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        y = self.norm(rearrange(x, "(b f) c h w -> b c f h w", f=num_frames))
+        y = rearrange(y, "b c f h w -> (b h w) f c")
+        y = self.transformer_blocks[0](self.proj_in(y))
+        y = rearrange(self.proj_out(y), "(b h w) f c -> (b f) c h w", h=h, w=w)
+        return x + y
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour to `size` (twice the input unless the skip says otherwise), conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
+
+
+class Level(nn.Module):
+    """The layers of one resolution level, as parallel lists (diffusers' key layout):
+    resnets[i] -> temp_convs[i] -> attentions[i] -> temp_attentions[i]."""
+
+    def __init__(self, in_channels: list[int], out_ch: int, has_attention: bool,
+                 cfg: UNetConfig):
+        super().__init__()
+        groups, eps, emb = cfg.norm_groups, cfg.norm_eps, cfg.time_embed_dim
+        heads = out_ch // cfg.head_dim
+        self.resnets = nn.ModuleList(ResBlock(c, out_ch, emb, groups, eps) for c in in_channels)
+        self.temp_convs = nn.ModuleList(TemporalConv(out_ch, groups, eps) for _ in in_channels)
+        self.has_attention = has_attention
+        if has_attention:
+            self.attentions = nn.ModuleList(
+                SpatialTransformer(out_ch, heads, cfg.head_dim, cfg.context_dim, groups)
+                for _ in in_channels)
+            self.temp_attentions = nn.ModuleList(
+                TemporalTransformer(out_ch, heads, cfg.head_dim, groups) for _ in in_channels)
+
+    def layer(self, i: int, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+              num_frames: int) -> torch.Tensor:
+        x = self.temp_convs[i](self.resnets[i](x, emb), num_frames)
+        if self.has_attention:
+            x = self.attentions[i](x, context)
+            x = self.temp_attentions[i](x, num_frames)
+        return x
+
+
+class DownBlock(Level):
+    def __init__(self, in_ch: int, out_ch: int, has_attention: bool, downsample: bool,
+                 cfg: UNetConfig):
+        in_channels = [in_ch] + [out_ch] * (cfg.layers_per_block - 1)
+        super().__init__(in_channels, out_ch, has_attention, cfg)
+        self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
+
+    def forward(self, x, emb, context, num_frames):
+        skips = []
+        for i in range(len(self.resnets)):
+            x = self.layer(i, x, emb, context, num_frames)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(Level):
+    """Each layer first concatenates [x, skip] on channels, taking skips from the end."""
+
+    def __init__(self, prev_ch: int, out_ch: int, skip_channels: list[int], has_attention: bool,
+                 upsample: bool, cfg: UNetConfig):
+        in_channels = [(prev_ch if i == 0 else out_ch) + s for i, s in enumerate(skip_channels)]
+        super().__init__(in_channels, out_ch, has_attention, cfg)
+        self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
+
+    def forward(self, x, skips, emb, context, num_frames, upsample_size=None):
+        for i in range(len(self.resnets)):
+            x = torch.cat([x, skips[-1 - i]], dim=1)  # not pop(): checkpointing reruns this
+            x = self.layer(i, x, emb, context, num_frames)
+        if self.upsamplers is not None:
+            size = upsample_size if upsample_size is not None else (2 * x.shape[-2],
+                                                                    2 * x.shape[-1])
+            x = self.upsamplers[0](x, size)
+        return x
+
+
+class MidBlock(nn.Module):
+    """ResBlock -> TemporalConv -> SpatialTransformer -> TemporalTransformer -> ResBlock ->
+    TemporalConv."""
+
+    def __init__(self, ch: int, cfg: UNetConfig):
+        super().__init__()
+        groups, eps, emb = cfg.norm_groups, cfg.norm_eps, cfg.time_embed_dim
+        heads = ch // cfg.head_dim
+        self.resnets = nn.ModuleList(ResBlock(ch, ch, emb, groups, eps) for _ in range(2))
+        self.temp_convs = nn.ModuleList(TemporalConv(ch, groups, eps) for _ in range(2))
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(ch, heads, cfg.head_dim, cfg.context_dim, groups)])
+        self.temp_attentions = nn.ModuleList([TemporalTransformer(ch, heads, cfg.head_dim,
+                                                                  groups)])
+
+    def forward(self, x, emb, context, num_frames):
+        x = self.temp_convs[0](self.resnets[0](x, emb), num_frames)
+        x = self.attentions[0](x, context)
+        x = self.temp_attentions[0](x, num_frames)
+        return self.temp_convs[1](self.resnets[1](x, emb), num_frames)
+
+
+class UNet3D(nn.Module):
+    """eps = UNet3D(cfg)(x (B, C, F, h, w), t, context (B, L, context_dim))."""
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels
+        self.gradient_checkpointing = False  # recompute each block's activations in backward
+
+        self.time_embedding = TimestepMLP(ch[0], cfg.time_embed_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.transformer_in = TemporalTransformer(ch[0], cfg.transformer_in_heads, cfg.head_dim,
+                                                  cfg.norm_groups)
+
+        skip_channels = [ch[0]]  # channels of every tensor pushed on the skip stack
+        self.down_blocks = nn.ModuleList()
+        for level, out_ch in enumerate(ch):
+            last = level == len(ch) - 1
+            in_ch = ch[max(level - 1, 0)]
+            self.down_blocks.append(DownBlock(in_ch, out_ch, cfg.attention[level],
+                                              downsample=not last, cfg=cfg))
+            skip_channels += [out_ch] * (cfg.layers_per_block + (0 if last else 1))
+
+        self.mid_block = MidBlock(ch[-1], cfg)
+
+        self.up_blocks = nn.ModuleList()
+        prev_ch = ch[-1]
+        for level in reversed(range(len(ch))):
+            n = cfg.layers_per_block + 1
+            skips, skip_channels = skip_channels[-n:], skip_channels[:-n]
+            self.up_blocks.append(UpBlock(prev_ch, ch[level], skips[::-1], cfg.attention[level],
+                                          upsample=level > 0, cfg=cfg))
+            prev_ch = ch[level]
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], cfg.out_channels, 3, padding=1)
+
+    def _run(self, block: nn.Module, *args, **kwargs):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float,
+                context: torch.Tensor) -> torch.Tensor:
+        b, _, num_frames, h, w = x.shape
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t[None]
+        t = t.expand(b)
+
+        sinusoid = timestep_embedding(t, self.cfg.channels[0])
+        emb = self.time_embedding(sinusoid.to(self.conv_in.weight.dtype))
+        # Time embedding and text context are shared by the frames of a sample: (b f) rows.
+        emb = emb.repeat_interleave(num_frames, dim=0)
+        context = context.repeat_interleave(num_frames, dim=0)
+
+        x = rearrange(x, "b c f h w -> (b f) c h w")
+        x = self.transformer_in(self.conv_in(x), num_frames)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = self._run(block, x, emb, context, num_frames)
+            skips += block_skips
+        x = self._run(self.mid_block, x, emb, context, num_frames)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            # Upsample to the next skip's size: latent sizes need not be multiples of 2^levels.
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            x = self._run(block, x, block_skips, emb, context, num_frames, size)
+        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        return rearrange(x, "(b f) c h w -> b c f h w", b=b)

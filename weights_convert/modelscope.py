@@ -1,0 +1,125 @@
+"""The original ModelScope checkpoints <-> t2v (diffusers) names.
+
+UNet (`text2video_pytorch_model.pth`, ModelScope `UNetSD`): positional containers
+`input_blocks.{k}.{slot}`, `middle_block.{slot}`, `output_blocks.{k}.{slot}`, the temporal conv
+nested inside each ResBlock as `temopral_conv` (sic), ResBlock leaves `in_layers.{0,2}`,
+`emb_layers.1`, `out_layers.{0,3}`, `skip_connection`, and the temporal transformers'
+projections as Conv1d `[out, in, 1]` where ours are Linear `[out, in]`. Rules are those of
+diffusers' `scripts/convert_ms_text_to_video_to_diffusers.py` (MODEL.md §5.4), written as a
+table generated from the config.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from t2v.config import UNetConfig
+from t2v.unet import UNet3D
+from weights_convert.table import Rule, convert, invert, rename
+
+# ResBlock leaf names: ours (diffusers) -> ModelScope.
+RESNET_LEAVES = {
+    "norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection",
+}
+
+
+def _squeeze_last(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [tensors[0][..., 0]]  # Conv1d [out, in, 1] -> Linear [out, in]
+
+
+def _unsqueeze_last(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [tensors[0][..., None]]
+
+
+def _unet_prefixes(cfg: UNetConfig) -> list[tuple[str, str, str]]:
+    """(our prefix, ModelScope prefix, kind) for every sub-module of the UNet."""
+    n = cfg.layers_per_block
+    pairs = [
+        ("time_embedding.linear_1", "time_embed.0", "plain"),
+        ("time_embedding.linear_2", "time_embed.2", "plain"),
+        ("conv_in", "input_blocks.0.0", "plain"),
+        ("transformer_in", "input_blocks.0.1", "temporal"),
+        ("conv_norm_out", "out.0", "plain"),
+        ("conv_out", "out.2", "plain"),
+    ]
+
+    def layer(ours: str, ms: str, i: int, attention: bool) -> None:
+        pairs.extend([
+            (f"{ours}.resnets.{i}", f"{ms}.0", "resnet"),
+            (f"{ours}.temp_convs.{i}", f"{ms}.0.temopral_conv", "plain"),
+        ])
+        if attention:
+            pairs.extend([(f"{ours}.attentions.{i}", f"{ms}.1", "plain"),
+                          (f"{ours}.temp_attentions.{i}", f"{ms}.2", "temporal")])
+
+    k = 1  # input_blocks.0 is conv_in + transformer_in
+    levels = len(cfg.channels)
+    for level in range(levels):
+        for i in range(n):
+            layer(f"down_blocks.{level}", f"input_blocks.{k}", i, cfg.attention[level])
+            k += 1
+        if level < levels - 1:
+            pairs.append((f"down_blocks.{level}.downsamplers.0.conv", f"input_blocks.{k}.op",
+                          "plain"))
+            k += 1
+
+    pairs += [
+        ("mid_block.resnets.0", "middle_block.0", "resnet"),
+        ("mid_block.temp_convs.0", "middle_block.0.temopral_conv", "plain"),
+        ("mid_block.attentions.0", "middle_block.1", "plain"),
+        ("mid_block.temp_attentions.0", "middle_block.2", "temporal"),
+        ("mid_block.resnets.1", "middle_block.3", "resnet"),
+        ("mid_block.temp_convs.1", "middle_block.3.temopral_conv", "plain"),
+    ]
+
+    k = 0
+    for b, level in enumerate(reversed(range(levels))):
+        attention = cfg.attention[level]
+        for i in range(n + 1):
+            layer(f"up_blocks.{b}", f"output_blocks.{k}", i, attention)
+            if i == n and level > 0:  # the upsampler is the last slot of the level's last entry
+                slot = 3 if attention else 1
+                pairs.append((f"up_blocks.{b}.upsamplers.0.conv",
+                              f"output_blocks.{k}.{slot}.conv", "plain"))
+            k += 1
+    return pairs
+
+
+def _leaf_rule(ours: str, ms: str, kind: str, leaf: str) -> Rule:
+    if kind == "resnet":
+        module, _, param = leaf.partition(".")
+        return rename(f"{ms}.{RESNET_LEAVES[module]}.{param}", f"{ours}.{leaf}")
+    if kind == "temporal" and leaf in ("proj_in.weight", "proj_out.weight"):
+        return Rule((f"{ms}.{leaf}",), (f"{ours}.{leaf}",), _squeeze_last, _unsqueeze_last)
+    return rename(f"{ms}.{leaf}" if leaf else ms, f"{ours}.{leaf}" if leaf else ours)
+
+
+def unet_rules(cfg: UNetConfig) -> list[Rule]:
+    """ModelScope UNetSD key -> UNet3D key, one rule per parameter of `UNet3D(cfg)`."""
+    with torch.device("meta"):
+        ours = list(UNet3D(cfg).state_dict())
+    prefixes = _unet_prefixes(cfg)
+    rules = []
+    for key in ours:
+        # Longest matching prefix: `...resnets.0` must not claim `...temp_convs.0` keys etc.
+        matches = [p for p in prefixes if key.startswith(p[0] + ".")]
+        if len(matches) != 1:
+            raise AssertionError(f"UNet table: {key} matched {len(matches)} prefixes")  # a bug
+        prefix, ms, kind = matches[0]
+        rules.append(_leaf_rule(prefix, ms, kind, key[len(prefix) + 1:]))
+    return rules
+
+
+def unet_from_modelscope(state: Mapping[str, torch.Tensor],
+                         cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """Convert a `text2video_pytorch_model.pth` state dict to UNet3D keys."""
+    return convert(state, unet_rules(cfg), (), "ModelScope UNet state dict")
+
+
+def unet_to_modelscope(state: Mapping[str, torch.Tensor],
+                       cfg: UNetConfig) -> dict[str, torch.Tensor]:
+    """The inverse: UNet3D keys -> ModelScope UNetSD keys."""
+    return convert(state, invert(unet_rules(cfg)), (), "UNet3D state dict")
