@@ -87,6 +87,26 @@ def test_matches_diffusers(pair, frames, size, timestep):
     assert_parity(actual, expected, what=f"UNet3D vs diffusers F={frames} {size}")
 
 
+@pytest.mark.parametrize("cfg", [
+    UNetConfig(channels=(32, 64, 96), attention=(False, True, True), layers_per_block=1,
+               head_dim=16, context_dim=24, norm_groups=8),
+    UNetConfig(channels=(64, 128), attention=(True, False), layers_per_block=3, head_dim=32,
+               context_dim=16, norm_groups=16, in_channels=3, out_channels=5),
+], ids=["3-levels", "2-levels"])
+def test_other_topologies_match_diffusers(cfg):
+    reference = diffusers_unet(cfg, seed=5)
+    ours = UNet3D(cfg).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, cfg.in_channels, 2, 10, 6, generator=g)
+    context = torch.randn(2, 5, cfg.context_dim, generator=g)
+    with torch.no_grad():
+        expected = reference(x, torch.tensor([1, 999]), context).sample
+        actual = ours(x, torch.tensor([1, 999]), context)
+    assert actual.shape == (2, cfg.out_channels, 2, 10, 6)
+    assert_parity(actual, expected, what=f"UNet3D {cfg.channels} vs diffusers")
+
+
 def test_every_input_matters(pair):
     """Guards the parity tests against a degenerate network: frames, text and time all move
     the output."""
