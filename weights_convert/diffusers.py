@@ -11,7 +11,7 @@ from typing import Mapping
 
 import torch
 
-from t2v.config import TextEncoderConfig, UNetConfig
+from t2v.config import TextEncoderConfig, UNetConfig, VAEConfig
 from t2v.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def text_encoder_from_transformers(state: Mapping[str, torch.Tensor]) -> dict[st
 
 
 # UNet3DConditionModel config keys that hold no architecture (or that we read elsewhere).
-UNET_INERT_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "sample_size"}
+UNET_INERT_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
+                   "sample_size"}
 # Keys some uploads carry (ms-1.7b's first config, older diffusers) with the only value
 # UNet3DConditionModel ever implemented; any other value is a different model.
 UNET_FIXED_KEYS = {
@@ -144,3 +145,80 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
         cross_attention_dim=cfg.context_dim, norm_num_groups=cfg.norm_groups,
         norm_eps=cfg.norm_eps,
     )
+
+
+VAE_INERT_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values",
+                  "sample_size",
+                  "force_upcast"}  # t2v has its own float32-VAE option (see docs/api.md)
+VAE_FIXED_KEYS = {
+    "act_fn": "silu", "shift_factor": None, "latents_mean": None, "latents_std": None,
+    "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+}
+VAE_KEYS = {"in_channels", "out_channels", "latent_channels", "block_out_channels",
+            "down_block_types", "up_block_types", "layers_per_block", "norm_num_groups",
+            "scaling_factor"}
+# Mid-block attention names of VAEs converted before diffusers 0.15.
+OLD_VAE_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v",
+                           "proj_attn": "to_out.0"}
+
+
+def vae_config(diffusers_config: Mapping) -> VAEConfig:
+    """diffusers `vae/config.json` (AutoencoderKL) -> VAEConfig."""
+    what = "vae/config.json"
+    c = dict(diffusers_config)
+    if c.get("_class_name", "AutoencoderKL") != "AutoencoderKL":
+        raise ConfigError(f"{what}: _class_name={c['_class_name']!r}; t2v loads AutoencoderKL")
+    for key, allowed in VAE_FIXED_KEYS.items():
+        if key in c:
+            _require(c, key, (allowed,), what)
+    unknown = sorted(set(c) - VAE_KEYS - VAE_INERT_KEYS - set(VAE_FIXED_KEYS))
+    if unknown:
+        log.warning("%s: ignoring keys t2v does not know: %s", what, ", ".join(unknown))
+    channels = tuple(int(x) for x in c.get("block_out_channels", (64,)))
+    for key, block in (("down_block_types", "DownEncoderBlock2D"),
+                       ("up_block_types", "UpDecoderBlock2D")):
+        types = list(c.get(key, [block] * len(channels)))
+        if types != [block] * len(channels):
+            raise ConfigError(f"{what}: {key}={types}; t2v supports one {block} per "
+                              "block_out_channels entry")
+    return VAEConfig(
+        in_channels=int(c.get("in_channels", 3)),
+        out_channels=int(c.get("out_channels", 3)),
+        latent_channels=int(c.get("latent_channels", 4)),
+        channels=channels,
+        layers_per_block=int(c.get("layers_per_block", 1)),
+        norm_groups=int(c.get("norm_num_groups", 32)),
+        scaling_factor=float(c.get("scaling_factor", 0.18215)),
+    )
+
+
+def diffusers_vae_kwargs(cfg: VAEConfig) -> dict:
+    """The inverse: AutoencoderKL(**kwargs) arguments for a VAEConfig."""
+    if cfg.norm_eps != 1e-6:
+        raise ConfigError(f"diffusers' AutoencoderKL fixes GroupNorm eps to 1e-6; "
+                          f"model.vae.norm_eps={cfg.norm_eps}")
+    n = len(cfg.channels)
+    return dict(in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                latent_channels=cfg.latent_channels, block_out_channels=cfg.channels,
+                down_block_types=("DownEncoderBlock2D",) * n,
+                up_block_types=("UpDecoderBlock2D",) * n, layers_per_block=cfg.layers_per_block,
+                norm_num_groups=cfg.norm_groups, scaling_factor=cfg.scaling_factor)
+
+
+def vae_from_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers VAE state dict with either attention naming -> AutoencoderKL keys.
+
+    Older conversions call the mid-block attention `query/key/value/proj_attn`; diffusers
+    renames them on load, and so does this. Old 1x1-conv-shaped weights are squeezed.
+    """
+    out = {}
+    for key, tensor in state.items():
+        prefix, _, rest = key.partition(".mid_block.attentions.0.")
+        if rest:
+            module, _, param = rest.rpartition(".")
+            if module in OLD_VAE_ATTENTION_NAMES:
+                key = f"{prefix}.mid_block.attentions.0.{OLD_VAE_ATTENTION_NAMES[module]}.{param}"
+                if tensor.ndim == 4:
+                    tensor = tensor[:, :, 0, 0]
+        out[key] = tensor
+    return out

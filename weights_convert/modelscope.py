@@ -1,4 +1,4 @@
-"""The original ModelScope checkpoints <-> t2v (diffusers) names.
+"""The original ModelScope checkpoints <-> t2v (diffusers) names: UNet and VAE.
 
 UNet (`text2video_pytorch_model.pth`, ModelScope `UNetSD`): positional containers
 `input_blocks.{k}.{slot}`, `middle_block.{slot}`, `output_blocks.{k}.{slot}`, the temporal conv
@@ -7,6 +7,12 @@ nested inside each ResBlock as `temopral_conv` (sic), ResBlock leaves `in_layers
 projections as Conv1d `[out, in, 1]` where ours are Linear `[out, in]`. Rules are those of
 diffusers' `scripts/convert_ms_text_to_video_to_diffusers.py` (MODEL.md §5.4), written as a
 table generated from the config.
+
+VAE (`first_stage_model.*` inside the Lightning checkpoint `VQGAN_autoencoder.pth`, the latent
+diffusion `AutoencoderKL`): `encoder.down.{i}.block.{j}`, `decoder.up.{i}` numbered from the
+*highest* resolution (ours from the lowest: `up_blocks.{i}` = `up.{levels-1-i}`),
+`mid.block_{1,2}`, `mid.attn_1.{norm,q,k,v,proj_out}` with 1x1-conv weights, `nin_shortcut`,
+`norm_out`. Rules as diffusers' `convert_ldm_vae_checkpoint` (MODEL.md §3).
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from typing import Mapping
 
 import torch
 
-from t2v.config import UNetConfig
+from t2v.config import UNetConfig, VAEConfig
 from t2v.unet import UNet3D
+from t2v.vae import AutoencoderKL
 from weights_convert.table import Rule, convert, invert, rename
 
 # ResBlock leaf names: ours (diffusers) -> ModelScope.
@@ -123,3 +130,89 @@ def unet_to_modelscope(state: Mapping[str, torch.Tensor],
                        cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """The inverse: UNet3D keys -> ModelScope UNetSD keys."""
     return convert(state, invert(unet_rules(cfg)), (), "UNet3D state dict")
+
+
+LDM_PREFIX = "first_stage_model."
+
+
+def _conv1x1_to_linear(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [tensors[0][:, :, 0, 0]]
+
+
+def _linear_to_conv1x1(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [tensors[0][:, :, None, None]]
+
+
+def _vae_prefixes(cfg: VAEConfig) -> list[tuple[str, str, str]]:
+    levels = len(cfg.channels)
+    pairs = [("quant_conv", "quant_conv", "plain"), ("post_quant_conv", "post_quant_conv", "plain")]
+    for part in ("encoder", "decoder"):
+        pairs += [(f"{part}.{name}", f"{part}.{name}", "plain") for name in ("conv_in", "conv_out")]
+        pairs += [
+            (f"{part}.conv_norm_out", f"{part}.norm_out", "plain"),
+            (f"{part}.mid_block.resnets.0", f"{part}.mid.block_1", "resnet"),
+            (f"{part}.mid_block.resnets.1", f"{part}.mid.block_2", "resnet"),
+            (f"{part}.mid_block.attentions.0", f"{part}.mid.attn_1", "attention"),
+        ]
+    for i in range(levels):
+        for j in range(cfg.layers_per_block):
+            pairs.append((f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}",
+                          "resnet"))
+        pairs.append((f"encoder.down_blocks.{i}.downsamplers.0.conv",
+                      f"encoder.down.{i}.downsample.conv", "plain"))
+        ms_level = levels - 1 - i  # ModelScope's decoder.up.0 is the highest resolution
+        for j in range(cfg.layers_per_block + 1):
+            pairs.append((f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{ms_level}.block.{j}",
+                          "resnet"))
+        pairs.append((f"decoder.up_blocks.{i}.upsamplers.0.conv",
+                      f"decoder.up.{ms_level}.upsample.conv", "plain"))
+    return pairs
+
+
+VAE_ATTENTION_LEAVES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v",
+                        "to_out.0": "proj_out"}
+
+
+def vae_rules(cfg: VAEConfig) -> list[Rule]:
+    """LDM / ModelScope VAE key (without `first_stage_model.`) -> AutoencoderKL key."""
+    with torch.device("meta"):
+        ours = list(AutoencoderKL(cfg).state_dict())
+    prefixes = _vae_prefixes(cfg)
+    rules = []
+    for key in ours:
+        matches = [p for p in prefixes if key.startswith(p[0] + ".")]
+        if len(matches) != 1:
+            raise AssertionError(f"VAE table: {key} matched {len(matches)} prefixes")  # a bug
+        prefix, ms, kind = matches[0]
+        leaf = key[len(prefix) + 1:]
+        module, _, param = leaf.rpartition(".")
+        if kind == "resnet":
+            rules.append(rename(f"{ms}.{module.replace('conv_shortcut', 'nin_shortcut')}.{param}",
+                                key))
+        elif kind == "attention":
+            source = f"{ms}.{VAE_ATTENTION_LEAVES[module]}.{param}"
+            if module != "group_norm" and param == "weight":
+                rules.append(Rule((source,), (key,), _conv1x1_to_linear, _linear_to_conv1x1))
+            else:
+                rules.append(rename(source, key))
+        else:
+            rules.append(rename(f"{ms}.{leaf}", key))
+    return rules
+
+
+def vae_from_modelscope(state: Mapping[str, torch.Tensor],
+                        cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """Convert the VAE part of an LDM/ModelScope state dict to AutoencoderKL keys.
+
+    Accepts the Lightning checkpoint's `state_dict` as is (keys `first_stage_model.*`; the
+    other Stable Diffusion components it may hold are ignored) or the bare VAE keys.
+    """
+    if any(k.startswith(LDM_PREFIX) for k in state):
+        state = {k[len(LDM_PREFIX):]: v for k, v in state.items() if k.startswith(LDM_PREFIX)}
+    return convert(state, vae_rules(cfg), (), "ModelScope VAE state dict")
+
+
+def vae_to_modelscope(state: Mapping[str, torch.Tensor],
+                      cfg: VAEConfig) -> dict[str, torch.Tensor]:
+    """The inverse: AutoencoderKL keys -> bare LDM VAE keys (no `first_stage_model.`)."""
+    return convert(state, invert(vae_rules(cfg)), (), "AutoencoderKL state dict")
