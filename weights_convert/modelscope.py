@@ -104,20 +104,25 @@ def _leaf_rule(ours: str, ms: str, kind: str, leaf: str) -> Rule:
     return rename(f"{ms}.{leaf}" if leaf else ms, f"{ours}.{leaf}" if leaf else ours)
 
 
+def _prefix_rules(model: torch.nn.Module, prefixes: list[tuple[str, str, str]],
+                  leaf_rule) -> list[Rule]:
+    """One rule per parameter of `model`: the single prefix pair that owns it, then
+    `leaf_rule(our prefix, reference prefix, kind, leaf)`."""
+    rules = []
+    for key in model.state_dict():
+        owners = [p for p in prefixes if key.startswith(p[0] + ".")]
+        if len(owners) != 1:  # a bug in the prefix list, not in the user's file
+            raise AssertionError(f"conversion table: {key} has {len(owners)} owners")
+        prefix, reference, kind = owners[0]
+        rules.append(leaf_rule(prefix, reference, kind, key[len(prefix) + 1:]))
+    return rules
+
+
 def unet_rules(cfg: UNetConfig) -> list[Rule]:
     """ModelScope UNetSD key -> UNet3D key, one rule per parameter of `UNet3D(cfg)`."""
     with torch.device("meta"):
-        ours = list(UNet3D(cfg).state_dict())
-    prefixes = _unet_prefixes(cfg)
-    rules = []
-    for key in ours:
-        # Longest matching prefix: `...resnets.0` must not claim `...temp_convs.0` keys etc.
-        matches = [p for p in prefixes if key.startswith(p[0] + ".")]
-        if len(matches) != 1:
-            raise AssertionError(f"UNet table: {key} matched {len(matches)} prefixes")  # a bug
-        prefix, ms, kind = matches[0]
-        rules.append(_leaf_rule(prefix, ms, kind, key[len(prefix) + 1:]))
-    return rules
+        model = UNet3D(cfg)
+    return _prefix_rules(model, _unet_prefixes(cfg), _leaf_rule)
 
 
 def unet_from_modelscope(state: Mapping[str, torch.Tensor],
@@ -173,31 +178,24 @@ VAE_ATTENTION_LEAVES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": 
                         "to_out.0": "proj_out"}
 
 
+def _vae_leaf_rule(ours: str, ms: str, kind: str, leaf: str) -> Rule:
+    module, _, param = leaf.rpartition(".")
+    if kind == "resnet":
+        return rename(f"{ms}.{module.replace('conv_shortcut', 'nin_shortcut')}.{param}",
+                      f"{ours}.{leaf}")
+    if kind == "attention":
+        source = f"{ms}.{VAE_ATTENTION_LEAVES[module]}.{param}"
+        if module != "group_norm" and param == "weight":
+            return Rule((source,), (f"{ours}.{leaf}",), _conv1x1_to_linear, _linear_to_conv1x1)
+        return rename(source, f"{ours}.{leaf}")
+    return rename(f"{ms}.{leaf}", f"{ours}.{leaf}")
+
+
 def vae_rules(cfg: VAEConfig) -> list[Rule]:
     """LDM / ModelScope VAE key (without `first_stage_model.`) -> AutoencoderKL key."""
     with torch.device("meta"):
-        ours = list(AutoencoderKL(cfg).state_dict())
-    prefixes = _vae_prefixes(cfg)
-    rules = []
-    for key in ours:
-        matches = [p for p in prefixes if key.startswith(p[0] + ".")]
-        if len(matches) != 1:
-            raise AssertionError(f"VAE table: {key} matched {len(matches)} prefixes")  # a bug
-        prefix, ms, kind = matches[0]
-        leaf = key[len(prefix) + 1:]
-        module, _, param = leaf.rpartition(".")
-        if kind == "resnet":
-            rules.append(rename(f"{ms}.{module.replace('conv_shortcut', 'nin_shortcut')}.{param}",
-                                key))
-        elif kind == "attention":
-            source = f"{ms}.{VAE_ATTENTION_LEAVES[module]}.{param}"
-            if module != "group_norm" and param == "weight":
-                rules.append(Rule((source,), (key,), _conv1x1_to_linear, _linear_to_conv1x1))
-            else:
-                rules.append(rename(source, key))
-        else:
-            rules.append(rename(f"{ms}.{leaf}", key))
-    return rules
+        model = AutoencoderKL(cfg)
+    return _prefix_rules(model, _vae_prefixes(cfg), _vae_leaf_rule)
 
 
 def vae_from_modelscope(state: Mapping[str, torch.Tensor],
