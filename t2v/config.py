@@ -113,8 +113,14 @@ class ScheduleConfig:
     prediction_type: str = "epsilon"
     steps_offset: int = 1
     set_alpha_to_one: bool = False
+    # The spacing a scheduler config file sets explicitly; null (the hub's ms-1.7b config sets
+    # none) leaves each sampler its own default. `sample.timestep_spacing` overrides both.
+    timestep_spacing: str | None = None
 
     def __post_init__(self):
+        _check(self.timestep_spacing is None or self.timestep_spacing in TIMESTEP_SPACINGS,
+               f"model.schedule.timestep_spacing must be null or one of {TIMESTEP_SPACINGS}, "
+               f"got {self.timestep_spacing!r}")
         _check(self.beta_schedule in BETA_SCHEDULES,
                f"model.schedule.beta_schedule must be one of {BETA_SCHEDULES}, "
                f"got {self.beta_schedule!r}")

@@ -28,7 +28,7 @@ import torch
 
 from t2v.errors import ConfigError
 from t2v.schedule import (NoiseSchedule, ddim_timesteps, dpm_timesteps, eps_to_x0, v_to_eps,
-                          v_to_x0, x0_to_eps)
+                          v_to_x0)
 
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]

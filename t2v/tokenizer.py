@@ -72,6 +72,7 @@ class Tokenizer:
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
         vocab += [START_OF_TEXT, END_OF_TEXT]
         self.encoder = {token: i for i, token in enumerate(vocab)}
+        self.merges = merges
         self.merge_rank = {pair: i for i, pair in enumerate(merges)}
         self.start_id = self.encoder[START_OF_TEXT]  # 49406
         self.end_id = self.encoder[END_OF_TEXT]  # 49407

@@ -24,7 +24,8 @@ def test_zeroscope_and_tiny_load():
     assert zs.model == ModelConfig()
     assert (zs.sample.num_frames, zs.sample.height, zs.sample.width) == (24, 320, 576)
     tiny = load_config(CONFIGS / "tiny.yaml")
-    assert len(tiny.model.unet.channels) == 4 and tiny.model.unet.attention == (True,) * 3 + (False,)
+    assert len(tiny.model.unet.channels) == 4
+    assert tiny.model.unet.attention == (True, True, True, False)
     assert tiny.weights.source is None
 
 

@@ -109,7 +109,7 @@ def test_open_clip_table_round_trip_is_bit_exact():
 def test_open_clip_table_is_strict():
     state = randomize_(open_clip_model(TINY), seed=4).state_dict()
     incomplete = {k: v for k, v in state.items() if k != "transformer.resblocks.1.ln_2.bias"}
-    with pytest.raises(ConversionError, match=r"missing keys: transformer\.resblocks\.1\.ln_2\.bias"):
+    with pytest.raises(ConversionError, match=r"missing keys: transformer\.resblocks\.1\.ln_2"):
         text_encoder_from_open_clip(incomplete, TINY)
     with pytest.raises(ConversionError, match="unexpected keys: something_else"):
         text_encoder_from_open_clip({**state, "something_else": torch.zeros(1)}, TINY)

@@ -6,12 +6,14 @@ A diffusers folder stores the UNet3D, VAE and text encoder with exactly our para
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Mapping
+from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 
-from t2v.config import TextEncoderConfig, UNetConfig, VAEConfig
+from t2v.config import ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from t2v.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -222,3 +224,145 @@ def vae_from_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
                     tensor = tensor[:, :, 0, 0]
         out[key] = tensor
     return out
+
+
+SCHEDULER_CLASSES = ("DDIMScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler",
+                     "EulerDiscreteScheduler", "DDPMScheduler")
+# Settings that change the numerics and that t2v does not implement, with the inert value.
+SCHEDULER_FIXED_KEYS = {"clip_sample": False, "thresholding": False, "trained_betas": None,
+                        "rescale_betas_zero_snr": False, "timestep_type": "discrete"}
+
+
+def schedule_config(scheduler_config: Mapping) -> ScheduleConfig:
+    """diffusers `scheduler/scheduler_config.json` -> ScheduleConfig (the training schedule;
+    the sampler is chosen at generation time). Keys the file does not set keep the
+    DDIMScheduler defaults diffusers would apply."""
+    what = "scheduler/scheduler_config.json"
+    c = dict(scheduler_config)
+    name = c.get("_class_name", "DDIMScheduler")
+    if name not in SCHEDULER_CLASSES:
+        raise ConfigError(f"{what}: _class_name={name!r}; t2v reads the noise schedule of "
+                          f"{', '.join(SCHEDULER_CLASSES)}")
+    for key, allowed in SCHEDULER_FIXED_KEYS.items():
+        if key in c:
+            _require(c, key, (allowed,), what)
+    return ScheduleConfig(
+        num_train_timesteps=int(c.get("num_train_timesteps", 1000)),
+        beta_start=float(c.get("beta_start", 0.0001)),
+        beta_end=float(c.get("beta_end", 0.02)),
+        beta_schedule=str(c.get("beta_schedule", "linear")),
+        prediction_type=str(c.get("prediction_type", "epsilon")),
+        steps_offset=int(c.get("steps_offset", 0)),
+        set_alpha_to_one=bool(c.get("set_alpha_to_one", True)),
+        timestep_spacing=c.get("timestep_spacing"),
+    )
+
+
+def diffusers_scheduler_config(cfg: ScheduleConfig) -> dict:
+    """The inverse: a DDIMScheduler config as the hub ships it."""
+    config = {"_class_name": "DDIMScheduler", "beta_start": cfg.beta_start,
+              "beta_end": cfg.beta_end, "beta_schedule": cfg.beta_schedule,
+              "num_train_timesteps": cfg.num_train_timesteps,
+              "prediction_type": cfg.prediction_type,
+              "clip_sample": False, "set_alpha_to_one": cfg.set_alpha_to_one,
+              "steps_offset": cfg.steps_offset, "thresholding": False}
+    if cfg.timestep_spacing is not None:
+        config["timestep_spacing"] = cfg.timestep_spacing
+    return config
+
+
+def diffusers_text_encoder_config(cfg: TextEncoderConfig) -> dict:
+    """transformers CLIPTextConfig dict for a TextEncoderConfig (the hub file's fields)."""
+    return {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+            "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.context_length,
+            "hidden_size": cfg.width, "num_attention_heads": cfg.heads,
+            "num_hidden_layers": cfg.layers, "intermediate_size": cfg.mlp_width,
+            "hidden_act": "gelu", "layer_norm_eps": cfg.norm_eps, "projection_dim": 512,
+            "attention_dropout": 0.0, "dropout": 0.0, "initializer_factor": 1.0,
+            "initializer_range": 0.02, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+            "torch_dtype": "float32"}
+
+
+def text_encoder_to_transformers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TextEncoder keys -> the `text_model.`-prefixed keys transformers' files carry."""
+    return {TEXT_MODEL_PREFIX + k: v for k, v in state.items()}
+
+
+MODEL_INDEX = {
+    "_class_name": "TextToVideoSDPipeline",
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet3DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def tokenizer_files() -> dict[str, str]:
+    """transformers CLIPTokenizer files equivalent to open_clip's tokenizer: the same BPE
+    vocabulary under HF's special-token names, and pad "!" (id 0) as SD 2's tokenizer has it."""
+    from t2v.tokenizer import END_OF_TEXT, START_OF_TEXT, Tokenizer
+
+    tok = Tokenizer()
+    hf_names = {START_OF_TEXT: "<|startoftext|>", END_OF_TEXT: "<|endoftext|>"}
+    vocab = {hf_names.get(token, token): i for token, i in tok.encoder.items()}
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
+               "unk_token": "<|endoftext|>"}
+    return {
+        "vocab.json": json.dumps(vocab, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n" + "\n".join(" ".join(m) for m in tok.merges) + "\n",
+        "special_tokens_map.json": json.dumps(special, indent=2),
+        "tokenizer_config.json": json.dumps({**special, "model_max_length": tok.context_length,
+                                             "do_lower_case": True, "errors": "replace",
+                                             "tokenizer_class": "CLIPTokenizer"}, indent=2),
+    }
+
+
+# The diffusers version whose folder format save_diffusers writes (and the tests load).
+DIFFUSERS_FORMAT_VERSION = "0.42.1"
+
+
+def save_diffusers(folder: Path, cfg, states: Mapping[str, Mapping[str, torch.Tensor]],
+                   dtype: torch.dtype | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> list[Path]:
+    """Write a diffusers TextToVideoSDPipeline folder from a ModelConfig and t2v state dicts,
+    so fine-tuned weights can go back to the diffusers ecosystem. The folder must exist."""
+    from safetensors.torch import save_file
+
+    from t2v.weights import owned
+
+    def write_json(path: Path, data: dict) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n")
+        return path
+
+    version = {"_diffusers_version": DIFFUSERS_FORMAT_VERSION}
+    written = [
+        write_json(folder / "model_index.json", {**MODEL_INDEX, **version}),
+        write_json(folder / "scheduler" / "scheduler_config.json",
+                   {**diffusers_scheduler_config(cfg.schedule), **version}),
+        write_json(folder / "unet" / "config.json",
+                   {"_class_name": "UNet3DConditionModel", **version, "sample_size": 32,
+                    **diffusers_unet_kwargs(cfg.unet)}),
+        write_json(folder / "vae" / "config.json",
+                   {"_class_name": "AutoencoderKL", **version, "sample_size": 256,
+                    "act_fn": "silu", **diffusers_vae_kwargs(cfg.vae)}),
+        write_json(folder / "text_encoder" / "config.json",
+                   diffusers_text_encoder_config(cfg.text_encoder)),
+    ]
+    for name, text in tokenizer_files().items():
+        path = folder / "tokenizer" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    files = {"unet": (folder / "unet" / "diffusion_pytorch_model.safetensors", states["unet"]),
+             "vae": (folder / "vae" / "diffusion_pytorch_model.safetensors", states["vae"]),
+             "text_encoder": (folder / "text_encoder" / "model.safetensors",
+                              text_encoder_to_transformers(states["text_encoder"]))}
+    for name, (path, state) in files.items():
+        tensors = {k: owned(v, dtype) for k, v in state.items()}
+        save_file(tensors, str(path), metadata={"format": "pt"})
+        written.append(path)
+        if progress is not None:
+            progress(name, len(tensors), path.stat().st_size)
+    return written

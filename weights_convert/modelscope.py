@@ -24,7 +24,7 @@ import torch
 from t2v.config import UNetConfig, VAEConfig
 from t2v.unet import UNet3D
 from t2v.vae import AutoencoderKL
-from weights_convert.table import Rule, convert, invert, rename
+from weights_convert.table import ConversionError, Rule, convert, invert, rename
 
 # ResBlock leaf names: ours (diffusers) -> ModelScope.
 RESNET_LEAVES = {
@@ -214,3 +214,48 @@ def vae_to_modelscope(state: Mapping[str, torch.Tensor],
                       cfg: VAEConfig) -> dict[str, torch.Tensor]:
     """The inverse: AutoencoderKL keys -> bare LDM VAE keys (no `first_stage_model.`)."""
     return convert(state, invert(vae_rules(cfg)), (), "AutoencoderKL state dict")
+
+
+def unet_config_from_modelscope(model_cfg: Mapping) -> UNetConfig:
+    """`configuration.json` -> model.model_cfg (the `unet_*` keys) -> UNetConfig."""
+    what = "configuration.json model_cfg"
+    if str(model_cfg.get("temporal_attention", True)).lower() != "true":
+        raise ConversionError(f"{what}: temporal_attention must be true; t2v implements the "
+                              "model with temporal transformers")
+    try:
+        dim = int(model_cfg["unet_dim"])
+        mult = [int(m) for m in model_cfg["unet_dim_mult"]]
+        scales = [float(s) for s in model_cfg["unet_attn_scales"]]
+        return UNetConfig(
+            in_channels=int(model_cfg.get("unet_in_dim", 4)),
+            out_channels=int(model_cfg.get("unet_out_dim", 4)),
+            channels=tuple(dim * m for m in mult),
+            attention=tuple(1 / 2 ** i in scales for i in range(len(mult))),
+            layers_per_block=int(model_cfg["unet_res_blocks"]),
+            head_dim=int(model_cfg["unet_head_dim"]),
+            transformer_in_heads=int(model_cfg.get("unet_num_heads") or dim // 32),
+            context_dim=int(model_cfg["unet_context_dim"]),
+            norm_groups=32,  # UNetSD hard-codes GroupNorm(32, .)
+        )
+    except KeyError as exc:
+        raise ConversionError(f"{what} lacks {exc.args[0]!r}") from None
+
+
+def vae_config_from_state(state: Mapping[str, torch.Tensor]) -> VAEConfig:
+    """Infer the VAEConfig of an LDM VAE (keys without `first_stage_model.`) from its tensors.
+    ModelScope hard-codes the architecture; reading it from the tensors also serves other
+    LDM autoencoders. GroupNorm groups (32) and the scaling factor are LDM's constants."""
+    levels = sorted({int(k.split(".")[2]) for k in state if k.startswith("encoder.down.")})
+    blocks = {int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block.")}
+    try:
+        return VAEConfig(
+            in_channels=state["encoder.conv_in.weight"].shape[1],
+            out_channels=state["decoder.conv_out.weight"].shape[0],
+            latent_channels=state["post_quant_conv.weight"].shape[0],
+            channels=tuple(state[f"encoder.down.{i}.block.0.conv1.weight"].shape[0]
+                           for i in levels),
+            layers_per_block=len(blocks),
+        )
+    except KeyError as exc:
+        raise ConversionError(f"VAE state dict lacks {exc.args[0]}; is this an LDM "
+                              "autoencoder?") from None

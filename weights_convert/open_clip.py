@@ -13,7 +13,7 @@ from typing import Mapping
 import torch
 
 from t2v.config import TextEncoderConfig
-from weights_convert.table import Rule, convert, invert, rename
+from weights_convert.table import ConversionError, Rule, convert, invert, rename
 
 IGNORED = (r"visual\..*", r"text_projection", r"logit_scale", r"attn_mask")
 
@@ -65,3 +65,20 @@ def text_encoder_to_open_clip(state: Mapping[str, torch.Tensor],
                               cfg: TextEncoderConfig) -> dict[str, torch.Tensor]:
     """The inverse: TextEncoder keys -> open_clip text-tower keys (only the blocks we keep)."""
     return convert(state, invert(text_encoder_rules(cfg)), (), "TextEncoder state dict")
+
+
+def text_encoder_config_from_state(state: Mapping[str, torch.Tensor],
+                                   skip_last: int = 1) -> TextEncoderConfig:
+    """Infer the TextEncoderConfig of an open_clip text tower from its tensors; the video model
+    runs all blocks but the last `skip_last` ("penultimate"). Heads are width / 64, the head
+    width of every open_clip text tower."""
+    blocks = {int(k.split(".")[2]) for k in state if k.startswith("transformer.resblocks.")}
+    try:
+        vocab, width = state["token_embedding.weight"].shape
+        return TextEncoderConfig(
+            vocab_size=vocab, context_length=state["positional_embedding"].shape[0],
+            width=width, heads=width // 64, layers=len(blocks) - skip_last,
+            mlp_width=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0])
+    except KeyError as exc:
+        raise ConversionError(f"open_clip state dict lacks {exc.args[0]}; is this an open_clip "
+                              "checkpoint?") from None

@@ -1,0 +1,75 @@
+"""Load time and peak memory of the full-size UNet (random weights, fp32, 5.6 GB): t2v's
+native `unet.safetensors` through `t2v.weights.build` against diffusers'
+`UNet3DConditionModel.from_pretrained` of the same tensors, one fresh process per case.
+
+    python -m t2v.bench.load [--dir /tmp/t2v-bench-load] [--repeat 2]
+
+Writes both files once (about 11 GB of disk). Needs the `dev` extra (diffusers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from t2v.bench.memory import measure_in_subprocess, report, status_kib
+from t2v.config import UNetConfig
+
+
+def prepare(folder: Path) -> None:
+    from diffusers import UNet3DConditionModel
+    from safetensors.torch import save_file
+
+    from weights_convert.diffusers import diffusers_unet_kwargs
+    if (folder / "unet.safetensors").exists() and (folder / "diffusers").exists():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    model = UNet3DConditionModel(**diffusers_unet_kwargs(UNetConfig()))
+    model.save_pretrained(folder / "diffusers")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(folder / "unet.safetensors"))
+
+
+def child(impl: str, folder: Path) -> None:
+    baseline = status_kib("VmRSS")
+    start = time.perf_counter()
+    if impl == "t2v":
+        from t2v.checkpoint_io import read_state_dict
+        from t2v.unet import UNet3D
+        from t2v.weights import build
+        model = build(lambda: UNet3D(UNetConfig()), read_state_dict(folder / "unet.safetensors"),
+                      "unet")
+    else:
+        from diffusers import UNet3DConditionModel
+        model = UNet3DConditionModel.from_pretrained(folder / "diffusers")
+    checksum = sum(float(p.double().sum()) for p in model.parameters())  # touch every weight
+    seconds = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    report(baseline, impl=impl, seconds=seconds, weights_mib=weights / 2**20, checksum=checksum)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=Path("/tmp/t2v-bench-load"))
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--child", nargs=2, metavar=("IMPL", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child[0], Path(args.child[1]))
+        return
+    prepare(args.dir)
+    print("full-size UNet load (includes reading every weight once); MiB of resident memory")
+    print(f"{'impl':>10} {'seconds':>8} {'weights':>8} {'peak RSS':>9} {'peak/weights':>13}")
+    for _ in range(args.repeat):
+        for impl in ("t2v", "diffusers"):
+            r = measure_in_subprocess("t2v.bench.load", [impl, str(args.dir)])
+            print(f"{impl:>10} {r['seconds']:>8.2f} {r['weights_mib']:>8.0f} "
+                  f"{r['peak_mib']:>9.0f} {r['peak_mib'] / r['weights_mib']:>13.2f}")
+
+
+if __name__ == "__main__":
+    main()
