@@ -26,6 +26,7 @@ from t2v.errors import ConfigError
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+SAMPLER_NAMES = ("ddim", "dpmsolver++", "dpmsolver")  # the keys of t2v.samplers.SAMPLERS
 
 
 def _check(condition: bool, message: str) -> None:
@@ -139,8 +140,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Generation defaults; the CLI flags override these."""
+    """Generation settings; the CLI flags override these."""
 
+    prompt: str = ""
     negative_prompt: str = ""
     num_frames: int = 16
     height: int = 256
@@ -151,19 +153,28 @@ class SampleConfig:
     eta: float = 0.0
     seed: int | None = None
     fps: int = 8
-    # None: each sampler's diffusers default ("leading" for DDIM as the hub config implies,
-    # "linspace" for DPM-Solver built from that config).
+    # None: the spacing the model's scheduler config sets, else each sampler's diffusers
+    # default ("leading" for DDIM, "linspace" for DPM-Solver built from the DDIM config).
     timestep_spacing: str | None = None
+    solver_order: int = 2  # DPM-Solver samplers: 1, 2 or 3
+    init_video: str | None = None  # video-to-video input (SDEdit)
+    strength: float = 0.6  # video-to-video: share of the steps that run (diffusers' default)
 
     def __post_init__(self):
         _check(self.num_frames >= 1, f"sample.num_frames must be >= 1, got {self.num_frames}")
         _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
+        _check(self.sampler in SAMPLER_NAMES,
+               f"sample.sampler must be one of {SAMPLER_NAMES}, got {self.sampler!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
             _check(value > 0 and value % 8 == 0,
                    f"sample.{name} must be a positive multiple of 8, got {value}")
         _check(self.fps >= 1, f"sample.fps must be >= 1, got {self.fps}")
         _check(self.eta >= 0, f"sample.eta must be >= 0, got {self.eta}")
+        _check(self.solver_order in (1, 2, 3),
+               f"sample.solver_order must be 1, 2 or 3, got {self.solver_order}")
+        _check(0.0 <= self.strength <= 1.0,
+               f"sample.strength must be between 0 and 1, got {self.strength}")
         _check(self.timestep_spacing is None or self.timestep_spacing in TIMESTEP_SPACINGS,
                f"sample.timestep_spacing must be null or one of {TIMESTEP_SPACINGS}, "
                f"got {self.timestep_spacing!r}")

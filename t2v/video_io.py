@@ -1,0 +1,130 @@
+"""Reading and writing videos: MP4 (H.264) through PyAV, GIF through Pillow, PNG frames.
+
+MP4s are H.264 (libx264), yuv420p, with the `+faststart` flag (index at the front, so browsers
+start playing before the download ends), at the given fps: the files play in browsers, Gradio,
+QuickTime and phones, unlike OpenCV's `mp4v`. Every writer writes to a temporary name next to
+the target and renames it at the end, and refuses an existing target unless `overwrite`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+from PIL import Image
+
+from t2v.errors import UserError
+
+MP4_CRF = 18  # visually lossless for most content; ModelScope used 10, webui 17
+
+
+@contextmanager
+def atomic_path(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` if the body succeeds,
+    delete it otherwise."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise UserError(f"{target}: already exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}{target.suffix}")
+    try:
+        yield tmp
+        if target.is_dir() and overwrite:
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        elif tmp.exists():
+            tmp.unlink()
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
+    return frames
+
+
+def write_mp4(frames: np.ndarray, path: Path, fps: int, metadata: dict | None = None,
+              overwrite: bool = False, crf: int = MP4_CRF) -> Path:
+    """H.264 / yuv420p / +faststart MP4; `metadata` is stored as JSON in the `comment` tag."""
+    frames = _check_frames(frames)
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:  # yuv420p subsamples chroma 2x2
+        raise UserError(f"{path}: H.264 yuv420p needs even sizes, got {width}x{height}; "
+                        "use a height and width divisible by 8")
+    with atomic_path(path, overwrite) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4",
+                     options={"movflags": "+faststart"}) as container:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            stream.options = {"crf": str(crf)}
+            if metadata:
+                container.metadata["comment"] = json.dumps(metadata)
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+    return Path(path)
+
+
+def write_gif(frames: np.ndarray, path: Path, fps: int, overwrite: bool = False) -> Path:
+    """Looping GIF; frame durations are whole milliseconds (GIF stores centiseconds)."""
+    frames = _check_frames(frames)
+    images = [Image.fromarray(frame) for frame in frames]
+    with atomic_path(path, overwrite) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:],
+                       duration=round(1000 / fps), loop=0)
+    return Path(path)
+
+
+def write_png_frames(frames: np.ndarray, folder: Path, overwrite: bool = False) -> Path:
+    """A folder of 000000.png, 000001.png, ..."""
+    frames = _check_frames(frames)
+    with atomic_path(folder, overwrite) as tmp:
+        tmp.mkdir()
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(tmp / f"{i:06d}.png")
+    return Path(folder)
+
+
+def read_video(path: Path, max_frames: int | None = None) -> tuple[np.ndarray, float]:
+    """Decode a video file to uint8 RGB frames (F, H, W, 3) and its frame rate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: video file not found")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise UserError(f"{path}: has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 8)
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except av.error.FFmpegError as exc:
+        raise UserError(f"{path}: cannot read the video ({exc})") from None
+    if not frames:
+        raise UserError(f"{path}: the video has no frames")
+    return np.stack(frames), fps
+
+
+def probe(path: Path) -> dict:
+    """Codec, pixel format, size, frame count, fps and comment metadata of an MP4 (for tests
+    and users checking a file)."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return {"codec": stream.codec_context.name, "pix_fmt": stream.codec_context.pix_fmt,
+                "width": stream.width, "height": stream.height, "frames": frames,
+                "fps": float(stream.average_rate), "comment": container.metadata.get("comment")}

@@ -1,0 +1,202 @@
+"""The pipeline against diffusers' TextToVideoSDPipeline / VideoToVideoSDPipeline and
+ModelScope's sampling loop, with the same weights and the same noise."""
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+from diffusers.pipelines.deprecated.text_to_video_synthesis import (TextToVideoSDPipeline,
+                                                                    VideoToVideoSDPipeline)
+from transformers import CLIPTokenizer
+
+from layouts import (DIFF_TEXT, DIFF_UNET, DIFF_VAE, HUB_SCHEDULER, MS_UNET, MS_VAE,
+                     diffusers_models, modelscope_models)
+from reference import modelscope_module
+from t2v.config import ModelConfig
+from t2v.errors import UserError
+from t2v.pipeline import NumericalError, TextToVideo
+from t2v.text_encoder import TextEncoder
+from t2v.unet import UNet3D
+from t2v.vae import AutoencoderKL
+from t2v.weights import build
+from weights_convert.diffusers import schedule_config, tokenizer_files
+from weights_convert.modelscope import unet_from_modelscope, vae_from_modelscope
+
+FRAME_TOL = 1 / 255  # frames in [0, 1]: at most one 8-bit level apart
+PROMPTS = ["a red panda eating bamboo", "waves at sunset"]
+
+
+@pytest.fixture(scope="module")
+def components():
+    text, unet, vae = diffusers_models(seed=3)
+    folder = Path(tempfile.mkdtemp())
+    for name, content in tokenizer_files().items():
+        (folder / name).write_text(content)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    config = ModelConfig(text_encoder=DIFF_TEXT, unet=DIFF_UNET, vae=DIFF_VAE,
+                         schedule=schedule_config(HUB_SCHEDULER))
+    ours = TextToVideo(config,
+                       build(lambda: TextEncoder(DIFF_TEXT), text.state_dict(), "text"),
+                       build(lambda: UNet3D(DIFF_UNET), unet.state_dict(), "unet"),
+                       build(lambda: AutoencoderKL(DIFF_VAE), vae.state_dict(), "vae"))
+    return ours, (text, unet, vae, tokenizer)
+
+
+def diffusers_pipeline(kind, reference, sampler):
+    text, unet, vae, tokenizer = reference
+    scheduler = DDIMScheduler.from_config(HUB_SCHEDULER)
+    if sampler == "dpmsolver++":
+        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    pipe = kind(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def noise(shape, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("negative", ["", "blurry, low quality"])
+@pytest.mark.parametrize("sampler, steps", [("ddim", 10), ("dpmsolver++", 8)])
+def test_frames_match_diffusers_text_to_video(components, sampler, steps, negative):
+    ours, reference = components
+    latents = noise((2, 4, 3, 8, 8))  # 32x32 pixels: the tiny VAE has 3 levels (factor 4)
+    pipe = diffusers_pipeline(TextToVideoSDPipeline, reference, sampler)
+    expected = pipe(PROMPTS, negative_prompt=[negative] * 2, num_frames=3, height=32, width=32,
+                    num_inference_steps=steps, guidance_scale=9.0, latents=latents.clone(),
+                    output_type="np").frames
+    actual = ours(PROMPTS, negative, num_frames=3, height=32, width=32, steps=steps,
+                  sampler=sampler, latents=latents.clone(), output="float", progress=False)
+    diff = np.abs(actual.frames.numpy() - expected).max()
+    print(f"[parity] pipeline frames vs diffusers ({sampler}, negative={negative!r}): {diff:.2e}")
+    assert actual.frames.shape == expected.shape == (2, 3, 32, 32, 3)
+    assert diff <= FRAME_TOL
+
+
+def test_frames_match_modelscope_sampling_loop():
+    """ModelScope's TextToVideoSynthesis.forward: ddim_sample_loop (50 steps, guidance 9, eta 0)
+    on UNetSD with [cond, uncond] contexts, then the autoencoder decodes x0 / 0.18215."""
+    ms_unet, ms_vae, _ = modelscope_models(seed=5)
+    diffusion = modelscope_module("diffusion")
+    gd = diffusion.GaussianDiffusion(diffusion.beta_schedule("linear_sd", 1000, 0.00085, 0.012),
+                                     mean_type="eps", var_type="fixed_small", loss_type="mse")
+    y, zero_y = noise((1, 77, 1024), 1), noise((1, 77, 1024), 2)
+    x_t = noise((1, 4, 2, 8, 8), 3)
+    with torch.no_grad():
+        x0 = gd.ddim_sample_loop(x_t.clone(), ms_unet, model_kwargs=[{"y": y}, {"y": zero_y}],
+                                 guide_scale=9.0, ddim_timesteps=50, eta=0.0)
+        folded = (x0 / 0.18215).permute(0, 2, 1, 3, 4).reshape(2, 4, 8, 8)
+        video = ms_vae.decode(folded).reshape(1, 2, 3, 32, 32).permute(0, 2, 1, 3, 4)
+    expected = (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1)
+
+    config = ModelConfig(unet=MS_UNET, vae=MS_VAE)  # schedule: ModelScope's (the defaults)
+    ours = TextToVideo(config, TextEncoder(config.text_encoder).to("meta"),  # not used here
+                       build(lambda: UNet3D(MS_UNET), unet_from_modelscope(ms_unet.state_dict(),
+                                                                           MS_UNET), "unet"),
+                       build(lambda: AutoencoderKL(MS_VAE),
+                             vae_from_modelscope(ms_vae.state_dict(), MS_VAE), "vae"))
+    actual = ours(prompt_embeds=y, negative_prompt_embeds=zero_y, num_frames=2, height=32,
+                  width=32, steps=50, latents=x_t.clone(), output="float", progress=False)
+    diff = (actual.frames - expected).abs().max().item()
+    print(f"[parity] pipeline frames vs ModelScope loop: {diff:.2e}")
+    assert diff <= FRAME_TOL
+
+
+def test_same_seed_is_bit_identical_and_reported(components):
+    ours = components[0]
+    kwargs = dict(num_frames=2, height=32, width=32, steps=3, progress=False)
+    a, b = ours("a dog", seed=123, **kwargs), ours("a dog", seed=123, **kwargs)
+    assert a.seed == b.seed == 123 and a.frames.dtype == torch.uint8
+    assert torch.equal(a.frames, b.frames)
+    c = ours("a dog", **kwargs)
+    assert isinstance(c.seed, int)
+    assert torch.equal(ours("a dog", seed=c.seed, **kwargs).frames, c.frames)
+    g = torch.Generator().manual_seed(123)
+    assert torch.equal(ours("a dog", generator=g, **kwargs).frames, a.frames)
+
+
+def test_uint8_output_rounds_the_float_output(components):
+    ours = components[0]
+    kwargs = dict(num_frames=2, height=32, width=32, steps=2, seed=7, progress=False)
+    as_float = ours("a dog", output="float", **kwargs).frames
+    as_uint8 = ours("a dog", **kwargs).frames
+    assert torch.equal(as_uint8, (as_float * 255).round().to(torch.uint8))
+    latents = ours("a dog", output="latents", **kwargs).frames
+    assert latents.shape == (1, 4, 2, 8, 8)
+
+
+def test_guidance_one_skips_the_unconditional_pass(components):
+    ours = components[0]
+    batches = []
+    hook = ours.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    try:
+        ours(PROMPTS, num_frames=1, height=32, width=32, steps=2, guidance_scale=1.0,
+             progress=False)
+        assert batches == [2, 2]
+        batches.clear()
+        ours(PROMPTS, num_frames=1, height=32, width=32, steps=2, guidance_scale=9.0,
+             progress=False)
+        assert batches == [4, 4]
+    finally:
+        hook.remove()
+
+
+def test_nan_latents_stop_the_run_with_the_step(components):
+    ours = components[0]
+    hook = ours.unet.register_forward_hook(lambda m, args, out: out * float("nan"))
+    try:
+        with pytest.raises(NumericalError, match=r"step 1 of 3 \(t=667\).*float32"):
+            ours("a dog", num_frames=1, height=32, width=32, steps=3, progress=False)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(height=30), "height must be a positive multiple of 4"),
+    (dict(num_frames=0), "num_frames"),
+    (dict(steps=0), "steps"),
+    (dict(sampler="euler"), "sampler"),
+    (dict(sampler="dpmsolver++", eta=0.5), "eta applies to the ddim sampler only"),
+])
+def test_bad_arguments(components, bad, message):
+    kwargs = {**dict(num_frames=1, height=32, width=32, steps=2, progress=False), **bad}
+    with pytest.raises(UserError, match=message):
+        components[0]("a dog", **kwargs)
+
+
+def test_video_to_video_strength_zero_is_the_reconstruction(components):
+    ours = components[0]
+    video = noise((1, 3, 2, 32, 32), 4).clamp(-1, 1)
+    result = ours("a dog", init_video=video, strength=0.0, seed=5, output="float",
+                  progress=False)
+    latents = ours.vae.encode_video(video, torch.Generator().manual_seed(5))
+    expected = (ours.vae.decode_video(latents) * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1)
+    assert torch.equal(result.frames, expected)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+def test_video_to_video_matches_diffusers(components, sampler):
+    ours, reference = components
+    video = noise((1, 3, 3, 32, 32), 6).clamp(-1, 1)
+    frames = [((f.permute(1, 2, 0).numpy() + 1) / 2) for f in video[0].permute(1, 0, 2, 3)]
+    pipe = diffusers_pipeline(VideoToVideoSDPipeline, reference, sampler)
+    expected = pipe("a dog", video=frames, strength=0.6, num_inference_steps=10,
+                    guidance_scale=15.0, generator=torch.Generator().manual_seed(8),
+                    output_type="np").frames
+    actual = ours("a dog", init_video=video, strength=0.6, steps=10, guidance_scale=15.0,
+                  sampler=sampler, generator=torch.Generator().manual_seed(8), output="float",
+                  progress=False)
+    diff = np.abs(actual.frames.numpy() - expected).max()
+    print(f"[parity] video-to-video vs diffusers ({sampler}): {diff:.2e}")
+    assert diff <= FRAME_TOL
+
+
+def test_from_config_builds_random_pipeline():
+    from t2v.config import load_config
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    pipe = TextToVideo.from_config(cfg.model)
+    out = pipe("a dog", num_frames=2, height=64, width=64, steps=2, seed=0, progress=False)
+    assert out.frames.shape == (1, 2, 64, 64, 3) and out.frames.dtype == torch.uint8
