@@ -262,6 +262,14 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return _to_object(merged, sources)
 
 
+def apply_overrides(cfg: Config, overrides: Sequence[str], source: str = "config") -> Config:
+    """Dotted `key=value` overrides on top of an existing Config."""
+    merged = OmegaConf.structured(cfg)
+    for override in overrides:
+        merged = _merge(merged, _parse_override(override), f"override {override!r}")
+    return _to_object(merged, source + (" + overrides" if overrides else ""))
+
+
 def config_from_dict(cls: type[T], data: dict, source: str = "<dict>") -> T:
     """Build any config dataclass (root or section) from a plain dict, strictly."""
     merged = _merge(OmegaConf.structured(cls), OmegaConf.create(data), source)

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
@@ -46,7 +47,7 @@ def atomic_path(target: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def _check_frames(frames: np.ndarray) -> np.ndarray:
-    frames = np.asarray(frames)
+    frames = np.ascontiguousarray(frames)  # encoders read raw rows: strided views would garble
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 (F, H, W, 3), got {frames.dtype} {frames.shape}")
     return frames
@@ -68,8 +69,12 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int, metadata: dict | None = 
             stream.options = {"crf": str(crf)}
             if metadata:
                 container.metadata["comment"] = json.dumps(metadata)
-            for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            stream.time_base = Fraction(1, fps)
+            for i, frame in enumerate(frames):
+                video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                video_frame.pts = i  # explicit timestamps: x264's rate control reads them
+                video_frame.time_base = stream.time_base
+                for packet in stream.encode(video_frame):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)

@@ -1,0 +1,273 @@
+"""python -m t2v.sample: prompt in, a video that plays everywhere out.
+
+    python -m t2v.sample --config configs/ms17b.yaml --prompt "an astronaut riding a horse"
+    python -m t2v.sample --config configs/tiny.yaml --prompt "a test"     # offline, random weights
+    torchrun --nproc_per_node 2 -m t2v.sample --config C --prompts-file prompts.txt --out videos/
+
+Flags override the config's `sample.*` values; trailing `key=value` arguments override any
+config key. Every video gets a JSON sidecar (`<output>.json`) with the resolved config, seed and
+weights; `--config <output>.json` reproduces the run. Exit codes: 0 success, 2 usage or config
+error (one line on stderr), 1 runtime failure. Flag reference: docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from t2v import __version__
+from t2v.config import (SAMPLER_NAMES, Config, apply_overrides, config_from_dict, config_to_dict,
+                        load_config)
+from t2v.errors import ConfigError, UserError
+from t2v.pipeline import NumericalError, TextToVideo, frames_to_video_tensor
+from t2v.video_io import atomic_path, read_video, write_gif, write_mp4, write_png_frames
+
+log = logging.getLogger("t2v.sample")
+
+FORMATS = {"mp4": ".mp4", "gif": ".gif", "png": ""}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# flag -> SampleConfig field
+SAMPLE_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed",
+                "frames": "num_frames", "height": "height", "width": "width", "steps": "steps",
+                "sampler": "sampler", "guidance": "guidance_scale", "eta": "eta", "fps": "fps",
+                "init_video": "init_video", "strength": "strength"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UserError(f"{message} (see --help)")
+
+
+def read_config(path: str | None, overrides: list[str]) -> Config:
+    """A YAML config, or a sidecar JSON written by this command (its "config" section)."""
+    if path is not None and path.endswith(".json") and Path(path).is_file():
+        try:
+            data = json.loads(Path(path).read_text())
+        except ValueError:
+            raise ConfigError(f"{path}: not valid JSON") from None
+        if isinstance(data, dict) and "config" in data:
+            return apply_overrides(config_from_dict(Config, data["config"], path), overrides, path)
+    return load_config(path, overrides)
+
+
+def build_parser(cfg: Config) -> argparse.ArgumentParser:
+    s = cfg.sample
+    p = OneLineParser(prog="python -m t2v.sample",
+                      description="Generate videos with the ModelScope text-to-video model.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None,
+                   help="YAML config (e.g. configs/ms17b.yaml) or a sidecar .json to reproduce")
+    p.add_argument("--prompt", default=s.prompt, help="what the video shows")
+    p.add_argument("--negative-prompt", default=s.negative_prompt,
+                   help="what to steer away from (the unconditional branch)")
+    p.add_argument("--prompts-file", type=Path, default=None,
+                   help="one prompt per line (blank lines and # comments skipped)")
+    p.add_argument("--seed", type=int, default=s.seed,
+                   help="noise seed (prompt i of a file uses seed + i); random if unset")
+    p.add_argument("--frames", type=int, default=s.num_frames, help="number of frames")
+    p.add_argument("--height", type=int, default=s.height, help="pixels, a multiple of 8")
+    p.add_argument("--width", type=int, default=s.width, help="pixels, a multiple of 8")
+    p.add_argument("--steps", type=int, default=s.steps, help="sampling steps")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=s.sampler, help="sampler")
+    p.add_argument("--guidance", type=float, default=s.guidance_scale,
+                   help="classifier-free guidance scale (1 disables the unconditional pass)")
+    p.add_argument("--eta", type=float, default=s.eta, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--fps", type=int, default=s.fps, help="frames per second of the output")
+    p.add_argument("--weights", default=cfg.weights.source,
+                   help="local folder or hub repo id in any layout; unset = random weights")
+    p.add_argument("--revision", default=cfg.weights.revision, help="hub revision")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if "
+                   "available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights and activations (auto: float16 on cuda, float32 on cpu)")
+    p.add_argument("--vae-dtype", default="float32", choices=list(DTYPES),
+                   help="VAE precision (float32 avoids black/NaN frames of half VAEs)")
+    p.add_argument("--init-video", default=s.init_video,
+                   help="video-to-video: the input video (any format FFmpeg reads)")
+    p.add_argument("--strength", type=float, default=s.strength,
+                   help="video-to-video: share of the steps that run (0 = reconstruction)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output file (one prompt) or folder (default: outputs/)")
+    p.add_argument("--format", choices=list(FORMATS), default=None,
+                   help="mp4 (H.264), gif or png (a folder of frames); default from --out or mp4")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. sample.solver_order=3")
+    return p
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
+    """Two passes: the config first, so that --help shows its values as the defaults."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, rest = pre.parse_known_args(argv)
+    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
+    cfg = read_config(known.config, overrides)
+    args = build_parser(cfg).parse_args(argv)
+    sample = {field: getattr(args, flag) for flag, field in SAMPLE_FLAGS.items()}
+    try:
+        cfg = dataclasses.replace(
+            cfg, sample=dataclasses.replace(cfg.sample, **sample),
+            weights=dataclasses.replace(cfg.weights, source=args.weights, revision=args.revision))
+    except ConfigError as exc:
+        raise ConfigError(f"command line: {exc}") from None
+    return args, cfg
+
+
+def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:
+    if args.prompts_file is not None:
+        try:
+            lines = args.prompts_file.read_text().splitlines()
+        except OSError as exc:
+            raise UserError(f"{args.prompts_file}: cannot read ({exc.strerror})") from None
+        prompts = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        if not prompts:
+            raise UserError(f"{args.prompts_file}: no prompts in the file")
+        return prompts
+    if not cfg.sample.prompt:
+        raise UserError("no prompt: pass --prompt \"...\" or --prompts-file FILE")
+    return [cfg.sample.prompt]
+
+
+def slug(text: str, limit: int = 48) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-") or "video"
+
+
+def output_paths(args: argparse.Namespace, prompts: list[str], seeds: list[int]) -> list[Path]:
+    fmt = args.format
+    out = args.out
+    if out is not None and out.suffix and len(prompts) == 1:
+        by_suffix = {v: k for k, v in FORMATS.items() if v}.get(out.suffix.lower())
+        if by_suffix is None:
+            raise UserError(f"{out}: unknown extension; use .mp4 or .gif, or --format png "
+                            "with a folder name")
+        if fmt is not None and fmt != by_suffix:
+            raise UserError(f"--out {out} does not match --format {fmt}")
+        return [out]
+    ext = FORMATS[fmt or "mp4"]
+    folder = out or Path("outputs")
+    digits = len(str(len(prompts)))
+    paths = []
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        prefix = f"{i:0{digits}d}-" if len(prompts) > 1 else ""
+        paths.append(folder / f"{prefix}{slug(prompt)}-{seed}{ext}")
+    return paths
+
+
+def resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda, but CUDA is not available here; use --device cpu")
+    return device
+
+
+def write_output(frames, path: Path, fmt: str, fps: int, metadata: dict, overwrite: bool):
+    if fmt == "mp4":
+        write_mp4(frames, path, fps, metadata, overwrite)
+    elif fmt == "gif":
+        write_gif(frames, path, fps, overwrite)
+    else:
+        write_png_frames(frames, path, overwrite)
+
+
+def run(argv: list[str]) -> list[Path]:
+    args, cfg = parse(argv)
+    prompts = read_prompts(args, cfg)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    base_seed = cfg.sample.seed if cfg.sample.seed is not None else random.randrange(2**31 - 10**6)
+    if world > 1 and cfg.sample.seed is None:
+        raise UserError("several processes need a shared --seed (each would draw its own)")
+    seeds = [base_seed + i for i in range(len(prompts))]
+    paths = output_paths(args, prompts, seeds)
+    fmt = args.format or {v: k for k, v in FORMATS.items() if v}.get(paths[0].suffix, "png")
+    mine = [i for i in range(len(prompts)) if i % world == rank]  # this process's share
+    for i in mine:
+        for path in (paths[i], paths[i].with_name(paths[i].name + ".json")):
+            if path.exists() and not args.overwrite:
+                raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+
+    init_video = None
+    if cfg.sample.init_video is not None:
+        frames, _ = read_video(Path(cfg.sample.init_video), max_frames=cfg.sample.num_frames)
+        init_video = frames_to_video_tensor(frames, cfg.sample.height, cfg.sample.width)
+
+    device = resolve_device(args.device, local_rank)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else \
+        (torch.float16 if device.type == "cuda" else torch.float32)
+    vae_dtype = DTYPES[args.vae_dtype]
+    if cfg.weights.source is None:
+        log.warning("weights.source is null: using RANDOM weights (the video is noise); pass "
+                    "--weights or use configs/ms17b.yaml for real output")
+        pipe = TextToVideo.from_config(cfg.model, seed=0, dtype=dtype, vae_dtype=vae_dtype,
+                                       device=device)
+        layout = "random"
+    else:
+        from t2v.weights import load_models
+        models = load_models(cfg.weights.source, revision=cfg.weights.revision, dtype=dtype,
+                             vae_dtype=vae_dtype, device=device)
+        pipe = TextToVideo(models.config, models.text_encoder, models.unet, models.vae)
+        layout = models.layout
+        cfg = dataclasses.replace(cfg, model=models.config)  # what was actually loaded
+
+    s = cfg.sample
+    written = []
+    for i in mine:
+        run_cfg = dataclasses.replace(cfg, sample=dataclasses.replace(s, prompt=prompts[i],
+                                                                      seed=seeds[i]))
+        log.info("[%d/%d] %s (seed %d)", i + 1, len(prompts), prompts[i], seeds[i])
+        result = pipe(prompts[i], s.negative_prompt, num_frames=s.num_frames, height=s.height,
+                      width=s.width, steps=s.steps, guidance_scale=s.guidance_scale,
+                      sampler=s.sampler, eta=s.eta, seed=seeds[i], init_video=init_video,
+                      strength=s.strength, timestep_spacing=s.timestep_spacing,
+                      solver_order=s.solver_order, progress=not args.no_progress)
+        frames = result.frames[0].cpu().numpy()
+        params = {"prompt": prompts[i], "negative_prompt": s.negative_prompt, "seed": seeds[i],
+                  "steps": s.steps, "sampler": s.sampler, "guidance_scale": s.guidance_scale,
+                  "frames": s.num_frames, "size": [s.width, s.height], "fps": s.fps,
+                  "weights": cfg.weights.source, "t2v_version": __version__}
+        write_output(frames, paths[i], fmt, s.fps, params, args.overwrite)
+        sidecar = {"t2v_version": __version__, "output": str(paths[i]), "format": fmt,
+                   "weights": {"source": cfg.weights.source, "revision": cfg.weights.revision,
+                               "layout": layout},
+                   "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                   "vae_dtype": str(vae_dtype).removeprefix("torch."),
+                   "config": config_to_dict(run_cfg)}
+        with atomic_path(paths[i].with_name(paths[i].name + ".json"), args.overwrite) as tmp:
+            tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+        print(paths[i], flush=True)
+        written.append(paths[i])
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except NumericalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

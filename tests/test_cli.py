@@ -1,0 +1,192 @@
+"""python -m t2v.sample end to end with the tiny config (random weights, offline)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from t2v.config import load_config
+from t2v.pipeline import TextToVideo
+from t2v.sample import main
+from t2v.video_io import probe, read_video, write_mp4
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+# Codec tolerance, as luma PSNR: H.264 (crf 18) keeps luma at ~38 dB on the noise-like frames of
+# random weights, while yuv420p's 2x2 chroma subsampling alone caps RGB PSNR near 25 dB on
+# them. Frames of another seed score ~18 dB, so a wrong frame, order or size fails.
+MIN_LUMA_PSNR_DB = 32.0
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def luma_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    weights = np.array([0.299, 0.587, 0.114])  # BT.601 luma
+    return psnr(a.astype(np.float64) @ weights, b.astype(np.float64) @ weights)
+
+
+@pytest.fixture
+def cli(capsys):
+    def run(*args):
+        code = main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out.strip().splitlines(), captured.err.strip().splitlines()
+    return run
+
+
+def expected_frames(seed: int, **overrides) -> np.ndarray:
+    cfg = load_config(TINY)
+    s = cfg.sample
+    pipe = TextToVideo.from_config(cfg.model, seed=0)
+    kwargs = dict(num_frames=s.num_frames, height=s.height, width=s.width, steps=s.steps,
+                  seed=seed, progress=False)
+    kwargs.update(overrides)
+    return pipe("a red ball", **kwargs).frames[0].numpy()
+
+
+def test_mp4_end_to_end(cli, tmp_path, caplog):
+    out = tmp_path / "ball.mp4"
+    code, stdout, _ = cli("--config", TINY, "--prompt", "a red ball", "--seed", 3,
+                          "--out", out, "--no-progress")
+    assert code == 0 and stdout == [str(out)]
+    assert "RANDOM weights" in caplog.text  # logged (stderr outside pytest)
+    info = probe(out)
+    cfg = load_config(TINY).sample
+    assert (info["codec"], info["pix_fmt"]) == ("h264", "yuv420p")
+    assert (info["frames"], info["width"], info["height"], info["fps"]) == \
+        (cfg.num_frames, cfg.width, cfg.height, cfg.fps)
+    assert json.loads(info["comment"])["seed"] == 3
+    with open(out, "rb") as f:
+        head = f.read(64)
+    assert head.index(b"moov") < 64 or b"moov" in head  # +faststart: index before the data
+    decoded, fps = read_video(out)
+    assert luma_psnr(decoded, expected_frames(3)) >= MIN_LUMA_PSNR_DB
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_sidecar_reproduces_the_run(cli, tmp_path):
+    """Exact on PNG frames. (MP4 bytes are not a reproducibility check: x264's rate control
+    can decide differently between runs on identical frames, within codec tolerance.)"""
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert cli("--config", TINY, "--prompt", "a red ball", "--out", first, "--format", "png",
+               "--no-progress", "sample.steps=3")[0] == 0
+    (sidecar_path,) = first.glob("*.json")
+    sidecar = json.loads(sidecar_path.read_text())
+    assert sidecar["config"]["sample"]["steps"] == 3
+    seed = sidecar["config"]["sample"]["seed"]
+    assert isinstance(seed, int) and sidecar["weights"]["layout"] == "random"
+    assert cli("--config", sidecar_path, "--out", second, "--format", "png",
+               "--no-progress")[0] == 0
+    frames_a = sorted(p.read_bytes() for p in first.glob("*/*.png"))
+    frames_b = sorted(p.read_bytes() for p in second.glob("*/*.png"))
+    assert len(frames_a) == 4 and frames_a == frames_b
+
+
+def test_gif_and_png_outputs(cli, tmp_path):
+    gif = tmp_path / "ball.gif"
+    assert cli("--config", TINY, "--prompt", "a red ball", "--seed", 3, "--out", gif,
+               "--no-progress")[0] == 0
+    code, stdout, _ = cli("--config", TINY, "--prompt", "a red ball", "--seed", 3, "--out",
+                          tmp_path / "frames", "--format", "png", "--no-progress")
+    png = Path(stdout[0])
+    assert code == 0 and png.parent == tmp_path / "frames" and png.is_dir()
+    expected = expected_frames(3)
+    pngs = sorted(png.glob("*.png"))
+    assert len(pngs) == len(expected)
+    from PIL import Image
+    assert all(np.array_equal(np.asarray(Image.open(p).convert("RGB")), f)
+               for p, f in zip(pngs, expected))
+    gif_frames, _ = read_video(gif)
+    assert gif_frames.shape == expected.shape
+    assert luma_psnr(gif_frames, expected) >= 25.0  # a 256-colour palette per frame
+
+
+def test_prompts_file_and_defaults(cli, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# comment\na red ball\n\na blue cube\n")
+    code, stdout, _ = cli("--config", TINY, "--prompts-file", prompts, "--seed", 10, "--out",
+                          tmp_path / "videos", "--no-progress")
+    assert code == 0
+    assert [Path(p).name for p in stdout] == ["0-a-red-ball-10.mp4", "1-a-blue-cube-11.mp4"]
+
+
+def test_video_to_video_from_a_file(cli, tmp_path):
+    source = tmp_path / "in.mp4"
+    rng = np.random.default_rng(0)
+    write_mp4(rng.integers(0, 255, (4, 72, 80, 3), dtype=np.uint8), source, fps=8)
+    out = tmp_path / "out.mp4"
+    code, _, _ = cli("--config", TINY, "--prompt", "a red ball", "--init-video", source,
+                     "--strength", 0.5, "--seed", 1, "--out", out, "--no-progress")
+    assert code == 0
+    info = probe(out)
+    assert (info["frames"], info["width"], info["height"]) == (4, 64, 64)  # resized to config
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--config", "nope.yaml"], "config file not found"),
+    (["sample.stepz=3"], "sample.stepz"),
+    (["--height", "100"], "sample.height must be a positive multiple of 8"),
+    (["--frames", "0"], "sample.num_frames must be >= 1"),
+    (["--steps", "-2"], "sample.steps must be >= 1"),
+    (["--sampler", "euler"], "invalid choice"),
+    (["--init-video", "missing.mp4"], "missing.mp4: video file not found"),
+    (["--out", "x.avi"], "unknown extension"),
+])
+def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, args, needle):
+    os.chdir(tmp_path)
+    argv = ["--config", TINY, "--prompt", "a red ball", "--out", "v.mp4", *args]
+    if args[0] == "--out":
+        argv = ["--config", TINY, "--prompt", "a red ball", *args]
+    code, stdout, stderr = cli(*argv)
+    errors = [line for line in stderr if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and needle in errors[0], stderr
+    assert stdout == [] and not any(tmp_path.iterdir())
+
+
+def test_unreadable_init_video_and_existing_output(cli, tmp_path):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video")
+    code, _, stderr = cli("--config", TINY, "--prompt", "x", "--init-video", bad, "--out",
+                          tmp_path / "o.mp4")
+    assert code == 2 and "cannot read the video" in stderr[-1]
+    existing = tmp_path / "o.mp4"
+    existing.write_bytes(b"keep")
+    code, _, stderr = cli("--config", TINY, "--prompt", "x", "--out", existing)
+    assert code == 2 and "already exists" in stderr[-1] and existing.read_bytes() == b"keep"
+    assert not (tmp_path / "o.mp4.json").exists()
+
+
+def test_real_process_exit_codes_and_help(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "t2v.sample", "--config", TINY, "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "(default: 4)" in result.stdout  # tiny's 4 frames
+    result = subprocess.run([sys.executable, "-m", "t2v.sample", "--config", TINY, "--prompt",
+                             "x", "--height", "30"], capture_output=True, text=True,
+                            cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_torchrun_splits_prompts_across_processes(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball\na blue cube\na green cone\n")
+    out = tmp_path / "videos"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", "29517", "-m", "t2v.sample", "--config", TINY, "--prompts-file",
+         str(prompts), "--seed", "5", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    videos = sorted(p.name for p in out.glob("*.mp4"))
+    assert videos == ["0-a-red-ball-5.mp4", "1-a-blue-cube-6.mp4", "2-a-green-cone-7.mp4"]
+    assert len(list(out.glob("*.mp4.json"))) == 3
+    assert all(probe(out / v)["frames"] == 4 for v in videos)
+    assert torch.distributed.is_available()
