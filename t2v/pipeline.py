@@ -224,7 +224,8 @@ class TextToVideo:
             bar.close()
         if output == "latents":
             return Generation(x, used_seed)
-        video = self.vae.decode_video(x, chunk_frames=decode_chunk_frames)  # (B, 3, F, H, W)
+        video = self.vae.decode_video(x, chunk_frames=decode_chunk_frames,
+                                      progress=progress)  # (B, 3, F, H, W)
         if output == "float":
             return Generation((video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1), used_seed)
         return Generation(to_uint8(video), used_seed)

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from tqdm.auto import tqdm
+
 from t2v.config import VAEConfig
 from t2v.layers import attention
 
@@ -207,18 +209,21 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     @torch.no_grad()
-    def decode_video(self, latents: torch.Tensor,
-                     chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> torch.Tensor:
+    def decode_video(self, latents: torch.Tensor, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+                     progress: bool = False) -> torch.Tensor:
         """Scaled video latents (B, C, F, h, w) -> float32 video (B, 3, F, 8h, 8w) in ~[-1, 1].
 
         Frames are decoded `chunk_frames` at a time (each frame independently, so the result
         does not depend on the chunk size) in the VAE's own dtype, e.g. a float32 VAE for
-        float16 latents; peak memory is the output plus one chunk's activations.
+        float16 latents; peak memory is the output plus one chunk's activations. `progress`
+        shows a bar over the chunks when there is more than one.
         """
         b, _, f, h, w = latents.shape
         rows = rearrange(latents, "b c f h w -> (b f) c h w")  # frames fold batch-major
         out = None
-        for start in range(0, b * f, chunk_frames):
+        starts = range(0, b * f, chunk_frames)
+        for start in tqdm(starts, desc="decoding", disable=not progress or len(starts) < 2,
+                          leave=False):
             z = rows[start:start + chunk_frames].to(self.dtype) / self.cfg.scaling_factor
             frames = self.decode(z).float()
             if out is None:  # (B, F, 3, H, W) so that rows can be written in place
