@@ -115,7 +115,16 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # diffusers' key: to_out.0
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
+        if context is None:
+            context = x
+        elif context.shape[0] != x.shape[0]:
+            # x holds the F frames of each of the B contexts: (B*F, N, C) against (B, L, D).
+            # Queries of all frames attend to the same keys, so fold the frames into the query
+            # axis instead of repeating the context F times: K/V are projected once per sample.
+            frames = x.shape[0] // context.shape[0]
+            q = rearrange(self.to_q(x), "(b f) n c -> b (f n) c", f=frames)
+            out = attention(q, self.to_k(context), self.to_v(context), self.heads)
+            return self.to_out[0](rearrange(out, "b (f n) c -> (b f) n c", f=frames))
         out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
         return self.to_out[0](out)
 
@@ -367,9 +376,9 @@ class UNet3D(nn.Module):
 
         sinusoid = timestep_embedding(t, self.cfg.channels[0])
         emb = self.time_embedding(sinusoid.to(self.conv_in.weight.dtype))
-        # Time embedding and text context are shared by the frames of a sample: (b f) rows.
+        # The time embedding is shared by the frames of a sample: one row per (b f). The text
+        # context stays (B, L, D); cross-attention folds the frames into its queries.
         emb = emb.repeat_interleave(num_frames, dim=0)
-        context = context.repeat_interleave(num_frames, dim=0)
 
         x = rearrange(x, "b c f h w -> (b f) c h w")
         x = self.transformer_in(self.conv_in(x), num_frames)
