@@ -118,9 +118,10 @@ def resolve_source(source: str | Path, revision: str | None = None, variant: str
                                 f"*/pytorch_model{suffix}.bin*"]))
         return folder
     except LocalEntryNotFoundError:
-        raise WeightsError(f"{source}: not in the local Hugging Face cache and downloads are "
-                           "off (HF_HUB_OFFLINE / local_files_only); download it once online, "
-                           "or pass a local folder") from None
+        why = "downloads are off (HF_HUB_OFFLINE / local_files_only)" if offline else \
+            "the hub could not be reached"
+        raise WeightsError(f"{source}: not in the local Hugging Face cache and {why}; download "
+                           "it once online, or pass a local folder") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise WeightsError(f"{source}: cannot fetch from the hub: "
                            f"{str(exc).splitlines()[0]}") from None
