@@ -159,6 +159,11 @@ class SampleConfig:
     solver_order: int = 2  # DPM-Solver samplers: 1, 2 or 3
     init_video: str | None = None  # video-to-video input (SDEdit)
     strength: float = 0.6  # video-to-video: share of the steps that run (diffusers' default)
+    # Windowed sampling for long videos (t2v/windows.py): null = the UNet sees all frames.
+    window: int | None = None
+    window_overlap: int = 4
+    loop: bool = False  # windows wrap around the frame axis: a seamless loop
+    freenoise: bool = True  # FreeNoise's noise rescheduling when windowed
 
     def __post_init__(self):
         _check(self.num_frames >= 1, f"sample.num_frames must be >= 1, got {self.num_frames}")
@@ -175,6 +180,9 @@ class SampleConfig:
                f"sample.solver_order must be 1, 2 or 3, got {self.solver_order}")
         _check(0.0 <= self.strength <= 1.0,
                f"sample.strength must be between 0 and 1, got {self.strength}")
+        _check(self.window is None or 0 <= self.window_overlap < self.window,
+               f"sample.window_overlap must be between 0 and sample.window - 1, got "
+               f"{self.window_overlap} for window {self.window}")
         _check(self.timestep_spacing is None or self.timestep_spacing in TIMESTEP_SPACINGS,
                f"sample.timestep_spacing must be null or one of {TIMESTEP_SPACINGS}, "
                f"got {self.timestep_spacing!r}")

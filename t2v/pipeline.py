@@ -37,6 +37,7 @@ from t2v.text_encoder import TextEncoder
 from t2v.tokenizer import Tokenizer
 from t2v.unet import UNet3D
 from t2v.vae import DEFAULT_CHUNK_FRAMES, AutoencoderKL
+from t2v.windows import reschedule_noise, windowed
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +139,8 @@ class TextToVideo:
                  negative_prompt_embeds: torch.Tensor | None = None,
                  init_video: torch.Tensor | None = None, strength: float = 0.6,
                  timestep_spacing: str | None = None, solver_order: int = 2,
+                 window: int | None = None, window_overlap: int = 4, loop: bool = False,
+                 freenoise: bool = True,
                  callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
                  output: str = "uint8", progress: bool = True,
                  decode_chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> Generation:
@@ -146,6 +149,9 @@ class TextToVideo:
         `seed` or `generator` (CPU, for device-independent noise) or `latents` (B, 4, F, h, w)
         choose the initial noise; with none of them a random seed is drawn and reported.
         `init_video` (B or 1, 3, F, H, W) in [-1, 1] switches to video-to-video.
+        `window` (frames) turns on windowed sampling for long videos (t2v.windows): the UNet
+        sees `window` frames at a time, windows overlap by `window_overlap`, `loop` wraps them
+        around, and `freenoise` reschedules the initial noise as FreeNoise does.
         `callback(i, t, x, x0)` runs after every step.
         """
         if sampler not in SAMPLERS:
@@ -154,6 +160,11 @@ class TextToVideo:
             raise UserError(f"output must be one of {OUTPUTS}, got {output!r}")
         if sampler != "ddim" and eta > 0:
             raise UserError(f"eta applies to the ddim sampler only (sampler is {sampler})")
+        if loop and window is None:
+            raise UserError("loop needs windowed sampling: give a window (e.g. --window 16)")
+        if window is not None and not (window >= 1 and 0 <= window_overlap < window):
+            raise UserError(f"window must be >= 1 and window_overlap between 0 and window - 1, "
+                            f"got window {window}, window_overlap {window_overlap}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if init_video is not None:
             num_frames, height, width = init_video.shape[2], *init_video.shape[-2:]
@@ -189,6 +200,9 @@ class TextToVideo:
         if init_video is None:
             if latents is None:
                 latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+                if window is not None and freenoise and num_frames > window:
+                    stride = window - window_overlap
+                    latents = reschedule_noise(latents, window, stride, generator)
             elif tuple(latents.shape) != shape:
                 raise UserError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             x = latents.to(self.device, self.dtype)
@@ -203,6 +217,9 @@ class TextToVideo:
                 return eps
             uncond, cond = eps.chunk(2)
             return uncond + guidance_scale * (cond - uncond)
+
+        if window is not None:
+            denoise = windowed(denoise, window, window_overlap, loop)
 
         bar = tqdm(total=steps - start, desc="sampling", disable=not progress, leave=False)
 

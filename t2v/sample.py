@@ -40,7 +40,8 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 SAMPLE_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "seed",
                 "frames": "num_frames", "height": "height", "width": "width", "steps": "steps",
                 "sampler": "sampler", "guidance": "guidance_scale", "eta": "eta", "fps": "fps",
-                "init_video": "init_video", "strength": "strength"}
+                "init_video": "init_video", "strength": "strength", "window": "window",
+                "window_overlap": "window_overlap", "loop": "loop"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -96,6 +97,13 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
                    help="video-to-video: the input video (any format FFmpeg reads)")
     p.add_argument("--strength", type=float, default=s.strength,
                    help="video-to-video: share of the steps that run (0 = reconstruction)")
+    p.add_argument("--window", type=int, default=s.window,
+                   help="windowed sampling for long videos: frames the UNet sees at once "
+                   "(e.g. 16 for ms-1.7b, 24 for zeroscope); unset = all frames")
+    p.add_argument("--window-overlap", type=int, default=s.window_overlap,
+                   help="frames shared by neighbouring windows")
+    p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=s.loop,
+                   help="windows wrap around: a seamless loop (needs --window)")
     p.add_argument("--out", type=Path, default=None,
                    help="output file (one prompt) or folder (default: outputs/)")
     p.add_argument("--format", choices=list(FORMATS), default=None,
@@ -236,7 +244,9 @@ def run(argv: list[str]) -> list[Path]:
                       width=s.width, steps=s.steps, guidance_scale=s.guidance_scale,
                       sampler=s.sampler, eta=s.eta, seed=seeds[i], init_video=init_video,
                       strength=s.strength, timestep_spacing=s.timestep_spacing,
-                      solver_order=s.solver_order, progress=not args.no_progress)
+                      solver_order=s.solver_order, window=s.window,
+                      window_overlap=s.window_overlap, loop=s.loop, freenoise=s.freenoise,
+                      progress=not args.no_progress)
         frames = result.frames[0].cpu().numpy()
         params = {"prompt": prompts[i], "negative_prompt": s.negative_prompt, "seed": seeds[i],
                   "steps": s.steps, "sampler": s.sampler, "guidance_scale": s.guidance_scale,
