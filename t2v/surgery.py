@@ -1,0 +1,103 @@
+"""Model surgery on UNet3D: inflating an image UNet, freezing by name, parameter summaries and
+activation capture.
+
+Inflation: a Stable Diffusion 2.x image UNet (diffusers `UNet2DConditionModel`, linear
+projections, 64-wide heads) has exactly UNet3D's spatial parameters under the same names; the
+temporal layers (`transformer_in`, every `temp_convs.*` and `temp_attentions.*`) are new. They
+start as the identity: each is a residual block, so zeroing its last projection (`conv4` of a
+temporal conv, `proj_out` of a temporal transformer) makes it return its input. The inflated
+UNet then equals the image UNet applied to every frame, and fine-tuning the temporal layers
+teaches it motion (the recipe of ModelScope's and AnimateDiff's temporal modules).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Iterator, Mapping
+
+import torch
+import torch.nn as nn
+
+from t2v.config import UNetConfig
+from t2v.unet import UNet3D
+from weights_convert.table import check_shapes
+
+TEMPORAL = re.compile(r"(^transformer_in\.|\.temp_convs\.|\.temp_attentions\.)")
+GROUPS = ("temporal", "spatial", "text", "vae", "lora")
+
+
+def is_temporal(name: str) -> bool:
+    return TEMPORAL.search(name) is not None
+
+
+def inflate(image_state: Mapping[str, torch.Tensor], cfg: UNetConfig) -> UNet3D:
+    """A UNet3D from an image UNet's state dict (diffusers UNet2DConditionModel keys), its
+    temporal layers initialised as the identity (last layers zero, the rest default init)."""
+    unet = UNet3D(cfg)
+    spatial = {k: v.shape for k, v in unet.state_dict().items() if not is_temporal(k)}
+    check_shapes(image_state, spatial, "image UNet state dict")
+    unet.load_state_dict(dict(image_state), strict=False)
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("conv4"):  # TemporalConv's last stage
+                module[-1].weight.zero_()
+                module[-1].bias.zero_()
+            elif is_temporal(name + ".") and name.endswith("proj_out"):
+                module.weight.zero_()
+                module.bias.zero_()
+    return unet.eval()
+
+
+def set_trainable(module: nn.Module, patterns: list[str], trainable: bool = True) -> list[str]:
+    """requires_grad = `trainable` for parameters whose name matches any regex in `patterns`
+    (re.search), the opposite for the others; returns the matching names.
+    Presets: "temporal" (`TEMPORAL`), "attention" (`attn`), "all" (`.`)."""
+    presets = {"temporal": TEMPORAL.pattern, "attention": r"\.attn[12]\.", "all": r"."}
+    regexes = [re.compile(presets.get(p, p)) for p in patterns]
+    matched = []
+    for name, p in module.named_parameters():
+        hit = any(r.search(name) for r in regexes)
+        p.requires_grad_(trainable if hit else not trainable)
+        if hit:
+            matched.append(name)
+    if not matched:
+        raise ValueError(f"no parameter matches {patterns}")
+    return matched
+
+
+def parameter_summary(**modules: nn.Module) -> dict[str, dict[str, int]]:
+    """Parameter counts (total, trainable) by group: temporal / spatial UNet layers, text
+    encoder, VAE and LoRA (names containing `lora_`). Pass modules by role, e.g.
+    `parameter_summary(unet=unet, text_encoder=te, vae=vae)`."""
+    summary: dict[str, dict[str, int]] = defaultdict(lambda: {"total": 0, "trainable": 0})
+    for role, module in modules.items():
+        for name, p in module.named_parameters():
+            if "lora_" in name:
+                group = "lora"
+            elif role == "unet":
+                group = "temporal" if is_temporal(name) else "spatial"
+            else:
+                group = {"text_encoder": "text", "vae": "vae"}.get(role, role)
+            summary[group]["total"] += p.numel()
+            summary[group]["trainable"] += p.numel() if p.requires_grad else 0
+    return dict(summary)
+
+
+@contextmanager
+def capture(module: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the outputs of named submodules (the state-dict prefixes, e.g.
+    `up_blocks.2.temp_attentions.1`) during the `with` block."""
+    found = dict(module.named_modules())
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise KeyError(f"no submodule named {', '.join(missing)}")
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [found[n].register_forward_hook(
+        lambda m, args, out, n=n: captured.__setitem__(n, out.detach())) for n in names]
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
