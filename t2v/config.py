@@ -194,6 +194,7 @@ class WeightsConfig:
 
     source: str | None = None
     revision: str | None = None
+    variant: str | None = None  # diffusers weight variant, e.g. "fp16" (half the download)
 
 
 @dataclass(frozen=True)

@@ -87,6 +87,8 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
     p.add_argument("--weights", default=cfg.weights.source,
                    help="local folder or hub repo id in any layout; unset = random weights")
     p.add_argument("--revision", default=cfg.weights.revision, help="hub revision")
+    p.add_argument("--variant", default=cfg.weights.variant,
+                   help="diffusers weights variant, e.g. fp16 (half the download)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if "
                    "available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -127,7 +129,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     try:
         cfg = dataclasses.replace(
             cfg, sample=dataclasses.replace(cfg.sample, **sample),
-            weights=dataclasses.replace(cfg.weights, source=args.weights, revision=args.revision))
+            weights=dataclasses.replace(cfg.weights, source=args.weights, revision=args.revision,
+                                        variant=args.variant))
     except ConfigError as exc:
         raise ConfigError(f"command line: {exc}") from None
     return args, cfg
@@ -228,8 +231,9 @@ def run(argv: list[str]) -> list[Path]:
         layout = "random"
     else:
         from t2v.weights import load_models
-        models = load_models(cfg.weights.source, revision=cfg.weights.revision, dtype=dtype,
-                             vae_dtype=vae_dtype, device=device)
+        models = load_models(cfg.weights.source, revision=cfg.weights.revision,
+                             variant=cfg.weights.variant, dtype=dtype, vae_dtype=vae_dtype,
+                             device=device)
         pipe = TextToVideo(models.config, models.text_encoder, models.unet, models.vae)
         layout = models.layout
         cfg = dataclasses.replace(cfg, model=models.config)  # what was actually loaded

@@ -109,6 +109,21 @@ def test_gif_and_png_outputs(cli, tmp_path):
     assert luma_psnr(gif_frames, expected) >= 25.0  # a 256-colour palette per frame
 
 
+def test_real_weights_from_a_diffusers_folder(cli, tmp_path):
+    """The non-random path: --weights loads a folder (here tiny diffusers weights) and its
+    config replaces the config file's model section."""
+    from layouts import DIFF_UNET, write_diffusers_folder
+    write_diffusers_folder(tmp_path / "weights")
+    out = tmp_path / "v.mp4"
+    code, stdout, _ = cli("--config", TINY, "--weights", tmp_path / "weights", "--prompt",
+                          "a red ball", "--seed", 2, "--out", out, "--no-progress")
+    assert code == 0 and stdout == [str(out)]
+    sidecar = json.loads((tmp_path / "v.mp4.json").read_text())
+    assert sidecar["weights"]["layout"] == "diffusers"
+    assert tuple(sidecar["config"]["model"]["unet"]["channels"]) == DIFF_UNET.channels
+    assert probe(out)["frames"] == load_config(TINY).sample.num_frames
+
+
 def test_prompts_file_and_defaults(cli, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\na red ball\n\na blue cube\n")
