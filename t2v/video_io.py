@@ -69,11 +69,11 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int, metadata: dict | None = 
             stream.options = {"crf": str(crf)}
             if metadata:
                 container.metadata["comment"] = json.dumps(metadata)
-            stream.time_base = Fraction(1, fps)
+            frame_time = Fraction(1, fps)  # not stream.time_base: the muxer rewrites that
             for i, frame in enumerate(frames):
                 video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
                 video_frame.pts = i  # explicit timestamps: x264's rate control reads them
-                video_frame.time_base = stream.time_base
+                video_frame.time_base = frame_time
                 for packet in stream.encode(video_frame):
                     container.mux(packet)
             for packet in stream.encode():

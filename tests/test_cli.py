@@ -124,6 +124,18 @@ def test_real_weights_from_a_diffusers_folder(cli, tmp_path):
     assert probe(out)["frames"] == load_config(TINY).sample.num_frames
 
 
+def test_200_frames_make_a_25_second_mp4(cli, tmp_path):
+    out = tmp_path / "long.mp4"
+    code, _, _ = cli("--config", TINY, "--prompt", "a long ride", "--frames", 200, "--window",
+                     16, "--steps", 2, "--seed", 1, "--out", out, "--no-progress")
+    assert code == 0
+    info = probe(out)
+    assert (info["frames"], info["fps"]) == (200, 8.0)
+    import av
+    with av.open(str(out)) as container:
+        assert container.duration / 1e6 == pytest.approx(25.0, abs=0.01)
+
+
 def test_prompts_file_and_defaults(cli, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# comment\na red ball\n\na blue cube\n")
