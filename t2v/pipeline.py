@@ -241,11 +241,17 @@ class TextToVideo:
             bar.close()
         if output == "latents":
             return Generation(x, used_seed)
-        video = self.vae.decode_video(x, chunk_frames=decode_chunk_frames,
-                                      progress=progress)  # (B, 3, F, H, W)
-        if output == "float":
-            return Generation((video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1), used_seed)
-        return Generation(to_uint8(video), used_seed)
+        b, f = x.shape[0], x.shape[2]
+        out = None
+        # Chunk by chunk straight into the output: a uint8 video never exists in float32.
+        for row, frames in self.vae.iter_decode_video(x, decode_chunk_frames, progress):
+            frames = (frames * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (n, H, W, 3)
+            if output == "uint8":
+                frames = (frames * 255).round().to(torch.uint8)
+            if out is None:
+                out = frames.new_empty((b, f) + frames.shape[1:])  # (B, F, H, W, 3)
+            out.view(b * f, *frames.shape[1:])[row:row + len(frames)] = frames
+        return Generation(out, used_seed)
 
     def _video_to_video_start(self, video, batch, steps, strength, sampler, spacing, generator,
                               chunk):

@@ -209,23 +209,30 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
     @torch.no_grad()
+    def iter_decode_video(self, latents: torch.Tensor, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+                          progress: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
+        """Decode scaled video latents (B, C, F, h, w) chunk by chunk: yields (first row,
+        float32 frames (n, 3, H, W)) where row = b * F + f (frames fold batch-major). Each
+        frame is decoded independently, in the VAE's own dtype (e.g. a float32 VAE for float16
+        latents)."""
+        rows = rearrange(latents, "b c f h w -> (b f) c h w")
+        starts = range(0, len(rows), chunk_frames)
+        for start in tqdm(starts, desc="decoding", disable=not progress or len(starts) < 2,
+                          leave=False):
+            z = rows[start:start + chunk_frames].to(self.dtype) / self.cfg.scaling_factor
+            yield start, self.decode(z).float()
+
     def decode_video(self, latents: torch.Tensor, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
                      progress: bool = False) -> torch.Tensor:
         """Scaled video latents (B, C, F, h, w) -> float32 video (B, 3, F, 8h, 8w) in ~[-1, 1].
 
-        Frames are decoded `chunk_frames` at a time (each frame independently, so the result
-        does not depend on the chunk size) in the VAE's own dtype, e.g. a float32 VAE for
-        float16 latents; peak memory is the output plus one chunk's activations. `progress`
-        shows a bar over the chunks when there is more than one.
+        Chunks of `chunk_frames` are written into one preallocated output, so the result does
+        not depend on the chunk size and peak memory is the output plus one chunk's
+        activations. `progress` shows a bar over the chunks when there is more than one.
         """
-        b, _, f, h, w = latents.shape
-        rows = rearrange(latents, "b c f h w -> (b f) c h w")  # frames fold batch-major
+        b, f = latents.shape[0], latents.shape[2]
         out = None
-        starts = range(0, b * f, chunk_frames)
-        for start in tqdm(starts, desc="decoding", disable=not progress or len(starts) < 2,
-                          leave=False):
-            z = rows[start:start + chunk_frames].to(self.dtype) / self.cfg.scaling_factor
-            frames = self.decode(z).float()
+        for start, frames in self.iter_decode_video(latents, chunk_frames, progress):
             if out is None:  # (B, F, 3, H, W) so that rows can be written in place
                 out = frames.new_empty((b, f) + frames.shape[1:])
             out.view(b * f, *frames.shape[1:])[start:start + len(frames)] = frames
