@@ -58,13 +58,6 @@ class Generation:
     seed: int | None
 
 
-def to_uint8(video: torch.Tensor) -> torch.Tensor:
-    """(B, 3, F, H, W) in [-1, 1] -> uint8 (B, F, H, W, 3), rounded (diffusers' "pil" output;
-    ModelScope and diffusers' export_to_video truncate, at most 1 LSB lower)."""
-    frames = (video * 0.5 + 0.5).clamp(0, 1)
-    return (frames * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
-
-
 class TextToVideo:
     """Text encoder + UNet3D + VAE + a sampler. Built from weights (`from_pretrained`) or with
     random weights from a config (`from_config`, for tests and offline smoke runs)."""
@@ -246,7 +239,7 @@ class TextToVideo:
         # Chunk by chunk straight into the output: a uint8 video never exists in float32.
         for row, frames in self.vae.iter_decode_video(x, decode_chunk_frames, progress):
             frames = (frames * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (n, H, W, 3)
-            if output == "uint8":
+            if output == "uint8":  # rounded, as diffusers' "pil" output (ModelScope truncates)
                 frames = (frames * 255).round().to(torch.uint8)
             if out is None:
                 out = frames.new_empty((b, f) + frames.shape[1:])  # (B, F, H, W, 3)

@@ -12,6 +12,8 @@ as an image batch. Architecture: MODEL.md §3; diffusers `autoencoders/vae.py`, 
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
