@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -63,23 +64,44 @@ class TextToVideo:
     random weights from a config (`from_config`, for tests and offline smoke runs)."""
 
     def __init__(self, config: ModelConfig, text_encoder: TextEncoder, unet: UNet3D,
-                 vae: AutoencoderKL, tokenizer: Tokenizer | None = None):
+                 vae: AutoencoderKL, tokenizer: Tokenizer | None = None,
+                 offload_to: str | torch.device | None = None):
+        """`offload_to`: model offload. The modules stay where they are (e.g. the CPU) and each
+        moves to `offload_to` (e.g. "cuda") only for its own stage: text encoder, then UNet,
+        then VAE, so the accelerator holds one model at a time."""
         self.config = config
         self.text_encoder, self.unet, self.vae = text_encoder, unet, vae
         self.tokenizer = tokenizer or Tokenizer(context_length=config.text_encoder.context_length)
         self.schedule = noise_schedule(config.schedule)
+        self.offload_to = torch.device(offload_to) if offload_to is not None else None
+
+    @contextmanager
+    def _stage(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """With offload, move `module` to the execution device for the block, then back."""
+        if self.offload_to is None:
+            yield module
+            return
+        home = next(module.parameters()).device
+        module.to(self.offload_to)
+        try:
+            yield module
+        finally:
+            module.to(home)
 
     @classmethod
     def from_pretrained(cls, source, *, revision: str | None = None, variant: str | None = None,
                         dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu",
+                        device: str | torch.device = "cpu", offload: bool = False,
                         local_files_only: bool | None = None) -> TextToVideo:
-        """Any layout `t2v.weights.load_models` reads: local folder or hub repo id."""
+        """Any layout `t2v.weights.load_models` reads: local folder or hub repo id.
+        `offload=True` keeps the models on the CPU and runs each on `device` in turn."""
         from t2v.weights import load_models
 
         m = load_models(source, revision=revision, variant=variant, dtype=dtype,
-                        vae_dtype=vae_dtype, device=device, local_files_only=local_files_only)
-        return cls(m.config, m.text_encoder, m.unet, m.vae)
+                        vae_dtype=vae_dtype, device="cpu" if offload else device,
+                        local_files_only=local_files_only)
+        return cls(m.config, m.text_encoder, m.unet, m.vae,
+                   offload_to=device if offload else None)
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -99,7 +121,8 @@ class TextToVideo:
 
     @property
     def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
+        """Where the computation runs."""
+        return self.offload_to or self.unet.conv_in.weight.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -108,8 +131,9 @@ class TextToVideo:
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """Prompts -> (B, 77, width) text embeddings in the UNet's dtype."""
-        ids = self.tokenizer(prompts).to(self.text_encoder.final_layer_norm.weight.device)
-        return self.text_encoder(ids).to(self.dtype)
+        with self._stage(self.text_encoder) as text_encoder:
+            ids = self.tokenizer(prompts).to(text_encoder.final_layer_norm.weight.device)
+            return text_encoder(ids).to(self.device, self.dtype)
 
     def _check_size(self, height: int, width: int, num_frames: int, steps: int) -> None:
         factor = self.vae_scale_factor
@@ -228,8 +252,9 @@ class TextToVideo:
 
         try:
             if start < steps:
-                x = SAMPLERS[sampler](denoise, x, self.schedule, steps, start=start,
-                                      callback=on_step, **options)
+                with self._stage(self.unet):
+                    x = SAMPLERS[sampler](denoise, x, self.schedule, steps, start=start,
+                                          callback=on_step, **options)
         finally:
             bar.close()
         if output == "latents":
@@ -237,13 +262,14 @@ class TextToVideo:
         b, f = x.shape[0], x.shape[2]
         out = None
         # Chunk by chunk straight into the output: a uint8 video never exists in float32.
-        for row, frames in self.vae.iter_decode_video(x, decode_chunk_frames, progress):
-            frames = (frames * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (n, H, W, 3)
-            if output == "uint8":  # rounded, as diffusers' "pil" output (ModelScope truncates)
-                frames = (frames * 255).round().to(torch.uint8)
-            if out is None:
-                out = frames.new_empty((b, f) + frames.shape[1:])  # (B, F, H, W, 3)
-            out.view(b * f, *frames.shape[1:])[row:row + len(frames)] = frames
+        with self._stage(self.vae) as vae:
+            for row, frames in vae.iter_decode_video(x, decode_chunk_frames, progress):
+                frames = (frames * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (n, H, W, 3)
+                if output == "uint8":  # rounded, as diffusers' "pil" (ModelScope truncates)
+                    frames = (frames * 255).round().to(torch.uint8)
+                if out is None:
+                    out = frames.new_empty((b, f) + frames.shape[1:])  # (B, F, H, W, 3)
+                out.view(b * f, *frames.shape[1:])[row:row + len(frames)] = frames
         return Generation(out, used_seed)
 
     def _video_to_video_start(self, video, batch, steps, strength, sampler, spacing, generator,
@@ -254,7 +280,8 @@ class TextToVideo:
         if video.shape[0] not in (1, batch):
             raise UserError(f"init_video has batch {video.shape[0]}, prompts {batch}")
         video = video.to(self.device, self.vae.dtype).expand(batch, *video.shape[1:])
-        latents = self.vae.encode_video(video, generator=generator, chunk_frames=chunk)
+        with self._stage(self.vae) as vae:
+            latents = vae.encode_video(video, generator=generator, chunk_frames=chunk)
         start = steps - min(int(steps * strength), steps)
         if start == steps:  # strength 0: nothing to denoise, the reconstruction
             return latents.to(self.dtype), start

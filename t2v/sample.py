@@ -93,6 +93,9 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
                    "available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="weights and activations (auto: float16 on cuda, float32 on cpu)")
+    p.add_argument("--offload", choices=["none", "model"], default="none",
+                   help="model: keep the models on the CPU and move each to --device only for "
+                   "its stage (text encoder, UNet, VAE): one model on the accelerator at a time")
     p.add_argument("--vae-dtype", default="float32", choices=list(DTYPES),
                    help="VAE precision (float32 avoids black/NaN frames of half VAEs)")
     p.add_argument("--init-video", default=s.init_video,
@@ -223,21 +226,24 @@ def run(argv: list[str]) -> list[Path]:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else \
         (torch.float16 if device.type == "cuda" else torch.float32)
     vae_dtype = DTYPES[args.vae_dtype]
+    offload = args.offload == "model"
     if cfg.weights.source is None:
         log.warning("weights.source is null: using RANDOM weights (the video is noise); pass "
                     "--weights or use configs/ms17b.yaml for real output")
         pipe = TextToVideo.from_config(cfg.model, seed=0, dtype=dtype, vae_dtype=vae_dtype,
-                                       device=device)
+                                       device="cpu" if offload else device)
         layout = "random"
     else:
         from t2v.weights import load_models
         models = load_models(cfg.weights.source, revision=cfg.weights.revision,
                              variant=cfg.weights.variant, dtype=dtype, vae_dtype=vae_dtype,
-                             device=device)
+                             device="cpu" if offload else device)
         pipe = TextToVideo(models.config, models.text_encoder, models.unet, models.vae)
         layout = models.layout
         cfg = dataclasses.replace(cfg, model=models.config)  # what was actually loaded
 
+    if offload:
+        pipe.offload_to = device
     s = cfg.sample
     written = []
     for i in mine:

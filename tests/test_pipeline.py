@@ -194,6 +194,31 @@ def test_video_to_video_matches_diffusers(components, sampler):
     assert diff <= FRAME_TOL
 
 
+def test_model_offload_runs_each_model_on_the_device_and_returns_it(components):
+    """On this CPU-only machine offload moves cpu -> cpu, so this checks the code path and the
+    result; the device moves themselves are PyTorch's."""
+    ours = components[0]
+    kwargs = dict(num_frames=2, height=32, width=32, steps=3, seed=4, progress=False)
+    plain = ours("a dog", **kwargs).frames
+    stages = []
+    ours.offload_to = torch.device("cpu")
+    original = ours._stage
+
+    def recording_stage(module):
+        stages.append(type(module).__name__)
+        return original(module)
+
+    ours._stage = recording_stage
+    try:
+        offloaded = ours("a dog", **kwargs).frames
+    finally:
+        ours.offload_to = None
+        del ours._stage
+    assert torch.equal(offloaded, plain)
+    assert stages == ["TextEncoder", "TextEncoder", "UNet3D", "AutoencoderKL"]  # cond, uncond
+    assert all(p.device.type == "cpu" for p in ours.unet.parameters())
+
+
 def test_from_config_builds_random_pipeline():
     from t2v.config import load_config
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
