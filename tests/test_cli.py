@@ -167,8 +167,8 @@ def test_video_to_video_from_a_file(cli, tmp_path):
     (["--init-video", "missing.mp4"], "missing.mp4: video file not found"),
     (["--out", "x.avi"], "unknown extension"),
 ])
-def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, args, needle):
-    os.chdir(tmp_path)
+def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)
     argv = ["--config", TINY, "--prompt", "a red ball", "--out", "v.mp4", *args]
     if args[0] == "--out":
         argv = ["--config", TINY, "--prompt", "a red ball", *args]
