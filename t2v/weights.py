@@ -159,14 +159,10 @@ def read_native(folder: Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Te
             raise WeightsError(f"{path}: file not found (a native folder holds "
                                f"{', '.join(c + '.safetensors' for c in COMPONENTS)})")
         stored = safetensors_metadata(path).get("t2v_config")
-        if stored is not None and json.loads(stored) != _section_dict(cfg, name):
+        if stored is not None and json.loads(stored) != config_to_dict(getattr(cfg, name)):
             raise WeightsError(f"{path}: its config metadata disagrees with {NATIVE_CONFIG}")
         states[name] = read_state_dict(path)
     return cfg, states
-
-
-def _section_dict(cfg: ModelConfig, name: str) -> dict:
-    return config_to_dict(getattr(cfg, name))
 
 
 def _diffusers_weights(folder: Path, stems: tuple[str, ...], variant: str | None
@@ -250,10 +246,11 @@ def read_modelscope(folder: Path) -> tuple[ModelConfig, dict[str, dict[str, torc
     return cfg, states
 
 
-def read_checkpoint(folder: Path, variant: str | None = None
+def read_checkpoint(folder: Path, variant: str | None = None, layout: str | None = None
                     ) -> tuple[str, ModelConfig, dict[str, dict[str, torch.Tensor]]]:
-    """Detect the layout and read it: (layout, ModelConfig, state dicts with t2v keys)."""
-    layout = detect_layout(folder)
+    """Read a folder in `layout` (detected when None): (layout, ModelConfig, state dicts with
+    t2v keys)."""
+    layout = layout or detect_layout(folder)
     if layout == "native":
         return layout, *read_native(folder)
     if layout == "diffusers":
@@ -327,7 +324,7 @@ def save_native(folder: Path, cfg: ModelConfig, states: Mapping[str, Mapping[str
         path = folder / f"{name}.safetensors"
         tensors = {k: owned(v, dtype) for k, v in states[name].items()}
         metadata = {"format": "pt", "t2v_component": name, "t2v_version": __version__,
-                    "t2v_config": json.dumps(_section_dict(cfg, name))}
+                    "t2v_config": json.dumps(config_to_dict(getattr(cfg, name)))}
         save_file(tensors, str(path), metadata=metadata)
         written.append(path)
         if progress is not None:

@@ -28,6 +28,14 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     return module
 
 
+def assert_round_trip(state: dict, there, back) -> None:
+    """`back(there(state))` gives the same keys, shapes and values, bit for bit."""
+    returned = back(there(state))
+    assert sorted(returned) == sorted(state)
+    for key, tensor in state.items():
+        assert returned[key].shape == tensor.shape and torch.equal(returned[key], tensor), key
+
+
 def max_rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| / max |expected|."""
     assert actual.shape == expected.shape, (actual.shape, expected.shape)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import UNet3DConditionModel
 
-from helpers import assert_parity, max_rel_diff, randomize_
+from helpers import assert_parity, assert_round_trip, max_rel_diff, randomize_
 from reference import modelscope_module
 from t2v.config import UNetConfig, load_config
 from t2v.errors import ConfigError
@@ -134,11 +134,9 @@ def test_matches_modelscope_unetsd():
 
 
 def test_modelscope_table_round_trip_is_bit_exact():
-    state = modelscope_unet(TINY_MS, seed=3).state_dict()
-    back = unet_to_modelscope(unet_from_modelscope(state, TINY_MS), TINY_MS)
-    assert sorted(back) == sorted(state)
-    for key, tensor in state.items():
-        assert back[key].shape == tensor.shape and torch.equal(back[key], tensor), key
+    assert_round_trip(modelscope_unet(TINY_MS, seed=3).state_dict(),
+                      lambda s: unet_from_modelscope(s, TINY_MS),
+                      lambda s: unet_to_modelscope(s, TINY_MS))
 
 
 def test_modelscope_table_is_strict():

@@ -172,6 +172,28 @@ def test_hub_id_resolves_from_local_cache_offline(folders, tmp_path, monkeypatch
         load_models("someone/not-there")
 
 
+@pytest.mark.parametrize("variant, wanted, unwanted", [
+    (None, "unet/diffusion_pytorch_model.safetensors",
+     "unet/diffusion_pytorch_model.fp16.safetensors"),
+    ("fp16", "unet/diffusion_pytorch_model.fp16.safetensors",
+     "unet/diffusion_pytorch_model.safetensors"),
+])
+def test_hub_patterns_fetch_one_precision_and_format(variant, wanted, unwanted):
+    from fnmatch import fnmatch
+
+    from t2v.weights import _hub_patterns
+    patterns = _hub_patterns(variant)
+
+    def fetched(name):
+        return any(fnmatch(name, p) for p in patterns)
+
+    suffix = f".{variant}" if variant else ""
+    assert fetched(wanted) and fetched(f"text_encoder/model{suffix}.safetensors")
+    assert fetched("unet/config.json") and fetched("tokenizer/merges.txt")
+    assert not fetched(unwanted) and not fetched("unet/diffusion_pytorch_model.bin")
+    assert not fetched(f"text_encoder/pytorch_model{suffix}.bin")
+
+
 def test_malicious_pickle_is_refused_and_does_not_run(tmp_path):
     marker = tmp_path / "PWNED"
 

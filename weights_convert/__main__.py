@@ -29,13 +29,11 @@ from t2v.errors import UserError
 from t2v.text_encoder import TextEncoder
 from t2v.unet import UNet3D
 from t2v.vae import AutoencoderKL
-from t2v.weights import (detect_layout, read_diffusers, read_modelscope, read_native,
-                         resolve_source, save_native)
+from t2v.weights import read_checkpoint, resolve_source, save_native
 from weights_convert.diffusers import save_diffusers
 from weights_convert.table import check_shapes
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-READERS = {"native": read_native, "modelscope": read_modelscope}
 
 
 def sha256(path: Path, chunk: int = 1 << 24) -> str:
@@ -71,12 +69,9 @@ def convert_folder(args: argparse.Namespace, log: logging.Logger) -> None:
     if out.exists() and not args.force:
         raise UserError(f"{args.out}: already exists; pass --force to replace it")
     source = resolve_source(args.src, args.revision, args.variant)
-    layout = detect_layout(source) if args.source_layout == "auto" else args.source_layout
-    log.info("reading %s (%s layout)", source, layout)
-    if layout == "diffusers":
-        cfg, states = read_diffusers(source, args.variant)
-    else:
-        cfg, states = READERS[layout](source)
+    forced = None if args.source_layout == "auto" else args.source_layout
+    layout, cfg, states = read_checkpoint(source, args.variant, forced)
+    log.info("read %s (%s layout)", source, layout)
 
     factories = {"text_encoder": lambda: TextEncoder(cfg.text_encoder),
                  "unet": lambda: UNet3D(cfg.unet), "vae": lambda: AutoencoderKL(cfg.vae)}

@@ -2,7 +2,7 @@
 native `unet.safetensors` through `t2v.weights.build` against diffusers'
 `UNet3DConditionModel.from_pretrained` of the same tensors, one fresh process per case.
 
-    python -m t2v.bench.load [--dir /tmp/t2v-bench-load] [--repeat 2]
+    python -m t2v.bench.load [--dir DIR] [--repeat 2]     # DIR defaults to the temp dir
 
 Writes both files once (about 11 GB of disk). Needs the `dev` extra (diffusers).
 """
@@ -10,6 +10,7 @@ Writes both files once (about 11 GB of disk). Needs the `dev` extra (diffusers).
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,7 +55,9 @@ def child(impl: str, folder: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/t2v-bench-load"))
+    parser.add_argument("--dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "t2v-bench-load",
+                        help="where the two weight files are written once (~11 GB)")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--child", nargs=2, metavar=("IMPL", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
