@@ -195,6 +195,8 @@ class WeightsConfig:
     source: str | None = None
     revision: str | None = None
     variant: str | None = None  # diffusers weight variant, e.g. "fp16" (half the download)
+    # LoRA files (t2v.lora format) merged into the UNet after loading, "PATH" or "PATH:scale".
+    lora: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -246,9 +248,12 @@ def _parse_override(override: str) -> Any:
         raise ConfigError(f"override {override!r}: {_error_text(exc)}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (missing keys take the dataclass defaults) and apply overrides."""
-    merged = OmegaConf.structured(Config)
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                schema: type[T] = Config) -> T:
+    """Read a YAML config (missing keys take the dataclass defaults) and apply overrides.
+    `schema` is the root dataclass: `Config` for sampling, `t2v.train_config.TrainRunConfig`
+    for fine-tuning."""
+    merged = OmegaConf.structured(schema)
     source = "defaults"
     if path is not None:
         source = str(path)
@@ -271,7 +276,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return _to_object(merged, sources)
 
 
-def apply_overrides(cfg: Config, overrides: Sequence[str], source: str = "config") -> Config:
+def apply_overrides(cfg: T, overrides: Sequence[str], source: str = "config") -> T:
     """Dotted `key=value` overrides on top of an existing Config."""
     merged = OmegaConf.structured(cfg)
     for override in overrides:

@@ -114,6 +114,16 @@ class TextToVideo:
                    UNet3D(config.unet).to(device, dtype).eval(),
                    AutoencoderKL(config.vae).to(device, vae_dtype or dtype).eval())
 
+    def load_lora(self, path, scale: float = 1.0) -> list[str]:
+        """Merge a LoRA file (t2v.lora format, e.g. from `python -m t2v.train`) into the UNet:
+        W += scale * (alpha / rank) B A. Several files merge one after the other. Returns the
+        adapted layer names."""
+        from t2v.lora import load_lora, merge_lora
+
+        names = load_lora(self.unet, path, scale)
+        merge_lora(self.unet)
+        return names
+
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent along each side: 8 for the KL-f8 VAE."""

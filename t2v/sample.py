@@ -89,6 +89,9 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
     p.add_argument("--revision", default=cfg.weights.revision, help="hub revision")
     p.add_argument("--variant", default=cfg.weights.variant,
                    help="diffusers weights variant, e.g. fp16 (half the download)")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="merge a LoRA file (from python -m t2v.train) into the UNet, scaled "
+                   "(default 1); repeat for several (replaces weights.lora of the config)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if "
                    "available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
@@ -133,7 +136,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
         cfg = dataclasses.replace(
             cfg, sample=dataclasses.replace(cfg.sample, **sample),
             weights=dataclasses.replace(cfg.weights, source=args.weights, revision=args.revision,
-                                        variant=args.variant))
+                                        variant=args.variant,
+                                        lora=tuple(args.lora if args.lora is not None
+                                                   else cfg.weights.lora)))
     except ConfigError as exc:
         raise ConfigError(f"command line: {exc}") from None
     return args, cfg
@@ -242,6 +247,12 @@ def run(argv: list[str]) -> list[Path]:
         layout = models.layout
         cfg = dataclasses.replace(cfg, model=models.config)  # what was actually loaded
 
+    for spec in cfg.weights.lora:
+        from t2v.lora import parse_lora_arg  # imports peft: only when asked for
+
+        path, scale = parse_lora_arg(spec)
+        names = pipe.load_lora(path, scale)
+        log.info("merged LoRA %s (scale %g) into %d layers", path, scale, len(names))
     if offload:
         pipe.offload_to = device
     s = cfg.sample
@@ -261,7 +272,8 @@ def run(argv: list[str]) -> list[Path]:
         params = {"prompt": prompts[i], "negative_prompt": s.negative_prompt, "seed": seeds[i],
                   "steps": s.steps, "sampler": s.sampler, "guidance_scale": s.guidance_scale,
                   "frames": s.num_frames, "size": [s.width, s.height], "fps": s.fps,
-                  "weights": cfg.weights.source, "t2v_version": __version__}
+                  "weights": cfg.weights.source, "lora": list(cfg.weights.lora),
+                  "t2v_version": __version__}
         write_output(frames, paths[i], fmt, s.fps, params, args.overwrite)
         sidecar = {"t2v_version": __version__, "output": str(paths[i]), "format": fmt,
                    "weights": {"source": cfg.weights.source, "revision": cfg.weights.revision,

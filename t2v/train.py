@@ -1,0 +1,437 @@
+"""python -m t2v.train: fine-tune the UNet (all of it, chosen layers, or LoRA adapters).
+
+    python -m t2v.train --config configs/finetune_temporal.yaml data.path=clips/
+    torchrun --nproc_per_node 2 -m t2v.train --config configs/finetune_lora.yaml data.path=c.json
+
+One optimizer step (the loss of the latent diffusion models, Rombach et al. 2022):
+
+    x0 = VAE.encode(clip).sample() * 0.18215       (B, 4, F, h, w); frozen VAE
+    c  = TextEncoder(caption, or "" with probability train.text_dropout); frozen
+    t ~ U{0..999}, eps ~ N(0, I), x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps
+    loss = || UNet(x_t, t, c) - target ||^2   (target eps, or v = sqrt(a_t) eps - sqrt(1 - a_t) x0)
+
+averaged over grad_accum micro-batches (and over processes by DDP), then gradient clipping,
+AdamW with linear warm-up, optional EMA of the trained weights.
+
+Outputs in train.output_dir: checkpoints/step-NNNNNN/ (trained weights, EMA, optimizer,
+scheduler, step and RNG states; written atomically, resumed exactly with train.resume=latest),
+log.jsonl (one line per log step), samples/ (periodic videos) and, at the end, lora.safetensors
+(LoRA runs) or model/ (a native weights folder for t2v.sample). Recipes: docs/finetuning.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from t2v.config import config_to_yaml, load_config
+from t2v.data import LatentCache, VideoClips, sample_rng
+from t2v.errors import ConfigError, UserError
+from t2v.sample import OneLineParser
+from t2v.schedule import add_noise, noise_schedule, velocity
+from t2v.surgery import set_trainable
+from t2v.train_config import TrainRunConfig
+from t2v.video_io import atomic_path
+
+log = logging.getLogger("t2v.train")
+
+CHECKPOINTS = "checkpoints"
+
+
+def diffusion_loss(unet, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor, alphas_cumprod: torch.Tensor, target: str,
+                   autocast=nullcontext) -> torch.Tensor:
+    """MSE between the UNet's prediction at x_t and the eps (or v) target, in float32."""
+    a = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1, 1)
+    x_t = add_noise(x0, noise, a)
+    with autocast():
+        prediction = unet(x_t, t, context)
+    goal = noise if target == "epsilon" else velocity(x0, noise, a)
+    return torch.nn.functional.mse_loss(prediction.float(), goal.float())
+
+
+class Distributed:
+    """Rank, world size and device; DDP set up when torchrun started several processes."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+        self.device = torch.device(f"cuda:{local}" if cuda else
+                                   ("cpu" if device == "auto" else device))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor)
+        return float(tensor) / self.world
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def load_components(cfg: TrainRunConfig, device: torch.device):
+    """(model config, text encoder, unet, vae): the weights of `weights.source`, or random
+    weights from `model` (seeded by train.seed) when it is null."""
+    if cfg.weights.source is None:
+        from t2v.pipeline import TextToVideo
+        pipe = TextToVideo.from_config(cfg.model, seed=cfg.train.seed)
+        model_cfg, te, unet, vae = cfg.model, pipe.text_encoder, pipe.unet, pipe.vae
+    else:
+        from t2v.weights import load_models
+        m = load_models(cfg.weights.source, revision=cfg.weights.revision,
+                        variant=cfg.weights.variant)
+        model_cfg, te, unet, vae = m.config, m.text_encoder, m.unet, m.vae
+    for frozen in (te, vae):
+        frozen.requires_grad_(False).eval().to(device)
+    return model_cfg, te, unet.to(device), vae
+
+
+class Trainer:
+    """The state of a run: models, optimizer, data and step; `run()` trains to train.steps."""
+
+    def __init__(self, cfg: TrainRunConfig, dist_: Distributed | None = None):
+        self.cfg, tc = cfg, cfg.train
+        self.dist = dist_ or Distributed(tc.device)
+        device = self.dist.device
+        if tc.mixed_precision == "fp16" and device.type != "cuda":
+            raise UserError("train.mixed_precision fp16 needs a CUDA device; use bf16 on CPU")
+        if cfg.data.path is None:
+            raise UserError("data.path is not set: give a folder of videos with .txt captions "
+                            "or a JSON list (data.path=...)")
+        self.model_cfg, self.text_encoder, self.unet, self.vae = load_components(cfg, device)
+        self.schedule = noise_schedule(self.model_cfg.schedule)
+        self.target = tc.target or self.model_cfg.schedule.prediction_type
+
+        unet = self.unet
+        if cfg.lora.rank > 0:
+            from t2v.lora import add_lora  # imports peft: only for LoRA runs
+
+            add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
+        else:
+            try:
+                set_trainable(unet, list(tc.trainable))
+            except ValueError as exc:
+                raise UserError(f"train.trainable: {exc}") from None
+        unet.to(device).train()
+        unet.gradient_checkpointing = tc.gradient_checkpointing
+        if not tc.dropout:
+            for module in unet.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = 0.0
+        self.trained = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        self.ema = ({n: p.detach().float().clone() for n, p in self.trained.items()}
+                    if tc.ema_decay else None)
+        self.model = unet
+        if self.dist.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                unet, device_ids=[device.index] if device.type == "cuda" else None)
+
+        self.optimizer = torch.optim.AdamW(list(self.trained.values()), lr=tc.lr,
+                                           betas=tuple(tc.betas), eps=tc.adam_eps,
+                                           weight_decay=tc.weight_decay)
+        warmup = tc.warmup_steps
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.scaler = torch.amp.GradScaler("cuda") if tc.mixed_precision == "fp16" else None
+
+        d = cfg.data
+        self.clips = VideoClips(d.path, d.num_frames, d.stride, d.height, d.width)
+        self.cache = (LatentCache(d.cache_latents, self.clips, self.vae,
+                                  tag=str(cfg.weights.source))
+                      if d.cache_latents else None)
+        self._order = (-1, None)  # (epoch, permutation of the clips)
+        self.output = Path(tc.output_dir)
+        self.step = 0
+        self._resume_or_check()
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _dataset_index(self, position: int) -> int:
+        """Sample `position` of the run -> clip index: a fresh permutation every epoch."""
+        epoch, offset = divmod(position, len(self.clips))
+        if self._order[0] != epoch:
+            seed = self.cfg.train.seed + epoch
+            self._order = (epoch, torch.randperm(len(self.clips),
+                                                 generator=torch.Generator().manual_seed(seed)))
+        return int(self._order[1][offset])
+
+    @torch.no_grad()
+    def micro_batch(self, micro: int):
+        """This process's share of global micro-batch `micro`: (x0, context, t, noise)."""
+        tc, device = self.cfg.train, self.dist.device
+        global_batch = tc.batch_size * self.dist.world
+        latents, captions, timesteps, noises = [], [], [], []
+        for slot in range(self.dist.rank * tc.batch_size, (self.dist.rank + 1) * tc.batch_size):
+            g = sample_rng(tc.seed, micro, slot)
+            index = self._dataset_index(micro * global_batch + slot)
+            if self.cache is not None:
+                mean, std = self.cache.posterior(index)  # (C, F, h, w)
+                caption = self.clips.clips[index].caption
+                # The posterior noise drawn as encode_video draws it: ((b f), c, h, w).
+                noise = torch.randn(mean.transpose(0, 1).shape, generator=g).transpose(0, 1)
+                x0 = (mean + std * noise) * self.model_cfg.vae.scaling_factor
+            else:
+                video, caption = self.clips.load(index, g)
+                x0 = self.vae.encode_video(video[None].to(device), generator=g)[0]
+            latents.append(x0.to(device, torch.float32))
+            captions.append("" if float(torch.rand((), generator=g)) < tc.text_dropout
+                            else caption)
+            timesteps.append(int(torch.randint(0, self.schedule.num_train_timesteps, (1,),
+                                               generator=g)))
+            noises.append(torch.randn(latents[-1].shape, generator=g))
+        ids = self.text_encoder_tokens(captions)
+        context = self.text_encoder(ids.to(device))
+        return (torch.stack(latents), context, torch.tensor(timesteps, device=device),
+                torch.stack(noises).to(device))
+
+    def text_encoder_tokens(self, captions: list[str]) -> torch.Tensor:
+        if not hasattr(self, "_tokenizer"):
+            from t2v.tokenizer import Tokenizer
+            self._tokenizer = Tokenizer(context_length=self.model_cfg.text_encoder.context_length)
+        return self._tokenizer(captions)
+
+    # -- one step --------------------------------------------------------------------------
+
+    def _autocast(self):
+        mp = self.cfg.train.mixed_precision
+        if mp == "no":
+            return nullcontext()
+        dtype = torch.bfloat16 if mp == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns loss, grad norm, lr."""
+        tc = self.cfg.train
+        losses = []
+        for k in range(tc.grad_accum):
+            micro = self.step * tc.grad_accum + k
+            x0, context, t, noise = self.micro_batch(micro)
+            last = k == tc.grad_accum - 1
+            sync = nullcontext() if last or self.dist.world == 1 else self.model.no_sync()
+            with sync:
+                loss = diffusion_loss(self.model, x0, context, t, noise,
+                                      self.schedule.alphas_cumprod, self.target, self._autocast)
+                scaled = loss / tc.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            losses.append(loss.item())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = list(self.trained.values())
+        norm = torch.nn.utils.clip_grad_norm_(
+            params, tc.max_grad_norm if tc.max_grad_norm is not None else math.inf)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.lr_schedule.get_last_lr()[0]
+        self.lr_schedule.step()
+        if self.ema is not None:
+            current = [p.detach().float() for p in params]
+            torch._foreach_lerp_(list(self.ema.values()), current, 1.0 - tc.ema_decay)
+        self.step += 1
+        return {"step": self.step, "loss": self.dist.mean(sum(losses) / len(losses)),
+                "grad_norm": float(norm), "lr": lr}
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.output / CHECKPOINTS / f"step-{step:06d}"
+
+    def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the folder atomically (a temporary folder renamed into place)."""
+        target = self.checkpoint_dir(self.step)
+        if self.dist.main:
+            with atomic_path(target) as tmp:
+                tmp.mkdir()
+                save_file({n: p.detach().contiguous().cpu() for n, p in self.trained.items()},
+                          str(tmp / "trained.safetensors"))
+                if self.ema is not None:
+                    save_file({n: v.cpu() for n, v in self.ema.items()},
+                              str(tmp / "ema.safetensors"))
+                state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                         "lr_schedule": self.lr_schedule.state_dict(),
+                         "scaler": self.scaler.state_dict() if self.scaler else None,
+                         "cpu_rng": torch.get_rng_state(),
+                         "cuda_rng": torch.cuda.get_rng_state_all()
+                         if torch.cuda.is_available() else []}
+                torch.save(state, tmp / "state.pt")
+                (tmp / "config.yaml").write_text(config_to_yaml(self.cfg))
+        self.dist.barrier()
+        return target
+
+    def _latest_checkpoint(self) -> Path | None:
+        folder = self.output / CHECKPOINTS
+        found = sorted(folder.glob("step-[0-9][0-9][0-9][0-9][0-9][0-9]")) if folder.is_dir() \
+            else []
+        return found[-1] if found else None
+
+    def _resume_or_check(self) -> None:
+        resume = self.cfg.train.resume
+        if resume is None:
+            if self._latest_checkpoint() is not None:
+                raise UserError(f"{self.output} already holds checkpoints; resume with "
+                                "train.resume=latest or choose another train.output_dir")
+            return
+        path = self._latest_checkpoint() if resume == "latest" else Path(resume)
+        if path is None:
+            log.info("no checkpoint in %s yet: starting from step 0", self.output)
+            return
+        if not (path / "state.pt").is_file():
+            raise UserError(f"train.resume {path}: not a checkpoint folder (no state.pt)")
+        self.load_checkpoint(path)
+
+    def load_checkpoint(self, path: Path) -> None:
+        trained = load_file(str(path / "trained.safetensors"))
+        if set(trained) != set(self.trained):
+            raise UserError(f"{path}: trains other parameters than this config "
+                            f"({len(set(trained) ^ set(self.trained))} names differ)")
+        with torch.no_grad():
+            for name, p in self.trained.items():
+                p.copy_(trained[name])
+        if self.ema is not None:
+            ema = load_file(str(path / "ema.safetensors"))  # keys sorted: reorder
+            self.ema = {n: ema[n].to(self.dist.device) for n in self.trained}
+        # weights_only: tensors, numbers and dicts only, no code execution.
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["cpu_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _with_ema(self):
+        """Inside the block the trained parameters hold the EMA weights (if EMA is on)."""
+        if self.ema is None:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in self.trained.items()}
+        with torch.no_grad():
+            for n, p in self.trained.items():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.trained.items():
+                    p.copy_(saved[n])
+
+    def write_samples(self) -> list[Path]:
+        from t2v.pipeline import TextToVideo
+        from t2v.video_io import write_mp4
+
+        s = self.cfg.sample
+        pipe = TextToVideo(self.model_cfg, self.text_encoder, self.unet, self.vae)
+        written = []
+        self.unet.eval()
+        try:
+            for i, prompt in enumerate(self.cfg.train.sample_prompts):
+                frames = pipe(prompt, s.negative_prompt, num_frames=s.num_frames,
+                              height=s.height, width=s.width, steps=s.steps,
+                              guidance_scale=s.guidance_scale, sampler=s.sampler,
+                              seed=s.seed if s.seed is not None else i, progress=False).frames
+                path = self.output / "samples" / f"step-{self.step:06d}-{i}.mp4"
+                written.append(write_mp4(frames[0].cpu().numpy(), path, s.fps, overwrite=True))
+        finally:
+            self.unet.train()
+        return written
+
+    def save_final(self) -> Path:
+        """lora.safetensors (LoRA) or model/ (native folder), with the EMA weights if any."""
+        with self._with_ema():
+            if self.cfg.lora.rank > 0:
+                from t2v.lora import save_lora
+
+                return save_lora(self.unet, self.output / "lora.safetensors", overwrite=True)
+            from t2v.weights import save_native
+            states = {"text_encoder": self.text_encoder.state_dict(),
+                      "unet": self.unet.state_dict(), "vae": self.vae.state_dict()}
+            with atomic_path(self.output / "model", overwrite=True) as tmp:
+                tmp.mkdir()
+                save_native(tmp, self.model_cfg, states)
+            return self.output / "model"
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def run(self, progress: bool = True) -> list[dict]:
+        tc = self.cfg.train
+        history = []
+        if self.dist.main:
+            self.output.mkdir(parents=True, exist_ok=True)
+        bar = tqdm(total=tc.steps, initial=self.step, desc="training",
+                   disable=not (progress and self.dist.main))
+        start = time.perf_counter()
+        while self.step < tc.steps:
+            record = self.train_step()
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            history.append(record)
+            bar.update()
+            bar.set_postfix(loss=f"{record['loss']:.4f}")
+            if self.dist.main and (self.step % tc.log_every == 0 or self.step == tc.steps):
+                with open(self.output / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
+                self.save_checkpoint()
+            if tc.sample_every and self.step % tc.sample_every == 0 and self.dist.main:
+                self.write_samples()
+        bar.close()
+        if self.dist.main and history:
+            self.save_final()
+        self.dist.barrier()
+        return history
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog="python -m t2v.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True, help="a finetune YAML (configs/finetune_*)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=1e-4")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args = parser.parse_args(argv)
+        cfg = load_config(args.config, args.overrides, schema=TrainRunConfig)
+        trainer = Trainer(cfg)
+        history = trainer.run(progress=not args.quiet)
+    except (UserError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if trainer.dist.main and history:
+        print(f"trained to step {trainer.step}: loss {history[-1]['loss']:.4f}; "
+              f"outputs in {trainer.output}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Fine-tuning configuration: the schema of `python -m t2v.train --config configs/finetune_*.yaml`.
+
+The root `TrainRunConfig` shares `model`, `weights` and `sample` with the sampling `Config`
+(so the periodic sample videos use the same settings as `t2v.sample`) and adds `data`, `train`
+and `lora`. Loaded with `t2v.config.load_config(path, overrides, schema=TrainRunConfig)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from t2v.config import ModelConfig, SampleConfig, WeightsConfig, _check
+
+MIXED_PRECISION = ("no", "bf16", "fp16")
+TARGETS = ("epsilon", "v_prediction")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training clips: a folder of videos with same-named `.txt` captions, or a JSON file listing
+    {"video": path, "caption": text} (paths relative to the JSON file)."""
+
+    path: str | None = None
+    num_frames: int = 16  # frames per clip
+    stride: int = 1  # take every stride-th frame (lowered for clips too short for it)
+    height: int = 256  # clips are resized (shorter side) and centre-cropped to height x width
+    width: int = 256
+    # A folder for VAE posteriors (mean, std) of every clip, computed once; a fresh latent is
+    # still sampled from them each step. Fixes each clip's frames to the first window.
+    cache_latents: str | None = None
+
+    def __post_init__(self):
+        _check(self.num_frames >= 1, f"data.num_frames must be >= 1, got {self.num_frames}")
+        _check(self.stride >= 1, f"data.stride must be >= 1, got {self.stride}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            _check(value > 0 and value % 8 == 0,
+                   f"data.{name} must be a positive multiple of 8, got {value}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """The training loop. Effective batch = batch_size x grad_accum x processes."""
+
+    output_dir: str = "runs/finetune"
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 1  # clips per process per micro-step
+    grad_accum: int = 1
+    lr: float = 1e-5
+    weight_decay: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0  # linear warm-up from 0 to lr, then constant
+    max_grad_norm: float | None = 1.0  # null: no clipping
+    # What trains when lora.rank is 0: regexes over UNet parameter names, or the presets
+    # "temporal", "attention", "all" (t2v.surgery.set_trainable). With LoRA only LoRA trains.
+    trainable: tuple[str, ...] = ("temporal",)
+    text_dropout: float = 0.1  # probability of training a clip with the empty caption
+    target: str | None = None  # epsilon / v_prediction; null: model.schedule.prediction_type
+    ema_decay: float | None = None  # null: no EMA; e.g. 0.9999
+    gradient_checkpointing: bool = True
+    mixed_precision: str = "no"  # bf16 (CPU or GPU) or fp16 (CUDA, with loss scaling)
+    # The UNet's temporal-conv dropout (p=0.1 in both references) is active in training; off
+    # makes a step a deterministic function of the batch (used by the DDP equivalence test).
+    dropout: bool = True
+    seed: int = 0
+    device: str = "auto"  # auto: CUDA (this rank's GPU) if available, else CPU
+    checkpoint_every: int = 500  # optimizer steps; the last step always checkpoints
+    sample_every: int = 0  # 0: no sample videos during training
+    sample_prompts: tuple[str, ...] = ()
+    log_every: int = 10
+    resume: str | None = None  # a checkpoint folder, or "latest" in output_dir
+
+    def __post_init__(self):
+        _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
+        _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(0.0 <= self.text_dropout <= 1.0,
+               f"train.text_dropout must be between 0 and 1, got {self.text_dropout}")
+        _check(self.target is None or self.target in TARGETS,
+               f"train.target must be null or one of {TARGETS}, got {self.target!r}")
+        _check(self.mixed_precision in MIXED_PRECISION,
+               f"train.mixed_precision must be one of {MIXED_PRECISION}, "
+               f"got {self.mixed_precision!r}")
+        _check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
+               f"train.ema_decay must be null or between 0 and 1, got {self.ema_decay}")
+        _check(self.checkpoint_every >= 1,
+               f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        _check(not self.sample_every or self.sample_prompts,
+               "train.sample_every needs train.sample_prompts (a list of prompts)")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (peft) on the UNet; rank 0 trains the `train.trainable` weights instead."""
+
+    rank: int = 0
+    alpha: float | None = None  # null: alpha = rank (scale 1)
+    dropout: float = 0.0
+    # Regexes over module names (re.search), or presets: "attention" (q/k/v/out projections of
+    # every attention), "temporal_attention", "temporal_conv" (the Conv3d layers).
+    targets: tuple[str, ...] = ("attention", "temporal_conv")
+
+    def __post_init__(self):
+        _check(self.rank >= 0, f"lora.rank must be >= 0, got {self.rank}")
+        _check(0.0 <= self.dropout < 1.0, f"lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TrainRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)  # for the periodic samples
