@@ -272,15 +272,25 @@ class TextToVideo:
         b, f = x.shape[0], x.shape[2]
         out = None
         # Chunk by chunk straight into the output: a uint8 video never exists in float32.
-        with self._stage(self.vae) as vae:
-            for row, frames in vae.iter_decode_video(x, decode_chunk_frames, progress):
-                frames = (frames * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (n, H, W, 3)
-                if output == "uint8":  # rounded, as diffusers' "pil" (ModelScope truncates)
-                    frames = (frames * 255).round().to(torch.uint8)
-                if out is None:
-                    out = frames.new_empty((b, f) + frames.shape[1:])  # (B, F, H, W, 3)
-                out.view(b * f, *frames.shape[1:])[row:row + len(frames)] = frames
+        for row, frames in self.iter_frames(x, output == "uint8", decode_chunk_frames, progress):
+            if out is None:
+                out = frames.new_empty((b, f) + frames.shape[1:])  # (B, F, H, W, 3)
+            out.view(b * f, *frames.shape[1:])[row:row + len(frames)] = frames
         return Generation(out, used_seed)
+
+    @torch.no_grad()
+    def iter_frames(self, latents: torch.Tensor, uint8: bool = True,
+                    chunk_frames: int = DEFAULT_CHUNK_FRAMES, progress: bool = False
+                    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """Decode latents (B, 4, F, h, w) chunk by chunk: yields (first row, frames (n, H, W, 3))
+        with row = b * F + f, uint8 (rounded, as diffusers' "pil"; ModelScope truncates) or
+        float in [0, 1]. Streaming these into a video encoder never holds the whole video."""
+        with self._stage(self.vae) as vae:
+            for row, frames in vae.iter_decode_video(latents, chunk_frames, progress):
+                frames = (frames * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (n, H, W, 3)
+                if uint8:
+                    frames = (frames * 255).round().to(torch.uint8)
+                yield row, frames
 
     def _video_to_video_start(self, video, batch, steps, strength, sampler, spacing, generator,
                               chunk):

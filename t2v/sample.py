@@ -22,6 +22,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from t2v import __version__
@@ -267,8 +268,12 @@ def run(argv: list[str]) -> list[Path]:
                       strength=s.strength, timestep_spacing=s.timestep_spacing,
                       solver_order=s.solver_order, window=s.window,
                       window_overlap=s.window_overlap, loop=s.loop, freenoise=s.freenoise,
-                      progress=not args.no_progress)
-        frames = result.frames[0].cpu().numpy()
+                      output="latents", progress=not args.no_progress)
+        # MP4: decoded chunks go straight into the encoder; the video is never held whole.
+        frames = (chunk.cpu().numpy() for _, chunk in
+                  pipe.iter_frames(result.frames, progress=not args.no_progress))
+        if fmt != "mp4":
+            frames = np.concatenate(list(frames))
         params = {"prompt": prompts[i], "negative_prompt": s.negative_prompt, "seed": seeds[i],
                   "steps": s.steps, "sampler": s.sampler, "guidance_scale": s.guidance_scale,
                   "frames": s.num_frames, "size": [s.width, s.height], "fps": s.fps,

@@ -15,12 +15,14 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator, Mapping
 
 import torch
 import torch.nn as nn
 
 from t2v.config import UNetConfig
+from t2v.errors import UserError
 from t2v.unet import UNet3D
 from weights_convert.table import check_shapes
 
@@ -32,9 +34,17 @@ def is_temporal(name: str) -> bool:
     return TEMPORAL.search(name) is not None
 
 
-def inflate(image_state: Mapping[str, torch.Tensor], cfg: UNetConfig) -> UNet3D:
-    """A UNet3D from an image UNet's state dict (diffusers UNet2DConditionModel keys), its
-    temporal layers initialised as the identity (last layers zero, the rest default init)."""
+def inflate(image: Mapping[str, torch.Tensor] | str | Path, cfg: UNetConfig) -> UNet3D:
+    """A UNet3D from an image UNet (diffusers UNet2DConditionModel keys): its state dict, or
+    its diffusers folder (`unet/` of an SD 2.x repo: safetensors or .bin, read safely). The
+    temporal layers start as the identity (last layers zero, the rest default init)."""
+    if isinstance(image, (str, Path)):
+        from t2v.weights import diffusers_component_weights
+        folder = Path(image)
+        if not folder.is_dir():
+            raise UserError(f"{folder}: not a folder (give the image UNet's diffusers folder)")
+        image = diffusers_component_weights(folder, ("diffusion_pytorch_model",), None)
+    image_state = image
     unet = UNet3D(cfg)
     spatial = {k: v.shape for k, v in unet.state_dict().items() if not is_temporal(k)}
     check_shapes(image_state, spatial, "image UNet state dict")

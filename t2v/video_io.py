@@ -8,13 +8,14 @@ the target and renames it at the end, and refuses an existing target unless `ove
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import av
 import numpy as np
@@ -53,11 +54,19 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
-def write_mp4(frames: np.ndarray, path: Path, fps: int, metadata: dict | None = None,
-              overwrite: bool = False, crf: int = MP4_CRF) -> Path:
-    """H.264 / yuv420p / +faststart MP4; `metadata` is stored as JSON in the `comment` tag."""
-    frames = _check_frames(frames)
-    _, height, width, _ = frames.shape
+def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int,
+              metadata: dict | None = None, overwrite: bool = False,
+              crf: int = MP4_CRF) -> Path:
+    """H.264 / yuv420p / +faststart MP4; `metadata` is stored as JSON in the `comment` tag.
+
+    `frames`: uint8 (F, H, W, 3), or an iterable of such chunks, encoded as they arrive (the
+    whole video never needs to be in memory)."""
+    chunks = iter([frames] if isinstance(frames, np.ndarray) else frames)
+    first = next(chunks, None)
+    if first is None:
+        raise ValueError("no frames to write")
+    first = _check_frames(first)
+    _, height, width, _ = first.shape
     if height % 2 or width % 2:  # yuv420p subsamples chroma 2x2
         raise UserError(f"{path}: H.264 yuv420p needs even sizes, got {width}x{height}; "
                         "use a height and width divisible by 8")
@@ -70,12 +79,15 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int, metadata: dict | None = 
             if metadata:
                 container.metadata["comment"] = json.dumps(metadata)
             frame_time = Fraction(1, fps)  # not stream.time_base: the muxer rewrites that
-            for i, frame in enumerate(frames):
-                video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-                video_frame.pts = i  # explicit timestamps: x264's rate control reads them
-                video_frame.time_base = frame_time
-                for packet in stream.encode(video_frame):
-                    container.mux(packet)
+            i = 0
+            for chunk in itertools.chain([first], chunks):
+                for frame in _check_frames(chunk):
+                    video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                    video_frame.pts = i  # explicit timestamps: x264's rate control reads them
+                    video_frame.time_base = frame_time
+                    i += 1
+                    for packet in stream.encode(video_frame):
+                        container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
     return Path(path)

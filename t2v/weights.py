@@ -165,8 +165,8 @@ def read_native(folder: Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Te
     return cfg, states
 
 
-def _diffusers_weights(folder: Path, stems: tuple[str, ...], variant: str | None
-                       ) -> dict[str, torch.Tensor]:
+def diffusers_component_weights(folder: Path, stems: tuple[str, ...], variant: str | None
+                                ) -> dict[str, torch.Tensor]:
     """One component's tensors: safetensors before .bin, the variant if asked (or if it is
     the only one there), shards through their index."""
     variants = [variant] if variant else [None, "fp16"]
@@ -198,12 +198,14 @@ def read_diffusers(folder: Path, variant: str | None = None
         schedule=from_diffusers.schedule_config(_read_json(schedule_path))
         if schedule_path.is_file() else ScheduleConfig(),
     )
+    unet_stems = ("diffusion_pytorch_model",)
     states = {
         "text_encoder": from_diffusers.text_encoder_from_transformers(
-            _diffusers_weights(folder / "text_encoder", ("model", "pytorch_model"), variant)),
-        "unet": _diffusers_weights(folder / "unet", ("diffusion_pytorch_model",), variant),
+            diffusers_component_weights(folder / "text_encoder", ("model", "pytorch_model"),
+                                        variant)),
+        "unet": diffusers_component_weights(folder / "unet", unet_stems, variant),
         "vae": from_diffusers.vae_from_diffusers(
-            _diffusers_weights(folder / "vae", ("diffusion_pytorch_model",), variant)),
+            diffusers_component_weights(folder / "vae", unet_stems, variant)),
     }
     return cfg, states
 

@@ -75,3 +75,13 @@ def test_capture_uses_state_dict_names():
     with pytest.raises(KeyError, match="no submodule"):
         with capture(unet, ["up_blocks.9"]):
             pass
+
+
+def test_inflates_from_a_diffusers_folder(tmp_path):
+    reference = image_unet(CFG)
+    reference.save_pretrained(tmp_path / "unet")
+    from_folder = inflate(tmp_path / "unet", CFG)
+    from_state = inflate(reference.state_dict(), CFG)
+    spatial = [k for k in from_state.state_dict() if not is_temporal(k)]
+    assert spatial and all(torch.equal(from_folder.state_dict()[k], from_state.state_dict()[k])
+                           for k in spatial)
