@@ -43,6 +43,10 @@ from t2v.windows import reschedule_noise, windowed
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("uint8", "float", "latents")
+# Above this many frames in the UNet's view, its per-frame layers run in chunks of
+# AUTO_FRAME_CHUNK frames (t2v.unet.UNet3D.frame_chunk): bounded working memory, same results.
+AUTO_FRAME_CHUNK_ABOVE = 24
+AUTO_FRAME_CHUNK = 8
 
 
 class NumericalError(RuntimeError):
@@ -170,7 +174,8 @@ class TextToVideo:
                  freenoise: bool = True,
                  callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
                  output: str = "uint8", progress: bool = True,
-                 decode_chunk_frames: int = DEFAULT_CHUNK_FRAMES) -> Generation:
+                 decode_chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+                 frame_chunk: int | str | None = "auto") -> Generation:
         """Generate B videos (B = number of prompts).
 
         `seed` or `generator` (CPU, for device-independent noise) or `latents` (B, 4, F, h, w)
@@ -179,7 +184,9 @@ class TextToVideo:
         `window` (frames) turns on windowed sampling for long videos (t2v.windows): the UNet
         sees `window` frames at a time, windows overlap by `window_overlap`, `loop` wraps them
         around, and `freenoise` reschedules the initial noise as FreeNoise does.
-        `callback(i, t, x, x0)` runs after every step.
+        `callback(i, t, x, x0)` runs after every step. `frame_chunk`: the UNet's per-frame
+        layers run on at most this many frames at a time (None: all; "auto": AUTO_FRAME_CHUNK
+        when the UNet sees more than AUTO_FRAME_CHUNK_ABOVE frames).
         """
         if sampler not in SAMPLERS:
             raise UserError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
@@ -260,6 +267,10 @@ class TextToVideo:
             if callback is not None:
                 callback(i, t, x, x0)
 
+        in_view = min(num_frames, window) if window is not None else num_frames
+        if frame_chunk == "auto":
+            frame_chunk = AUTO_FRAME_CHUNK if in_view > AUTO_FRAME_CHUNK_ABOVE else None
+        previous_chunk, self.unet.frame_chunk = self.unet.frame_chunk, frame_chunk
         try:
             if start < steps:
                 with self._stage(self.unet):
@@ -267,6 +278,7 @@ class TextToVideo:
                                           callback=on_step, **options)
         finally:
             bar.close()
+            self.unet.frame_chunk = previous_chunk
         if output == "latents":
             return Generation(x, used_seed)
         b, f = x.shape[0], x.shape[2]

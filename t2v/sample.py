@@ -35,6 +35,7 @@ from t2v.video_io import atomic_path, read_video, write_gif, write_mp4, write_pn
 log = logging.getLogger("t2v.sample")
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png": ""}
+LONG_RUN_FRAMES = 24  # longer runs print the memory estimate first (zeroscope trains on 24)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 # flag -> SampleConfig field
@@ -100,6 +101,9 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
     p.add_argument("--offload", choices=["none", "model"], default="none",
                    help="model: keep the models on the CPU and move each to --device only for "
                    "its stage (text encoder, UNet, VAE): one model on the accelerator at a time")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="refuse to start when the estimated peak memory exceeds SIZE (e.g. 16GB) "
+                   "and say which settings would fit; the estimate is printed for long runs")
     p.add_argument("--vae-dtype", default="float32", choices=list(DTYPES),
                    help="VAE precision (float32 avoids black/NaN frames of half VAEs)")
     p.add_argument("--init-video", default=s.init_video,
@@ -206,6 +210,49 @@ def write_output(frames, path: Path, fmt: str, fps: int, metadata: dict, overwri
         write_png_frames(frames, path, overwrite)
 
 
+def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offload: bool,
+                 streamed: bool) -> None:
+    """Print the memory estimate for long runs; refuse runs over --max-memory."""
+    from t2v.memory import GIB, estimate_memory, parse_size
+
+    budget = None
+    if args.max_memory is not None:
+        try:
+            budget = parse_size(args.max_memory)
+        except ValueError as exc:
+            raise UserError(f"--max-memory: {exc}") from None
+    s = cfg.sample
+    if budget is None and s.num_frames <= LONG_RUN_FRAMES:
+        return
+
+    from t2v.pipeline import AUTO_FRAME_CHUNK, AUTO_FRAME_CHUNK_ABOVE
+
+    def estimate(**change):
+        window = change.get("window", s.window)
+        in_view = min(s.num_frames, window) if window else s.num_frames
+        settings = dict(frames=s.num_frames, height=s.height, width=s.width,
+                        frame_chunk=AUTO_FRAME_CHUNK if in_view > AUTO_FRAME_CHUNK_ABOVE else None,
+                        guidance=s.guidance_scale > 1, window=s.window, dtype=dtype,
+                        vae_dtype=vae_dtype, offload=offload and device.type != "cpu",
+                        output_in_memory=not streamed)
+        return estimate_memory(cfg.model, **{**settings, **change})
+
+    est = estimate()
+    log.info("%s", est.summary())
+    if budget is None or est.peak <= budget:
+        return
+    hints = []
+    if s.window is None and s.num_frames > 16:
+        hints.append(f"--window 16 ({estimate(window=16).peak / GIB:.1f} GiB)")
+    if not offload and device.type != "cpu":
+        hints.append(f"--offload model ({estimate(offload=True).peak / GIB:.1f} GiB)")
+    if dtype == torch.float32 and device.type != "cpu":
+        hints.append(f"--dtype float16 ({estimate(dtype=torch.float16).peak / GIB:.1f} GiB)")
+    hints.append("fewer --frames or a smaller --height/--width")
+    raise UserError(f"estimated peak memory {est.peak / GIB:.1f} GiB exceeds --max-memory "
+                    f"{budget / GIB:.1f} GiB; try {', '.join(hints)}")
+
+
 def run(argv: list[str]) -> list[Path]:
     args, cfg = parse(argv)
     prompts = read_prompts(args, cfg)
@@ -233,6 +280,7 @@ def run(argv: list[str]) -> list[Path]:
         (torch.float16 if device.type == "cuda" else torch.float32)
     vae_dtype = DTYPES[args.vae_dtype]
     offload = args.offload == "model"
+    check_memory(args, cfg, device, dtype, vae_dtype, offload, streamed=fmt == "mp4")
     if cfg.weights.source is None:
         log.warning("weights.source is null: using RANDOM weights (the video is noise); pass "
                     "--weights or use configs/ms17b.yaml for real output")

@@ -44,6 +44,24 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
+def in_frame_chunks(layer, x: torch.Tensor, rows: torch.Tensor, context: torch.Tensor,
+                    num_frames: int, chunk: int | None) -> torch.Tensor:
+    """Run a per-frame layer `layer(x, rows, context)` on at most `chunk` frames of one sample
+    at a time (x, rows: (B*F, ...) batch-major; context: (B, ...)), writing the chunks into one
+    output. Per-frame layers do not mix frames, so only the peak memory changes."""
+    if chunk is None or chunk >= num_frames:
+        return layer(x, rows, context)
+    out = None
+    for start in range(0, x.shape[0], num_frames):  # sample by sample
+        for s in range(start, start + num_frames, chunk):
+            part = slice(s, min(s + chunk, start + num_frames))
+            y = layer(x[part], rows[part], context[start // num_frames][None])
+            if out is None:
+                out = y.new_empty((x.shape[0],) + y.shape[1:])
+            out[part] = y
+    return out
+
+
 class TimestepMLP(nn.Module):
     """Linear -> SiLU -> Linear on the sinusoidal embedding."""
 
@@ -207,12 +225,19 @@ class TemporalTransformer(nn.Module):
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, None)])
         self.proj_out = nn.Linear(inner, ch)
 
-    def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_frames: int, chunk: int | None = None
+                ) -> torch.Tensor:
+        """`chunk` (frames): bound the transformer's working set to about chunk x h x w tokens
+        by running it on groups of spatial positions (each position's sequence is
+        independent; the GroupNorm still pools over all frames first)."""
         h, w = x.shape[-2:]
         y = self.norm(rearrange(x, "(b f) c h w -> b c f h w", f=num_frames))
         y = rearrange(y, "b c f h w -> (b h w) f c")
-        y = self.transformer_blocks[0](self.proj_in(y))
-        y = rearrange(self.proj_out(y), "(b h w) f c -> (b f) c h w", h=h, w=w)
+        step = len(y) if chunk is None else max(1, chunk * h * w // num_frames)
+        parts = [self.proj_out(self.transformer_blocks[0](self.proj_in(y[i:i + step])))
+                 for i in range(0, len(y), step)]
+        y = rearrange(torch.cat(parts) if len(parts) > 1 else parts[0],
+                      "(b h w) f c -> (b f) c h w", h=h, w=w)
         return x + y
 
 
@@ -256,11 +281,14 @@ class Level(nn.Module):
                 TemporalTransformer(out_ch, heads, cfg.head_dim, groups) for _ in in_channels)
 
     def layer(self, i: int, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
-              num_frames: int) -> torch.Tensor:
-        x = self.temp_convs[i](self.resnets[i](x, emb), num_frames)
+              num_frames: int, chunk: int | None = None) -> torch.Tensor:
+        resnet, spatial = self.resnets[i], self.attentions[i] if self.has_attention else None
+        x = in_frame_chunks(lambda x, e, c: resnet(x, e), x, emb, context, num_frames, chunk)
+        x = self.temp_convs[i](x, num_frames)
         if self.has_attention:
-            x = self.attentions[i](x, context)
-            x = self.temp_attentions[i](x, num_frames)
+            x = in_frame_chunks(lambda x, e, c: spatial(x, c), x, emb, context, num_frames,
+                                chunk)
+            x = self.temp_attentions[i](x, num_frames, chunk)
         return x
 
 
@@ -271,10 +299,10 @@ class DownBlock(Level):
         super().__init__(in_channels, out_ch, has_attention, cfg)
         self.downsamplers = nn.ModuleList([Downsample(out_ch)]) if downsample else None
 
-    def forward(self, x, emb, context, num_frames):
+    def forward(self, x, emb, context, num_frames, chunk=None):
         skips = []
         for i in range(len(self.resnets)):
-            x = self.layer(i, x, emb, context, num_frames)
+            x = self.layer(i, x, emb, context, num_frames, chunk)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -291,10 +319,10 @@ class UpBlock(Level):
         super().__init__(in_channels, out_ch, has_attention, cfg)
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
 
-    def forward(self, x, skips, emb, context, num_frames, upsample_size=None):
+    def forward(self, x, skips, emb, context, num_frames, upsample_size=None, chunk=None):
         for i in range(len(self.resnets)):
             x = torch.cat([x, skips[-1 - i]], dim=1)  # not pop(): checkpointing reruns this
-            x = self.layer(i, x, emb, context, num_frames)
+            x = self.layer(i, x, emb, context, num_frames, chunk)
         if self.upsamplers is not None:
             size = upsample_size if upsample_size is not None else (2 * x.shape[-2],
                                                                     2 * x.shape[-1])
@@ -317,11 +345,15 @@ class MidBlock(nn.Module):
         self.temp_attentions = nn.ModuleList([TemporalTransformer(ch, heads, cfg.head_dim,
                                                                   groups)])
 
-    def forward(self, x, emb, context, num_frames):
-        x = self.temp_convs[0](self.resnets[0](x, emb), num_frames)
-        x = self.attentions[0](x, context)
-        x = self.temp_attentions[0](x, num_frames)
-        return self.temp_convs[1](self.resnets[1](x, emb), num_frames)
+    def forward(self, x, emb, context, num_frames, chunk=None):
+        def resnet(i, x):
+            return in_frame_chunks(lambda x, e, c: self.resnets[i](x, e), x, emb, context,
+                                   num_frames, chunk)
+        x = self.temp_convs[0](resnet(0, x), num_frames)
+        x = in_frame_chunks(lambda x, e, c: self.attentions[0](x, c), x, emb, context,
+                            num_frames, chunk)
+        x = self.temp_attentions[0](x, num_frames, chunk)
+        return self.temp_convs[1](resnet(1, x), num_frames)
 
 
 class UNet3D(nn.Module):
@@ -332,6 +364,10 @@ class UNet3D(nn.Module):
         self.cfg = cfg
         ch = cfg.channels
         self.gradient_checkpointing = False  # recompute each block's activations in backward
+        # Memory bound for long videos: per-frame layers (ResBlocks, spatial transformers) run
+        # on at most this many frames of a sample at a time, temporal transformers on groups of
+        # positions of the same size. None: all at once. Results are unchanged.
+        self.frame_chunk: int | None = None
 
         self.time_embedding = TimestepMLP(ch[0], cfg.time_embed_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
@@ -381,17 +417,18 @@ class UNet3D(nn.Module):
         emb = emb.repeat_interleave(num_frames, dim=0)
 
         x = rearrange(x, "b c f h w -> (b f) c h w")
-        x = self.transformer_in(self.conv_in(x), num_frames)
+        chunk = self.frame_chunk
+        x = self.transformer_in(self.conv_in(x), num_frames, chunk)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = self._run(block, x, emb, context, num_frames)
+            x, block_skips = self._run(block, x, emb, context, num_frames, chunk)
             skips += block_skips
-        x = self._run(self.mid_block, x, emb, context, num_frames)
+        x = self._run(self.mid_block, x, emb, context, num_frames, chunk)
         for block in self.up_blocks:
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size: latent sizes need not be multiples of 2^levels.
             size = tuple(skips[-1].shape[-2:]) if skips else None
-            x = self._run(block, x, block_skips, emb, context, num_frames, size)
+            x = self._run(block, x, block_skips, emb, context, num_frames, size, chunk)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
         return rearrange(x, "(b f) c h w -> b c f h w", b=b)

@@ -1,0 +1,147 @@
+"""A memory model of a generation run: what it needs at its peak, from the config alone.
+
+    est = estimate_memory(cfg.model, frames=200, height=320, width=576, window=24)
+    print(est.summary())   # weights, UNet activations, sampler state, VAE chunk, output
+
+The run has two memory peaks. While sampling: the weights on the device, the UNet's
+activations for the frames it sees at once (all frames, or `window` when windowed) and the
+sampler's latent-sized tensors. While decoding: the weights, one chunk of the VAE decoder's
+activations, the latents and the output video (uint8; zero when the frames are streamed into
+the encoder, as the CLI does for MP4).
+
+The activation terms are per frame and per image of the UNet batch (2 with guidance):
+
+- UNet: every skip tensor kept for the up path (sum of C x h x w over the skip stack) plus the
+  largest transient of one layer, the GEGLU feed-forward of the first level's transformers,
+  ~20 x C0 x h x w values (input, the 8C projection, gelu(gate) 4C, the product 4C, residuals).
+  Attention uses PyTorch's fused kernels, so no (tokens x tokens) maps are stored. With the
+  UNet's frame chunking the transient covers `frame_chunk` frames instead of the whole batch.
+- VAE decoder: 4 x channels[1] values per output pixel (the 256-channel upsampled maps at full
+  resolution and the first resnet's intermediates). Measured on the full-size VAE at 256x256:
+  4,020 bytes per pixel in fp32 against 4,096 from this formula.
+
+UNET_ACTIVATION_SAFETY covers allocator slack and the layer temporaries the sum leaves out;
+`python -m t2v.bench.long_video` prints measured peaks next to the estimates.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from t2v.config import ModelConfig
+
+GEGLU_VALUES_PER_CHANNEL = 20  # transient of the feed-forward, in units of C0 x h x w
+VAE_VALUES_PER_PIXEL_PER_CHANNEL = 4  # x channels[1]
+UNET_ACTIVATION_SAFETY = 1.5
+SAMPLER_LATENT_COPIES = 10  # x, x0, eps, the guided input and output (2 + 2), DPM history (2),
+# windowed fusion accumulators (2)
+GIB = 2 ** 30
+
+
+def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameters of each component, from the config (built on the meta device: no memory)."""
+    from t2v.text_encoder import TextEncoder
+    from t2v.unet import UNet3D
+    from t2v.vae import AutoencoderKL
+
+    with torch.device("meta"):
+        models = {"text_encoder": TextEncoder(cfg.text_encoder), "unet": UNet3D(cfg.unet),
+                  "vae": AutoencoderKL(cfg.vae)}
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+
+
+def unet_transient_values_per_frame(cfg: ModelConfig, h: int, w: int) -> int:
+    """The largest single-layer working set per frame (the first level's feed-forward)."""
+    return GEGLU_VALUES_PER_CHANNEL * cfg.unet.channels[0] * h * w
+
+
+def unet_skip_values_per_frame(cfg: ModelConfig, h: int, w: int) -> int:
+    """Values per frame kept for the up path: conv_in's output and every block's outputs."""
+    channels, layers = cfg.unet.channels, cfg.unet.layers_per_block
+    skips, size = channels[0] * h * w, (h, w)  # conv_in's output
+    for level, c in enumerate(channels):
+        skips += layers * c * size[0] * size[1]
+        if level < len(channels) - 1:
+            size = ((size[0] + 1) // 2, (size[1] + 1) // 2)
+            skips += c * size[0] * size[1]  # the downsampled tensor
+    return skips
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes at each peak of a run; `peak` is the larger of the two."""
+
+    weights_sampling: int
+    unet_activations: int
+    sampler_state: int
+    weights_decoding: int
+    vae_chunk: int
+    latents: int
+    output: int
+
+    @property
+    def sampling(self) -> int:
+        return self.weights_sampling + self.unet_activations + self.sampler_state
+
+    @property
+    def decoding(self) -> int:
+        return self.weights_decoding + self.vae_chunk + self.latents + self.output
+
+    @property
+    def peak(self) -> int:
+        return max(self.sampling, self.decoding)
+
+    def summary(self) -> str:
+        def g(n: int) -> str:
+            return f"{n / GIB:.2f} GiB"
+        return (f"memory estimate: peak {g(self.peak)} (sampling {g(self.sampling)}: weights "
+                f"{g(self.weights_sampling)}, UNet activations {g(self.unet_activations)}, "
+                f"sampler {g(self.sampler_state)}; decoding {g(self.decoding)}: weights "
+                f"{g(self.weights_decoding)}, VAE chunk {g(self.vae_chunk)}, output "
+                f"{g(self.output)})")
+
+
+def estimate_memory(cfg: ModelConfig, *, frames: int, height: int, width: int, batch: int = 1,
+                    guidance: bool = True, window: int | None = None,
+                    dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32,
+                    decode_chunk: int = 8, frame_chunk: int | None = None,
+                    offload: bool = False, output_in_memory: bool = True) -> MemoryEstimate:
+    """The memory model above for one call of the pipeline. `frame_chunk`: the UNet's
+    (t2v.unet.UNet3D.frame_chunk; the transient then covers that many frames of one sample);
+    `offload`: only the running model's weights count (model offload);
+    `output_in_memory=False`: frames are streamed."""
+    counts = parameter_counts(cfg)
+    size = torch.tensor([], dtype=dtype).element_size()
+    vae_size = torch.tensor([], dtype=vae_dtype).element_size()
+    te, unet, vae = (counts["text_encoder"] * size, counts["unet"] * size,
+                     counts["vae"] * vae_size)
+    factor = 2 ** (len(cfg.vae.channels) - 1)
+    h, w = height // factor, width // factor
+    in_view = min(frames, window) if window else frames
+    images = batch * (2 if guidance else 1) * in_view
+    transient_images = min(frame_chunk, in_view) if frame_chunk else images
+    latents = batch * cfg.unet.in_channels * frames * h * w * size
+    vae_channels = cfg.vae.channels[1] if len(cfg.vae.channels) > 1 else cfg.vae.channels[0]
+    return MemoryEstimate(
+        weights_sampling=unet if offload else te + unet + vae,
+        unet_activations=int(UNET_ACTIVATION_SAFETY * size * (
+            images * unet_skip_values_per_frame(cfg, h, w)
+            + transient_images * unet_transient_values_per_frame(cfg, h, w))),
+        sampler_state=SAMPLER_LATENT_COPIES * latents,
+        weights_decoding=vae if offload else te + unet + vae,
+        vae_chunk=min(decode_chunk, batch * frames) * height * width
+        * VAE_VALUES_PER_PIXEL_PER_CHANNEL * vae_channels * vae_size,
+        latents=latents,
+        output=batch * frames * height * width * 3 if output_in_memory else 0)
+
+
+def parse_size(text: str) -> int:
+    """'12GB', '12 GiB', '800MB', '1.5G', '2048' (MiB) -> bytes (powers of 1024)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not match:
+        raise ValueError(f"not a memory size: {text!r} (e.g. 12GB, 800MB)")
+    value, unit = float(match.group(1)), match.group(2) or "m"
+    return int(value * 1024 ** "kmgt".index(unit) * 1024)

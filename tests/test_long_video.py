@@ -1,0 +1,118 @@
+"""Long videos under a memory bound: frame-chunked UNet, the memory model, peak memory of a
+mid-size model at 16 / 64 / 200 frames (separate processes), --max-memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import assert_parity, randomize_
+from t2v.bench.long_video import SIZE, WINDOW
+from t2v.bench.memory import measure_in_subprocess
+from t2v.config import ModelConfig, UNetConfig, load_config
+from t2v.memory import SAMPLER_LATENT_COPIES, estimate_memory, parse_size
+from t2v.pipeline import TextToVideo
+from t2v.sample import main as sample_main
+from t2v.unet import UNet3D
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+# Chunks are smaller batches for the same kernels; oneDNN picks batch-size-dependent blockings,
+# so sums round differently (measured <= 9.3e-7 relative), as for the VAE's chunked decode.
+CHUNK_TOL = 2e-6
+# Noise between processes doing the same work: with large blocks mmap'ed (bench.memory
+# MALLOC_ENV) two identical runs peaked within 1 MiB; the rest covers the text encoder's and
+# decoder's working sets, which do not depend on the frame count but vary by a few MiB.
+PEAK_SLACK_MIB = 16.0
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3])
+def test_frame_chunked_unet_equals_the_plain_unet(chunk):
+    cfg = UNetConfig(channels=(32, 64, 64, 64), head_dim=8, context_dim=32, norm_groups=4)
+    unet = randomize_(UNet3D(cfg)).eval()
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 7, 12, 12, generator=g), torch.randn(2, 5, 32, generator=g)
+    with torch.no_grad():
+        plain = unet(x, 300, context)
+        unet.frame_chunk = chunk
+        chunked = unet(x, 300, context)
+    assert_parity(chunked, plain, CHUNK_TOL, f"UNet frame_chunk={chunk} vs all frames")
+
+
+def test_pipeline_chunks_long_runs_and_restores_the_unet():
+    cfg = load_config(TINY)
+    pipe = TextToVideo.from_config(cfg.model, seed=0)
+    seen = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda *a, **k: (seen.append(pipe.unet.frame_chunk), forward(*a, **k))[1]
+    kwargs = dict(num_frames=26, height=32, width=32, steps=1, seed=0, progress=False)
+    auto = pipe("x", **kwargs).frames
+    assert seen == [8] and pipe.unet.frame_chunk is None
+    plain = pipe("x", frame_chunk=None, **kwargs).frames
+    assert (auto.int() - plain.int()).abs().max() <= 1  # uint8 frames: at most one level
+
+
+def test_memory_model_counts_what_scales():
+    cfg = ModelConfig()
+    short = estimate_memory(cfg, frames=16, height=256, width=256)
+    long = estimate_memory(cfg, frames=200, height=256, width=256, window=16)
+    assert short.weights_sampling == (340_387_840 + 1_411_233_860 + 83_653_863) * 4
+    assert long.unet_activations == short.unet_activations  # the window bounds the UNet
+    assert long.latents == 200 * 4 * 32 * 32 * 4 and long.output == 200 * 256 * 256 * 3
+    assert estimate_memory(cfg, frames=200, height=256, width=256).unet_activations > \
+        10 * short.unet_activations
+    offloaded = estimate_memory(cfg, frames=16, height=256, width=256, offload=True)
+    assert offloaded.weights_sampling == 1_411_233_860 * 4
+    assert parse_size("12GB") == 12 * 2**30 and parse_size("800 MiB") == 800 * 2**20
+    with pytest.raises(ValueError):
+        parse_size("twelve")
+
+
+def test_peak_memory_grows_only_by_latents_and_output():
+    """16 frames plain, 64 and 200 windowed: the growth over 16 frames stays under what the
+    extra latents (sampler copies included) and uint8 output need, plus slack. A plain
+    64-frame run (control) must break that bound, so the measurement can fail."""
+    modes = {16: "auto", 64: "window", 200: "window"}
+    runs = {f: measure_in_subprocess("t2v.bench.long_video", ["mid", str(f), mode])
+            for f, mode in modes.items()}
+    control = measure_in_subprocess("t2v.bench.long_video", ["mid", "64", "unchunked"])
+    latent_frame = 4 * (SIZE // 8) ** 2 * 4  # bytes per frame, float32
+    output_frame = SIZE * SIZE * 3
+    for frames in (64, 200):
+        growth = runs[frames]["step_mib"] - runs[16]["step_mib"]
+        bound = (frames - 16) * (SAMPLER_LATENT_COPIES * latent_frame + output_frame) / 2**20 \
+            + PEAK_SLACK_MIB
+        print(f"[memory] mid-size, {frames} frames (window {WINDOW}): peak "
+              f"{runs[frames]['step_mib']:.1f} MiB above the model, growth over 16 frames "
+              f"{growth:.1f} MiB, bound {bound:.1f} MiB; "
+              f"estimate {runs[frames]['estimate_mib']:.1f}")
+        assert growth <= bound
+    control_growth = control["step_mib"] - runs[16]["step_mib"]
+    control_bound = 48 * (SAMPLER_LATENT_COPIES * latent_frame + output_frame) / 2**20 \
+        + PEAK_SLACK_MIB
+    print(f"[memory] control, 64 frames unwindowed and unchunked: growth {control_growth:.1f} MiB "
+          f"(bound {control_bound:.1f}); 16 frames: {runs[16]['step_mib']:.1f} MiB")
+    assert control_growth > control_bound
+
+
+def test_max_memory_refuses_with_the_settings_that_fit(tmp_path, capsys):
+    out = tmp_path / "v.mp4"
+    code = sample_main(["--config", str(TINY), "--prompt", "x", "--frames", "200",
+                        "--max-memory", "1MB", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists()
+    assert "exceeds --max-memory" in err[-1] and "--window 16" in err[-1]
+    code = sample_main(["--config", str(TINY), "--prompt", "x", "--frames", "4",
+                        "--max-memory", "lots", "--out", str(out)])
+    assert code == 2 and "--max-memory" in capsys.readouterr().err
+
+
+def test_streamed_mp4_has_every_frame(tmp_path):
+    from t2v.video_io import read_video, write_mp4
+    frames = (np.arange(10)[:, None, None, None] * 20 + np.zeros((10, 16, 16, 3))).astype(np.uint8)
+    write_mp4((frames[i:i + 3] for i in range(0, 10, 3)), tmp_path / "s.mp4", fps=8)
+    back, _ = read_video(tmp_path / "s.mp4")
+    assert len(back) == 10 and np.abs(back.astype(int) - frames).max() <= 3
