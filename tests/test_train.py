@@ -239,3 +239,36 @@ def test_cli_trains_and_writes_its_outputs(squares, tmp_path, capsys):
     assert (tmp_path / "samples" / "step-000002-0.mp4").is_file()
     assert (tmp_path / "model" / "model.yaml").is_file()
     assert (tmp_path / "checkpoints" / "step-000002" / "state.pt").is_file()
+
+
+def test_v_prediction_target_is_the_velocity():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 3, 4, 4, generator=g), torch.randn(2, 4, 3, 4, 4, generator=g)
+    alphas = torch.linspace(0.99, 0.01, 1000)
+    t = torch.tensor([10, 900])
+    a = alphas[t].view(-1, 1, 1, 1, 1)
+    zero = lambda x, t, c: torch.zeros_like(x)  # noqa: E731  the loss is then |target|^2
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0
+    assert torch.allclose(diffusion_loss(zero, x0, None, t, noise, alphas, "v_prediction"),
+                          v.square().mean())
+    assert torch.allclose(diffusion_loss(zero, x0, None, t, noise, alphas, "epsilon"),
+                          noise.square().mean())
+
+
+def test_text_dropout_one_trains_on_the_empty_caption(squares, tmp_path):
+    trainer = Trainer(run_config(squares, tmp_path, "train.text_dropout=1.0",
+                                 "train.batch_size=2"))
+    _, context, _, _ = trainer.micro_batch(0)
+    with torch.no_grad():
+        empty = trainer.text_encoder(trainer.text_encoder_tokens(["", ""]))
+    assert torch.equal(context, empty)
+
+
+def test_bf16_mixed_precision_step_on_cpu(squares, tmp_path):
+    trainer = Trainer(run_config(squares, tmp_path, "train.mixed_precision=bf16",
+                                 "train.steps=1"))
+    before = {n: p.detach().clone() for n, p in trainer.trained.items()}
+    record = trainer.train_step()
+    assert np.isfinite(record["loss"]) and record["grad_norm"] > 0
+    assert all(p.dtype == torch.float32 for p in trainer.trained.values())  # fp32 masters
+    assert any(not torch.equal(before[n], p) for n, p in trainer.trained.items())
