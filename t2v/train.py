@@ -42,6 +42,7 @@ from t2v.errors import ConfigError, UserError
 from t2v.sample import OneLineParser
 from t2v.schedule import add_noise, noise_schedule, velocity
 from t2v.surgery import set_trainable
+from t2v.tokenizer import Tokenizer
 from t2v.train_config import TrainRunConfig
 from t2v.video_io import atomic_path
 
@@ -122,6 +123,7 @@ class Trainer:
                             "or a JSON list (data.path=...)")
         self.model_cfg, self.text_encoder, self.unet, self.vae = load_components(cfg, device)
         self.schedule = noise_schedule(self.model_cfg.schedule)
+        self.tokenizer = Tokenizer(context_length=self.model_cfg.text_encoder.context_length)
         self.target = tc.target or self.model_cfg.schedule.prediction_type
 
         unet = self.unet
@@ -207,10 +209,7 @@ class Trainer:
                 torch.stack(noises).to(device))
 
     def text_encoder_tokens(self, captions: list[str]) -> torch.Tensor:
-        if not hasattr(self, "_tokenizer"):
-            from t2v.tokenizer import Tokenizer
-            self._tokenizer = Tokenizer(context_length=self.model_cfg.text_encoder.context_length)
-        return self._tokenizer(captions)
+        return self.tokenizer(captions)
 
     # -- one step --------------------------------------------------------------------------
 
