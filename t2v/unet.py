@@ -24,7 +24,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from t2v.config import UNetConfig
-from t2v.layers import attention
+from t2v.layers import attention, geglu, linear
 
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm at the entry of spatial and temporal transformers
 LAYER_NORM_EPS = 1e-5  # LayerNorms inside transformer blocks
@@ -71,7 +71,7 @@ class TimestepMLP(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(F.silu(self.linear_1(x)))
+        return linear(self.linear_2, F.silu(linear(self.linear_1, x)))
 
 
 class ResBlock(nn.Module):
@@ -132,7 +132,9 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # diffusers' key: to_out.0
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention output, plus `residual` if given (fused into the output projection)."""
         if context is None:
             context = x
         elif context.shape[0] != x.shape[0]:
@@ -140,11 +142,14 @@ class Attention(nn.Module):
             # Queries of all frames attend to the same keys, so fold the frames into the query
             # axis instead of repeating the context F times: K/V are projected once per sample.
             frames = x.shape[0] // context.shape[0]
-            q = rearrange(self.to_q(x), "(b f) n c -> b (f n) c", f=frames)
-            out = attention(q, self.to_k(context), self.to_v(context), self.heads)
-            return self.to_out[0](rearrange(out, "b (f n) c -> (b f) n c", f=frames))
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
-        return self.to_out[0](out)
+            q = rearrange(linear(self.to_q, x), "(b f) n c -> b (f n) c", f=frames)
+            out = attention(q, linear(self.to_k, context), linear(self.to_v, context),
+                            self.heads)
+            out = rearrange(out, "b (f n) c -> (b f) n c", f=frames)
+            return linear(self.to_out[0], out, residual)
+        out = attention(linear(self.to_q, x), linear(self.to_k, context),
+                        linear(self.to_v, context), self.heads)
+        return linear(self.to_out[0], out, residual)
 
 
 class GEGLU(nn.Module):
@@ -155,8 +160,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)
-        return a * F.gelu(gate)
+        return geglu(self.proj, x)
 
 
 class FeedForward(nn.Module):
@@ -166,10 +170,8 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(),
                                   nn.Linear(mult * dim, dim)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.net:
-            x = layer(x)
-        return x
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(self.net[2], self.net[1](self.net[0](x)), residual)
 
 
 class TransformerBlock(nn.Module):
@@ -186,9 +188,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
-        return x + self.ff(self.norm3(x))
+        x = self.attn1(self.norm1(x), residual=x)
+        x = self.attn2(self.norm2(x), context, residual=x)
+        return self.ff(self.norm3(x), residual=x)
 
 
 class SpatialTransformer(nn.Module):
@@ -206,8 +208,8 @@ class SpatialTransformer(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         y = rearrange(self.norm(x), "n c h w -> n (h w) c")
-        y = self.transformer_blocks[0](self.proj_in(y), context)
-        y = rearrange(self.proj_out(y), "n (h w) c -> n c h w", h=h, w=w)
+        y = self.transformer_blocks[0](linear(self.proj_in, y), context)
+        y = rearrange(linear(self.proj_out, y), "n (h w) c -> n c h w", h=h, w=w)
         return x + y
 
 
@@ -234,7 +236,8 @@ class TemporalTransformer(nn.Module):
         y = self.norm(rearrange(x, "(b f) c h w -> b c f h w", f=num_frames))
         y = rearrange(y, "b c f h w -> (b h w) f c")
         step = len(y) if chunk is None else max(1, chunk * h * w // num_frames)
-        parts = [self.proj_out(self.transformer_blocks[0](self.proj_in(y[i:i + step])))
+        block = self.transformer_blocks[0]
+        parts = [linear(self.proj_out, block(linear(self.proj_in, y[i:i + step])))
                  for i in range(0, len(y), step)]
         y = rearrange(torch.cat(parts) if len(parts) > 1 else parts[0],
                       "(b h w) f c -> (b f) c h w", h=h, w=w)
