@@ -269,7 +269,7 @@ class Trainer:
                 save_file({n: p.detach().contiguous().cpu() for n, p in self.trained.items()},
                           str(tmp / "trained.safetensors"))
                 if self.ema is not None:
-                    save_file({n: v.cpu() for n, v in self.ema.items()},
+                    save_file({n: v.contiguous().cpu() for n, v in self.ema.items()},
                               str(tmp / "ema.safetensors"))
                 state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                          "lr_schedule": self.lr_schedule.state_dict(),

@@ -81,6 +81,20 @@ def test_lora_branch_is_not_bypassed():
     assert (after - before).abs().max() > 1e-3
 
 
+def test_unet_channels_last_and_nchw_layouts_match_diffusers():
+    reference = diffusers_unet(TINY, seed=4)
+    ours = UNet3D(TINY).eval()
+    ours.load_state_dict(reference.state_dict())
+    x, context = inputs(2, 3, (12, 20))
+    with torch.no_grad():
+        expected = reference(x, 500, context).sample
+        for channels_last in (True, False):
+            ours.channels_last = channels_last
+            out = ours(x, 500, context)
+            assert out.is_contiguous()
+            assert_parity(out, expected, what=f"channels_last={channels_last}")
+
+
 @needs_onednn
 def test_unet_same_with_and_without_onednn():
     reference = diffusers_unet(TINY, seed=3)

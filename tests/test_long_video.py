@@ -74,11 +74,13 @@ def test_memory_model_counts_what_scales():
 def test_peak_memory_grows_only_by_latents_and_output():
     """16 frames plain, 64 and 200 windowed: the growth over 16 frames stays under what the
     extra latents (sampler copies included) and uint8 output need, plus slack. A plain
-    64-frame run (control) must break that bound, so the measurement can fail."""
+    200-frame run (control: no window, no frame chunks) must break that bound, so the
+    measurement can fail. (At 64 frames the fused GEGLU left the control's growth, 14 MiB,
+    under the 20 MiB bound of this small model: too weak a control.)"""
     modes = {16: "auto", 64: "window", 200: "window"}
     runs = {f: measure_in_subprocess("t2v.bench.long_video", ["mid", str(f), mode])
             for f, mode in modes.items()}
-    control = measure_in_subprocess("t2v.bench.long_video", ["mid", "64", "unchunked"])
+    control = measure_in_subprocess("t2v.bench.long_video", ["mid", "200", "unchunked"])
     latent_frame = 4 * (SIZE // 8) ** 2 * 4  # bytes per frame, float32
     output_frame = SIZE * SIZE * 3
     for frames in (64, 200):
@@ -91,9 +93,9 @@ def test_peak_memory_grows_only_by_latents_and_output():
               f"estimate {runs[frames]['estimate_mib']:.1f}")
         assert growth <= bound
     control_growth = control["step_mib"] - runs[16]["step_mib"]
-    control_bound = 48 * (SAMPLER_LATENT_COPIES * latent_frame + output_frame) / 2**20 \
+    control_bound = 184 * (SAMPLER_LATENT_COPIES * latent_frame + output_frame) / 2**20 \
         + PEAK_SLACK_MIB
-    print(f"[memory] control, 64 frames unwindowed and unchunked: growth {control_growth:.1f} MiB "
+    print(f"[memory] control, 200 frames unwindowed and unchunked: growth {control_growth:.1f} MiB "
           f"(bound {control_bound:.1f}); 16 frames: {runs[16]['step_mib']:.1f} MiB")
     assert control_growth > control_bound
 
