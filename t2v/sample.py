@@ -101,6 +101,10 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
     p.add_argument("--offload", choices=["none", "model"], default="none",
                    help="model: keep the models on the CPU and move each to --device only for "
                    "its stage (text encoder, UNet, VAE): one model on the accelerator at a time")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the UNet's ResBlocks and temporal convolutions with "
+                   "torch.compile (frozen weights; ~4 min of compiling at full size on 2 CPU "
+                   "cores, then ~10%% faster steps, +3.3 GB)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="refuse to start when the estimated peak memory exceeds SIZE (e.g. 16GB) "
                    "and say which settings would fit; the estimate is printed for long runs")
@@ -302,6 +306,11 @@ def run(argv: list[str]) -> list[Path]:
         path, scale = parse_lora_arg(spec)
         names = pipe.load_lora(path, scale)
         log.info("merged LoRA %s (scale %g) into %d layers", path, scale, len(names))
+    if args.compile:  # after the LoRA merges: compiled blocks freeze the weights they see
+        from t2v.compile import compile_unet
+
+        compile_unet(pipe.unet)
+        log.info("UNet blocks compile on their first call (torch.compile, frozen weights)")
     if offload:
         pipe.offload_to = device
     s = cfg.sample

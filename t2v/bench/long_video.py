@@ -49,14 +49,22 @@ def child_mid(frames: int, mode: str) -> None:
            estimate_mib=(est.peak - est.weights_sampling) / 2**20)
 
 
-def child_full_unet(frames: int, latent: int) -> None:
+def child_full_unet(frames: int, latent: int, impl: str = "t2v") -> None:
+    """One full-size UNet forward, batch 2: t2v (frame chunks as the pipeline picks them) or
+    diffusers' UNet3DConditionModel."""
     from t2v.pipeline import AUTO_FRAME_CHUNK, AUTO_FRAME_CHUNK_ABOVE
     from t2v.unet import UNet3D
 
     cfg = ModelConfig()
-    unet = UNet3D(cfg.unet).eval()
     chunk = AUTO_FRAME_CHUNK if frames > AUTO_FRAME_CHUNK_ABOVE else None
-    unet.frame_chunk = chunk
+    if impl == "t2v":
+        unet = UNet3D(cfg.unet).eval()
+        unet.frame_chunk = chunk
+    else:
+        from diffusers import UNet3DConditionModel
+
+        from weights_convert.diffusers import diffusers_unet_kwargs
+        unet = UNet3DConditionModel(**diffusers_unet_kwargs(cfg.unet)).eval()
     x = torch.randn(2, 4, frames, latent, latent)
     context = torch.randn(2, 77, 1024)
     baseline = status_kib("VmRSS")
@@ -64,7 +72,7 @@ def child_full_unet(frames: int, latent: int) -> None:
         unet(x, 500, context)
     est = estimate_memory(cfg, frames=frames, height=8 * latent, width=8 * latent,
                           frame_chunk=chunk)
-    report(baseline, frames=frames, estimate_mib=est.unet_activations / 2**20)
+    report(baseline, frames=frames, impl=impl, estimate_mib=est.unet_activations / 2**20)
 
 
 def main() -> None:
@@ -72,14 +80,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, nargs="+", default=[16, 64, 200])
     parser.add_argument("--full-unet", type=int, nargs="*", default=None, metavar="FRAMES")
     parser.add_argument("--latent", type=int, default=32)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, a, b = args.child
+        kind, a, b, *impl = args.child
         if kind == "mid":
             child_mid(int(a), b)
         else:
-            child_full_unet(int(a), int(b))
+            child_full_unet(int(a), int(b), *impl)
         return
     if args.full_unet:
         print(f"full-size UNet forward, batch 2, {args.latent}x{args.latent} latents: MiB above "

@@ -1,5 +1,6 @@
-"""Text encoding (full-size ViT-H-14 text tower, 2 prompts) and the whole tiny pipeline end to
-end, t2v against transformers / diffusers on the same weights.
+"""Text encoding (full-size ViT-H-14 text tower, 2 prompts), VAE decode (full size, 16 frames at
+256x256) and the whole tiny pipeline end to end, t2v against transformers / diffusers on the
+same weights.
 
     python -m t2v.bench.small [--repeat 5] [--json report.json]
 
@@ -38,6 +39,26 @@ def bench_text(repeat: int) -> dict[str, float]:
     with torch.no_grad():
         return alternate({"t2v": lambda: ours(ids),
                           "diffusers": lambda: reference(ids).last_hidden_state}, repeat)
+
+
+def bench_vae_decode(repeat: int, frames: int = 16, size: int = 256) -> dict[str, float]:
+    """t2v's chunked `decode_video` (8 frames at a time, into uint8-ready float frames) against
+    diffusers' `decode` of all frames in one batch, as its text-to-video pipeline does."""
+    from diffusers import AutoencoderKL as DiffusersVAE
+
+    from t2v.vae import AutoencoderKL
+    from weights_convert.diffusers import diffusers_vae_kwargs
+    cfg = VAEConfig()
+    torch.manual_seed(0)
+    reference = DiffusersVAE(**diffusers_vae_kwargs(cfg)).eval()
+    ours = AutoencoderKL(cfg).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    latents = torch.randn(1, 4, frames, size // 8, size // 8)
+    folded = latents.permute(0, 2, 1, 3, 4).reshape(frames, 4, size // 8, size // 8)
+    with torch.no_grad():
+        return alternate({"t2v": lambda: ours.decode_video(latents),
+                          "diffusers": lambda: reference.decode(folded / cfg.scaling_factor)},
+                         repeat)
 
 
 def bench_tiny_pipeline(repeat: int) -> dict[str, float]:
@@ -88,6 +109,7 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = {"text_encoding_2_prompts": bench_text(args.repeat),
+               "vae_decode_16_frames_256px": bench_vae_decode(max(2, args.repeat // 2)),
                "tiny_pipeline_8_frames_64px_10_steps": bench_tiny_pipeline(args.repeat)}
     for name, seconds in results.items():
         print(report_line(name, seconds))

@@ -2,90 +2,121 @@
 same inputs, alternating runs after a warm-up; medians, the ratio, and achieved GFLOP/s next to
 a large fp32 matmul's.
 
-    python -m t2v.bench.unet [--case a|b|all] [--repeat 3] [--json report.json]
+    python -m t2v.bench.unet [--case a|b|all] [--repeat 3] [--compiled] [--json report.json]
 
 Cases: (a) batch 2, 8 frames, 16x16 latents; (b) batch 2, 16 frames, 32x32 latents (the default
-workload, 256x256 with guidance). Needs the `dev` extra (diffusers) and ~12 GB of RAM.
+workload, 256x256 with guidance). `--compiled` adds t2v's opt-in torch.compile path (compile
+time reported separately). Needs the `dev` extra (diffusers) and ~12 GB of RAM (~18 GB with
+--compiled).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from t2v.bench.common import alternate
 from t2v.config import UNetConfig
+from t2v.layers import _LINEAR_POINTWISE
 from t2v.unet import UNet3D
 
 CASES = {"a": (2, 8, 16), "b": (2, 16, 32)}  # batch, frames, latent size
 
 
-def matmul_gflops(n: int = 4096, repeat: int = 3) -> float:
+def matmul_gflops(n: int = 4096, repeat: int = 3) -> dict[str, float]:
+    """Best rate of an n x n fp32 matmul through MKL (`torch.mm`, what `F.linear` uses) and,
+    where available, through oneDNN (what t2v's linear layers use on CPU)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * n ** 3 / min(times) / 1e9
-
-
-def time_call(fn, repeat: int) -> list[float]:
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
+    kernels = {"mkl": lambda: a @ b}
+    if _LINEAR_POINTWISE is not None:
+        kernels["onednn"] = lambda: _LINEAR_POINTWISE(a, b, None, "none", [], "")
+    rates = {}
+    for name, fn in kernels.items():
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        best = float("inf")
+        for _ in range(repeat):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        rates[name] = 2 * n ** 3 / best / 1e9
+    return rates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=[*CASES, "all"], default="a")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args()
+def count_flops(model, *args) -> int:
+    """FLOPs of one call, counted on the plain aten ops (oneDNN's fused linear is not known to
+    the counter, so it is switched off while counting; the maths is the same)."""
+    with torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as counter:
+        model(*args)
+    return counter.get_total_flops()
 
+
+def run(cases: list[str], repeat: int = 3, compiled: bool = False) -> dict:
     from diffusers import UNet3DConditionModel
 
+    from t2v.compile import compile_unet
     from weights_convert.diffusers import diffusers_unet_kwargs
     torch.manual_seed(0)
     cfg = UNetConfig()
     reference = UNet3DConditionModel(**diffusers_unet_kwargs(cfg)).eval()
     ours = UNet3D(cfg).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
-    peak_matmul = matmul_gflops()
-    results = {"matmul_gflops": peak_matmul, "threads": torch.get_num_threads(), "cases": {}}
-    print(f"fp32 4096^2 matmul: {peak_matmul:.1f} GFLOP/s, {torch.get_num_threads()} threads")
-    for name in CASES if args.case == "all" else [args.case]:
+    matmul = matmul_gflops()
+    peak = max(matmul.values())
+    results = {"matmul_gflops": matmul, "threads": torch.get_num_threads(), "cases": {}}
+    print("fp32 4096^2 matmul GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in matmul.items())
+          + f"; {torch.get_num_threads()} threads", flush=True)
+    for name in cases:
         batch, frames, size = CASES[name]
         g = torch.Generator().manual_seed(1)
         x = torch.randn(batch, 4, frames, size, size, generator=g)
         context = torch.randn(batch, 77, 1024, generator=g)
         t = torch.tensor([500] * batch)
         with torch.no_grad():
-            with FlopCounterMode(display=False) as counter:
-                ours(x, t, context)
-            flops = counter.get_total_flops()
-            reference(x, t, context)  # warm-up
-            times = {"t2v": [], "diffusers": []}
-            for _ in range(args.repeat):  # alternate, so drift affects both alike
-                times["t2v"] += time_call(lambda: ours(x, t, context), 1)
-                times["diffusers"] += time_call(lambda: reference(x, t, context).sample, 1)
-        med = {k: statistics.median(v) for k, v in times.items()}
-        ratio = med["diffusers"] / med["t2v"]
-        gflops = flops / med["t2v"] / 1e9
-        results["cases"][name] = {"batch": batch, "frames": frames, "latent": size,
-                                  "gflop": flops / 1e9, "seconds": med, "speedup": ratio,
-                                  "t2v_gflops": gflops, "efficiency": gflops / peak_matmul}
-        print(f"case {name} (B={batch}, F={frames}, {size}x{size}): {flops / 1e9:.0f} GFLOP; "
-              f"t2v {med['t2v']:.2f}s, diffusers {med['diffusers']:.2f}s, speedup {ratio:.2f}x; "
-              f"t2v {gflops:.1f} GFLOP/s = {gflops / peak_matmul:.2f} of matmul")
+            flops = count_flops(reference, x, t, context)
+            fns = {"t2v": lambda: ours(x, t, context),
+                   "diffusers": lambda: reference(x, t, context).sample}
+            case = {"batch": batch, "frames": frames, "latent": size, "gflop": flops / 1e9}
+            if compiled:
+                expected = ours(x, t, context)
+                start = time.perf_counter()
+                out = compile_unet(ours)(x, t, context)
+                case["compile_seconds"] = time.perf_counter() - start
+                case["compiled_max_rel_diff"] = float((out - expected).abs().max()
+                                                      / expected.abs().max())
+                fns = {"t2v": lambda: compile_unet(ours, False)(x, t, context),
+                       "diffusers": fns["diffusers"],
+                       "t2v_compiled": lambda: compile_unet(ours)(x, t, context)}
+            seconds = alternate(fns, repeat)
+        case["seconds"] = seconds
+        case["speedup"] = seconds["diffusers"] / seconds["t2v"]
+        case["gflops"] = {k: flops / s / 1e9 for k, s in seconds.items()}
+        case["efficiency"] = {k: v / peak for k, v in case["gflops"].items()}
+        line = (f"case {name} (B={batch}, F={frames}, {size}x{size}): {flops / 1e9:.0f} GFLOP; "
+                f"t2v {seconds['t2v']:.2f}s, diffusers {seconds['diffusers']:.2f}s, "
+                f"speedup {case['speedup']:.2f}x; t2v {case['gflops']['t2v']:.1f} GFLOP/s = "
+                f"{case['efficiency']['t2v']:.2f} of the best matmul")
+        if compiled:
+            case["speedup_compiled"] = seconds["diffusers"] / seconds["t2v_compiled"]
+            line += (f"; compiled {seconds['t2v_compiled']:.2f}s = "
+                     f"{case['speedup_compiled']:.2f}x (compile {case['compile_seconds']:.0f}s)")
+        print(line, flush=True)
+        results["cases"][name] = case
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=[*CASES, "all"], default="a")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--compiled", action="store_true", help="also time the compiled path")
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    results = run(list(CASES) if args.case == "all" else [args.case], args.repeat,
+                  args.compiled)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -1,0 +1,34 @@
+"""The umbrella benchmark's plumbing (the benchmarks themselves are scripts, not tests)."""
+
+import json
+
+from t2v.bench.__main__ import TARGETS, check_targets, main
+
+
+def test_targets_are_checked_from_the_measurements():
+    results = {
+        "unet": {"cases": {"b": {"speedup": 1.25, "speedup_compiled": 1.7,
+                                 "efficiency": {"t2v": 0.9}}}},
+        "vae_memory": {"t2v_8": {"step_mib": 2000.0}, "t2v_64": {"step_mib": 2100.0}},
+        "load": {"t2v": {"seconds": 5.0, "peak_mib": 6000.0, "weights_mib": 5383.0},
+                 "diffusers": {"seconds": 12.0, "peak_mib": 6300.0, "weights_mib": 5383.0}},
+    }
+    checks = check_targets(results)
+    assert checks["unet_speedup_eager_b"] == {"value": 1.25, "target": 1.3, "met": False}
+    assert checks["unet_speedup_compiled_b"]["met"] and checks["unet_efficiency_b"]["met"]
+    assert checks["vae_memory_64_over_8"]["value"] == 1.05
+    assert checks["vae_memory_64_over_8"]["met"]
+    assert checks["load_time_ratio"]["value"] == round(5 / 12, 3)
+    assert checks["load_rss_over_weights"]["met"] == (6000 / 5383 <= TARGETS[
+        "load_rss_over_weights"])
+    assert check_targets({}) == {}
+
+
+def test_refuses_to_overwrite_a_report(tmp_path, capsys):
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps({"keep": 1}))
+    assert main(["--json", str(report)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err
+    assert json.loads(report.read_text()) == {"keep": 1}
+    assert main(["--json", str(tmp_path / "missing" / "r.json")]) == 2
