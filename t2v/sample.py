@@ -103,8 +103,9 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
                    "its stage (text encoder, UNet, VAE): one model on the accelerator at a time")
     p.add_argument("--compile", action="store_true",
                    help="compile the UNet's ResBlocks and temporal convolutions with "
-                   "torch.compile (frozen weights; ~4 min of compiling at full size on 2 CPU "
-                   "cores, then ~10%% faster steps, +3.3 GB)")
+                   "torch.compile (frozen weights, +3.3 GB at full size; the first step "
+                   "compiles, 1.5 min at full size on 2 CPU cores; steps then measured 0-5%% "
+                   "faster, docs/performance.md)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="refuse to start when the estimated peak memory exceeds SIZE (e.g. 16GB) "
                    "and say which settings would fit; the estimate is printed for long runs")

@@ -6,7 +6,7 @@ import torch
 from helpers import assert_parity, randomize_
 from t2v.compile import COMPILED_BLOCKS, compile_block, compile_unet
 from t2v.unet import ResBlock, TemporalConv, UNet3D
-from test_unet import TINY, diffusers_unet, inputs
+from test_unet import TINY, inputs, matched_unets
 
 
 @pytest.mark.parametrize("make, args", [
@@ -44,9 +44,7 @@ def test_compile_unet_selects_the_convolution_blocks():
 @pytest.mark.full
 def test_compiled_unet_matches_diffusers():
     """Every block compiled (~50 graphs: minutes on 2 cores), the tiny UNet vs diffusers."""
-    reference = diffusers_unet(TINY, seed=5)
-    ours = UNet3D(TINY).eval()
-    ours.load_state_dict(reference.state_dict())
+    ours, reference = matched_unets(seed=5)
     x, context = inputs(2, 3, (16, 16))
     with torch.no_grad():
         expected = reference(x, 500, context).sample

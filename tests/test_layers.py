@@ -10,7 +10,7 @@ from t2v import layers
 from t2v.layers import geglu, linear
 from t2v.lora import add_lora
 from t2v.unet import UNet3D
-from test_unet import TINY, diffusers_unet, inputs
+from test_unet import TINY, inputs, matched_unets
 
 needs_onednn = pytest.mark.skipif(layers._LINEAR_POINTWISE is None or
                                   not torch.backends.mkldnn.is_available(),
@@ -82,9 +82,7 @@ def test_lora_branch_is_not_bypassed():
 
 
 def test_unet_channels_last_and_nchw_layouts_match_diffusers():
-    reference = diffusers_unet(TINY, seed=4)
-    ours = UNet3D(TINY).eval()
-    ours.load_state_dict(reference.state_dict())
+    ours, reference = matched_unets(seed=4)
     x, context = inputs(2, 3, (12, 20))
     with torch.no_grad():
         expected = reference(x, 500, context).sample
@@ -97,9 +95,7 @@ def test_unet_channels_last_and_nchw_layouts_match_diffusers():
 
 @needs_onednn
 def test_unet_same_with_and_without_onednn():
-    reference = diffusers_unet(TINY, seed=3)
-    ours = UNet3D(TINY).eval()
-    ours.load_state_dict(reference.state_dict())
+    ours, reference = matched_unets(seed=3)
     x, context = inputs(2, 3, (16, 16))
     with torch.no_grad():
         fast = ours(x, 500, context)

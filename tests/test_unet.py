@@ -59,12 +59,17 @@ def modelscope_unet(cfg: UNetConfig, seed: int = 0):
     return randomize_(model, seed).eval()
 
 
-@pytest.fixture(scope="module")
-def pair():
-    reference = diffusers_unet(TINY)
-    ours = UNet3D(TINY).eval()
+def matched_unets(cfg: UNetConfig = TINY, seed: int = 0):
+    """(t2v UNet3D, diffusers UNet3DConditionModel) with the same random weights, eval mode."""
+    reference = diffusers_unet(cfg, seed)
+    ours = UNet3D(cfg).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)  # same names, no converter
     return ours, reference
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return matched_unets()
 
 
 def inputs(batch, frames, size, context_len=7, context_dim=32, seed=0):
