@@ -91,14 +91,17 @@ def read_pickle(path: Path, lightning: bool = False) -> Any:
                     allowed.append((stub, name))
             allowed += _numpy_globals()
         return _torch_load(path, allowed)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         refused = _refused_globals(path, allowed)
-        what = f"it references {', '.join(refused)}" if refused else str(exc).splitlines()[0]
-        raise WeightsError(f"{path}: refused to unpickle: {what}; t2v loads only tensors and "
-                           "plain containers from pickles (use a safetensors copy)") from None
+        if not refused:  # torch's own message would advise weights_only=False: never that
+            raise WeightsError(f"{path}: corrupt or not a PyTorch checkpoint") from None
+        raise WeightsError(f"{path}: refused to unpickle: it references {', '.join(refused)}; "
+                           "t2v loads only tensors and plain containers from pickles (use a "
+                           "safetensors copy)") from None
     except (OSError, RuntimeError, EOFError, ValueError, struct.error) as exc:
-        raise WeightsError(f"{path}: not a readable PyTorch checkpoint "
-                           f"({str(exc).splitlines()[0]})") from None
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        detail = "" if "weights_only" in str(exc) else f" ({first})"
+        raise WeightsError(f"{path}: corrupt or not a PyTorch checkpoint{detail}") from None
 
 
 def _refused_globals(path: Path, allowed: list) -> list[str]:

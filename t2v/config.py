@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -238,14 +240,43 @@ def _to_object(merged: Any, source: str) -> Any:
         raise ConfigError(f"{source}: {_error_text(exc)}") from None
 
 
-def _parse_override(override: str) -> Any:
+def _field_type(schema: type, key: str) -> Any:
+    """The annotated type of a dotted key in a dataclass schema (None if it is not a field)."""
+    hint: Any = schema
+    for part in key.split("."):
+        if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+            return None
+        hint = typing.get_type_hints(hint).get(part)
+        if hint is None:
+            return None
+    return hint
+
+
+def _is_text(hint: Any) -> bool:
+    """str or str | None."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and args == [str])
+
+
+def _parse_override(override: str, schema: type | None = None) -> Any:
+    """`key=value` -> an OmegaConf tree. The value is YAML, except for text fields of the
+    schema, where it is the text as written ("no" stays "no", not YAML's false); "null" still
+    means None where the field allows it."""
     key, sep, value = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r}: expected dotted key=value, e.g. sample.steps=25")
+    hint = _field_type(schema, key.strip()) if schema is not None else None
+    if hint is not None and _is_text(hint) and not (value in ("null", "~") and hint is not str):
+        return OmegaConf.create(_nest(key.strip().split("."), value))
     try:
         return OmegaConf.from_dotlist([override])
     except OmegaConfBaseException as exc:
         raise ConfigError(f"override {override!r}: {_error_text(exc)}") from None
+
+
+def _nest(parts: list[str], value: Any) -> dict:
+    return {parts[0]: _nest(parts[1:], value) if len(parts) > 1 else value}
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
@@ -271,7 +302,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 raise ConfigError(f"{source}: expected a mapping at the top level")
             merged = _merge(merged, OmegaConf.create(data), source)
     for override in overrides:
-        merged = _merge(merged, _parse_override(override), f"override {override!r}")
+        merged = _merge(merged, _parse_override(override, schema), f"override {override!r}")
     sources = source + (" + overrides" if overrides else "")
     return _to_object(merged, sources)
 
@@ -280,7 +311,7 @@ def apply_overrides(cfg: T, overrides: Sequence[str], source: str = "config") ->
     """Dotted `key=value` overrides on top of an existing Config."""
     merged = OmegaConf.structured(cfg)
     for override in overrides:
-        merged = _merge(merged, _parse_override(override), f"override {override!r}")
+        merged = _merge(merged, _parse_override(override, type(cfg)), f"override {override!r}")
     return _to_object(merged, source + (" + overrides" if overrides else ""))
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from t2v.config import ModelConfig
 from t2v.errors import UserError
+from t2v.noise import randn
 from t2v.samplers import SAMPLERS, first_timestep
 from t2v.schedule import add_noise, noise_schedule
 from t2v.text_encoder import TextEncoder
@@ -56,8 +57,8 @@ class NumericalError(RuntimeError):
 @dataclass
 class Generation:
     """`frames`: uint8 (B, F, H, W, 3), float (B, F, H, W, 3) in [0, 1], or latents
-    (B, 4, F, h, w) as requested; `seed`: the seed of the initial noise (None if the caller
-    passed a generator or latents)."""
+    (B, 4, F, h, w) as requested; `seed`: the seed of the run's generator (initial noise unless
+    latents were given, and every later draw); None if the caller passed a generator."""
 
     frames: torch.Tensor
     seed: int | None
@@ -178,8 +179,9 @@ class TextToVideo:
                  frame_chunk: int | str | None = "auto") -> Generation:
         """Generate B videos (B = number of prompts).
 
-        `seed` or `generator` (CPU, for device-independent noise) or `latents` (B, 4, F, h, w)
-        choose the initial noise; with none of them a random seed is drawn and reported.
+        `seed` or `generator` (CPU, for device-independent noise; not both) seeds every draw of
+        the run; `latents` (B, 4, F, h, w) replace the initial noise. Without seed or generator
+        a random seed is drawn and reported.
         `init_video` (B or 1, 3, F, H, W) in [-1, 1] switches to video-to-video.
         `window` (frames) turns on windowed sampling for long videos (t2v.windows): the UNet
         sees `window` frames at a time, windows overlap by `window_overlap`, `loop` wraps them
@@ -212,12 +214,25 @@ class TextToVideo:
             if negative_prompt_embeds is None:
                 negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) \
                     else list(negative_prompt)
+                if len(negatives) != batch:  # as diffusers: a list must match the prompts
+                    raise UserError(f"{len(negatives)} negative prompts for {batch} prompts; "
+                                    "give one string, or a list with one per prompt")
                 negative_prompt_embeds = self.encode_prompt(negatives)
+            if negative_prompt_embeds.shape != context.shape:
+                raise UserError(f"negative_prompt_embeds have shape "
+                                f"{tuple(negative_prompt_embeds.shape)}, the prompt embeddings "
+                                f"{tuple(context.shape)}; they must match")
             context = torch.cat([negative_prompt_embeds.to(context), context])
 
         # Initial noise: one visible place, on a CPU generator unless one is given.
         used_seed = None
-        if generator is None and latents is None:
+        # Always a generator: it draws the initial noise (unless `latents` are given) and every
+        # later draw (DDIM with eta > 0, video-to-video), so a seed reproduces the whole run.
+        if seed is not None and generator is not None:
+            raise UserError("pass seed or generator, not both (a generator carries its own "
+                            "seed)")
+        used_seed = None
+        if generator is None:
             used_seed = seed if seed is not None else random.randrange(2**31)
             generator = torch.Generator("cpu").manual_seed(used_seed)
         f = self.vae_scale_factor
@@ -233,7 +248,7 @@ class TextToVideo:
         start = 0
         if init_video is None:
             if latents is None:
-                latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+                latents = randn(shape, generator)
                 if window is not None and freenoise and num_frames > window:
                     stride = window - window_overlap
                     latents = reschedule_noise(latents, window, stride, generator)
@@ -320,9 +335,8 @@ class TextToVideo:
         t = first_timestep(sampler, steps, self.schedule, spacing, start)
         b, c, f, h, w = latents.shape
         # Drawn after the posterior noise, folded ((b f), c, h, w), as diffusers draws it.
-        noise = torch.randn((b * f, c, h, w), generator=generator, dtype=latents.dtype,
-                            device=generator.device if generator is not None else "cpu")
-        noise = noise.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4).to(latents.device)
+        noise = randn((b * f, c, h, w), generator, latents.device, latents.dtype)
+        noise = noise.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
         x = add_noise(latents, noise, self.schedule.alphas_cumprod[t].to(latents.device))
         return x.to(self.dtype), start
 

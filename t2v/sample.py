@@ -63,11 +63,11 @@ def read_config(path: str | None, overrides: list[str]) -> Config:
     return load_config(path, overrides)
 
 
-def build_parser(cfg: Config) -> argparse.ArgumentParser:
+def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
     s = cfg.sample
     p = OneLineParser(prog="python -m t2v.sample",
                       description="Generate videos with the ModelScope text-to-video model.",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, add_help=add_help)
     p.add_argument("--config", default=None,
                    help="YAML config (e.g. configs/ms17b.yaml) or a sidecar .json to reproduce")
     p.add_argument("--prompt", default=s.prompt, help="what the video shows")
@@ -135,11 +135,10 @@ def build_parser(cfg: Config) -> argparse.ArgumentParser:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     """Two passes: the config first, so that --help shows its values as the defaults."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
-    overrides = [a for a in rest if "=" in a and not a.startswith("-")]
-    cfg = read_config(known.config, overrides)
+    # The same parser without help: the config path and the positional overrides, with every
+    # flag's value consumed by its flag (a prompt containing "=" is not an override).
+    known, _ = build_parser(Config(), add_help=False).parse_known_args(argv)
+    cfg = read_config(known.config, known.overrides)
     args = build_parser(cfg).parse_args(argv)
     sample = {field: getattr(args, flag) for flag, field in SAMPLE_FLAGS.items()}
     try:
@@ -206,13 +205,27 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def check_writable(path: Path) -> None:
+    """Refuse, before any model loads, an output whose folder cannot be made or written."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise UserError(f"{path}: cannot write there: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: cannot write there: no write permission in {folder}")
+
+
 def write_output(frames, path: Path, fmt: str, fps: int, metadata: dict, overwrite: bool):
-    if fmt == "mp4":
-        write_mp4(frames, path, fps, metadata, overwrite)
-    elif fmt == "gif":
-        write_gif(frames, path, fps, overwrite)
-    else:
-        write_png_frames(frames, path, overwrite)
+    try:
+        if fmt == "mp4":
+            write_mp4(frames, path, fps, metadata, overwrite)
+        elif fmt == "gif":
+            write_gif(frames, path, fps, overwrite)
+        else:
+            write_png_frames(frames, path, overwrite)
+    except OSError as exc:  # includes PyAV's errors for files it cannot open
+        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
 
 
 def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offload: bool,
@@ -274,6 +287,7 @@ def run(argv: list[str]) -> list[Path]:
         for path in (paths[i], paths[i].with_name(paths[i].name + ".json")):
             if path.exists() and not args.overwrite:
                 raise UserError(f"{path}: already exists; pass --overwrite to replace it")
+            check_writable(path)
 
     init_video = None
     if cfg.sample.init_video is not None:

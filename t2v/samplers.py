@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from t2v.errors import ConfigError
+from t2v.noise import randn
 from t2v.schedule import (NoiseSchedule, ddim_timesteps, dpm_timesteps, eps_to_x0, v_to_eps,
                           v_to_x0)
 
@@ -47,12 +48,10 @@ def step_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tens
     """Noise for one stochastic step, drawn in diffusers' pipeline order: the pipeline folds
     video latents to ((b f), c, h, w) before `scheduler.step`, so a 5-D (B, C, F, H, W) sample
     gets randn(B, F, C, H, W) permuted; on the generator's device, then moved."""
-    device = generator.device if generator is not None else x.device
     if x.ndim == 5:
         b, c, f, h, w = x.shape
-        noise = torch.randn((b, f, c, h, w), generator=generator, device=device, dtype=x.dtype)
-        return noise.permute(0, 2, 1, 3, 4).to(x.device)
-    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+        return randn((b, f, c, h, w), generator, x.device, x.dtype).permute(0, 2, 1, 3, 4)
+    return randn(x.shape, generator, x.device, x.dtype)
 
 
 def ddim(model: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int, *,

@@ -429,10 +429,21 @@ class UNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float,
                 context: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"UNet3D: x must be (batch, {self.cfg.in_channels}, frames, height, "
+                             f"width), got {tuple(x.shape)}")
         b, _, num_frames, h, w = x.shape
+        if context.ndim != 3 or context.shape[0] != b or \
+                context.shape[2] != self.cfg.context_dim:
+            raise ValueError(f"UNet3D: context must be (batch {b}, tokens, "
+                             f"{self.cfg.context_dim}) for x of batch {b}, got "
+                             f"{tuple(context.shape)}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t[None]
+        if t.ndim != 1 or t.shape[0] not in (1, b):
+            raise ValueError(f"UNet3D: t must be a number or have 1 or {b} (batch) entries, got "
+                             f"shape {tuple(t.shape)}")
         t = t.expand(b)
 
         sinusoid = timestep_embedding(t, self.cfg.channels[0])

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from t2v.config import VAEConfig
 from t2v.layers import attention, linear
+from t2v.noise import randn
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the references clamp the encoder's log-variance to this
 DEFAULT_CHUNK_FRAMES = 8  # frames per VAE batch in the video helpers
@@ -180,9 +181,7 @@ class DiagonalGaussian:
         """mean + std * noise; the noise is drawn like diffusers' (shape of mean, generator's
         device, then moved) unless given."""
         if noise is None:
-            device = generator.device if generator is not None else self.mean.device
-            noise = torch.randn(self.mean.shape, generator=generator, device=device,
-                                dtype=self.mean.dtype)
+            noise = randn(self.mean.shape, generator, self.mean.device, self.mean.dtype)
         return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
@@ -210,6 +209,16 @@ class AutoencoderKL(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, sample: bool = True
+                ) -> tuple[torch.Tensor, DiagonalGaussian]:
+        """Autoencode images: (reconstruction, posterior), as diffusers' forward but also
+        returning the posterior (training needs its KL). The latent is a posterior sample
+        (with `noise` or from `generator`) or, with `sample=False`, its mean."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator, noise) if sample else posterior.mode()
+        return self.decode(z), posterior
 
     @torch.no_grad()
     def iter_decode_video(self, latents: torch.Tensor, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
@@ -257,9 +266,8 @@ class AutoencoderKL(nn.Module):
         for start in range(0, b * f, chunk_frames):
             posterior = self.encode(rows[start:start + chunk_frames].to(self.dtype))
             if sample and noise is None:
-                device = generator.device if generator is not None else posterior.mean.device
-                noise = torch.randn((b * f,) + posterior.mean.shape[1:], generator=generator,
-                                    device=device, dtype=posterior.mean.dtype)
+                noise = randn((b * f,) + posterior.mean.shape[1:], generator,
+                              posterior.mean.device, posterior.mean.dtype)
             z = posterior.sample(noise=noise[start:start + chunk_frames]) if sample else \
                 posterior.mode()
             latents.append(z * self.cfg.scaling_factor)

@@ -29,7 +29,8 @@ MP4_CRF = 18  # visually lossless for most content; ModelScope used 10, webui 17
 @contextmanager
 def atomic_path(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target`; rename it onto `target` if the body succeeds,
-    delete it otherwise."""
+    delete it otherwise. A folder being replaced is renamed aside first and deleted only once
+    the new one is in place, so a crash leaves the old or the new folder, never neither."""
     target = Path(target)
     if target.exists() and not overwrite:
         raise UserError(f"{target}: already exists; pass --overwrite to replace it")
@@ -38,8 +39,12 @@ def atomic_path(target: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if target.is_dir() and overwrite:
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp)

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 COMPONENTS = ("text_encoder", "unet", "vae")
 NATIVE_CONFIG = "model.yaml"
+# The demo model trained by t2v on procedural clips (docs/demo.md), shipped in the package.
+DEMO_SOURCE = "t2v:demo"
+DEMO_FOLDER = Path(__file__).resolve().parent / "demo_model"
 MODELSCOPE_FILES = {"ckpt_unet": "text2video_pytorch_model.pth",
                     "ckpt_autoencoder": "VQGAN_autoencoder.pth",
                     "ckpt_clip": "open_clip_pytorch_model.bin"}
@@ -93,8 +96,14 @@ def _hub_patterns(variant: str | None) -> list[str]:
 
 def resolve_source(source: str | Path, revision: str | None = None, variant: str | None = None,
                    local_files_only: bool | None = None) -> Path:
-    """A local folder as it is; anything else is a hub repo id fetched into (or found in) the
-    standard Hugging Face cache. HF_HUB_OFFLINE=1 or `local_files_only` never touch the net."""
+    """A local folder as it is; DEMO_SOURCE ("t2v:demo") the demo model shipped in the package;
+    anything else is a hub repo id fetched into (or found in) the standard Hugging Face cache.
+    HF_HUB_OFFLINE=1 or `local_files_only` never touch the net."""
+    if str(source) == DEMO_SOURCE:
+        if not (DEMO_FOLDER / NATIVE_CONFIG).is_file():
+            raise WeightsError(f"{source}: the demo model is missing from this installation "
+                               f"({DEMO_FOLDER}); reinstall t2v")
+        return DEMO_FOLDER
     path = Path(source).expanduser()
     if path.is_dir():
         return path
@@ -318,10 +327,11 @@ def owned(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
 def save_native(folder: Path, cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Tensor]],
                 dtype: torch.dtype | None = None,
                 progress: Callable[[str, int, int], None] | None = None) -> list[Path]:
-    """Write `model.yaml` and one safetensors file per component (config in its metadata).
-    `states` hold t2v keys; returns the files written. The folder must exist."""
-    written = [folder / NATIVE_CONFIG]
-    written[0].write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    """Write one safetensors file per component (config in its metadata), then `model.yaml`
+    (last: a folder without it is not taken for a native checkpoint). `states` hold t2v keys;
+    returns the files written. The folder must exist; callers write into a temporary folder
+    renamed into place (`t2v.video_io.atomic_path`)."""
+    written = []
     for name in COMPONENTS:
         path = folder / f"{name}.safetensors"
         tensors = {k: owned(v, dtype) for k, v in states[name].items()}
@@ -331,4 +341,5 @@ def save_native(folder: Path, cfg: ModelConfig, states: Mapping[str, Mapping[str
         written.append(path)
         if progress is not None:
             progress(name, len(tensors), path.stat().st_size)
-    return written
+    (folder / NATIVE_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    return [folder / NATIVE_CONFIG, *written]

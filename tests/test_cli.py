@@ -178,6 +178,46 @@ def test_bad_inputs_exit_2_with_one_line(cli, tmp_path, monkeypatch, args, needl
     assert stdout == [] and not any(tmp_path.iterdir())
 
 
+def test_unwritable_outputs_fail_before_loading_with_one_line(cli, tmp_path, monkeypatch):
+    """A file where a folder should be: exit 2, one line, nothing written, and no model built
+    (failed after the whole generation, with a traceback, before the check)."""
+    blocker = tmp_path / "existing_file"
+    blocker.write_text("x")
+    built = []
+    monkeypatch.setattr(TextToVideo, "from_config",
+                        classmethod(lambda cls, *a, **k: built.append(1)))
+    code, stdout, stderr = cli("--config", TINY, "--prompt", "x", "--out",
+                               blocker / "v.mp4", "--no-progress")
+    assert code == 2 and len(stderr) == 1 and "is a file, not a folder" in stderr[0], stderr
+    assert built == [] and stdout == [] and sorted(tmp_path.iterdir()) == [blocker]
+
+
+def test_write_errors_become_one_line(cli, tmp_path, monkeypatch):
+    import t2v.sample
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(t2v.sample, "write_mp4", refuse)
+    code, _, stderr = cli("--config", TINY, "--prompt", "x", "--out", tmp_path / "v.mp4",
+                          "--no-progress")
+    assert code == 2 and stderr[-1].startswith("error:") and "Permission denied" in stderr[-1]
+    assert not any(tmp_path.iterdir())
+
+
+def test_prompt_with_equals_sign_is_not_an_override(cli, tmp_path):
+    """"E=mc2" in --prompt / --negative-prompt is text; positional key=value still overrides."""
+    out = tmp_path / "e.mp4"
+    code, stdout, stderr = cli("--config", TINY, "--prompt", "E=mc2 on a chalkboard",
+                               "--negative-prompt", "a=b", "--seed", 1, "--out", out,
+                               "--no-progress", "sample.steps=2")
+    assert code == 0, stderr
+    sidecar = json.loads(out.with_name(out.name + ".json").read_text())
+    assert sidecar["config"]["sample"]["prompt"] == "E=mc2 on a chalkboard"
+    assert sidecar["config"]["sample"]["negative_prompt"] == "a=b"
+    assert sidecar["config"]["sample"]["steps"] == 2
+
+
 def test_unreadable_init_video_and_existing_output(cli, tmp_path):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video")

@@ -160,11 +160,30 @@ def test_nan_latents_stop_the_run_with_the_step(components):
     (dict(steps=0), "steps"),
     (dict(sampler="euler"), "sampler"),
     (dict(sampler="dpmsolver++", eta=0.5), "eta applies to the ddim sampler only"),
+    (dict(prompt=["a dog", "a cat"], negative_prompt=["blurry"]),
+     "1 negative prompts for 2 prompts"),
+    (dict(prompt=["a dog", "a cat"], negative_prompt_embeds=torch.zeros(1, 77, 32)),
+     "negative_prompt_embeds have shape"),
 ])
 def test_bad_arguments(components, bad, message):
-    kwargs = {**dict(num_frames=1, height=32, width=32, steps=2, progress=False), **bad}
+    kwargs = {**dict(prompt="a dog", num_frames=1, height=32, width=32, steps=2,
+                     progress=False), **bad}
     with pytest.raises(UserError, match=message):
-        components[0]("a dog", **kwargs)
+        components[0](**kwargs)
+
+
+@pytest.mark.parametrize("x_batch, context_batch", [(2, 1), (3, 2), (1, 2)])
+def test_unet_refuses_mismatched_batches(components, x_batch, context_batch):
+    """x batch 2 with a context batch of 1 used to run silently (frames derived by division);
+    now one clear error, before any layer runs."""
+    unet = components[0].unet
+    x = torch.zeros(x_batch, 4, 2, 8, 8)
+    context = torch.zeros(context_batch, 77, unet.cfg.context_dim)
+    with pytest.raises(ValueError, match=f"context must be \\(batch {x_batch}"):
+        unet(x, 10, context)
+    with pytest.raises(ValueError, match="t must be a number or have 1 or"):
+        unet(torch.zeros(2, 4, 2, 8, 8), torch.tensor([1, 2, 3]),
+             torch.zeros(2, 77, unet.cfg.context_dim))
 
 
 def test_video_to_video_strength_zero_is_the_reconstruction(components):
@@ -225,3 +244,32 @@ def test_from_config_builds_random_pipeline():
     pipe = TextToVideo.from_config(cfg.model)
     out = pipe("a dog", num_frames=2, height=64, width=64, steps=2, seed=0, progress=False)
     assert out.frames.shape == (1, 2, 64, 64, 3) and out.frames.dtype == torch.uint8
+
+
+def test_seed_rules(components):
+    """seed and generator together are refused; with latents the seed still seeds the later
+    draws, so DDIM with eta > 0 is reproducible (it used the global RNG before)."""
+    ours = components[0]
+    kwargs = dict(num_frames=2, height=32, width=32, steps=3, progress=False)
+    with pytest.raises(UserError, match="seed or generator, not both"):
+        ours("a dog", seed=1, generator=torch.Generator().manual_seed(1), **kwargs)
+    latents = noise((1, 4, 2, 8, 8))
+    runs = []
+    for global_seed in (10, 11):
+        torch.manual_seed(global_seed)
+        runs.append(ours("a dog", latents=latents, seed=5, sampler="ddim", eta=1.0, **kwargs))
+    assert runs[0].seed == 5 and torch.equal(runs[0].frames, runs[1].frames)
+    other = ours("a dog", latents=latents, seed=6, sampler="ddim", eta=1.0, **kwargs)
+    assert not torch.equal(other.frames, runs[0].frames)
+
+
+def test_noise_is_drawn_on_the_generator_device_then_moved():
+    from t2v.noise import randn
+
+    g = torch.Generator().manual_seed(3)
+    expected = torch.randn((2, 3), generator=torch.Generator().manual_seed(3))
+    drawn = randn((2, 3), g, device="meta")
+    assert drawn.device.type == "meta" and drawn.shape == (2, 3)
+    assert torch.equal(randn((2, 3), torch.Generator().manual_seed(3)), expected)
+    assert randn((2,), torch.Generator().manual_seed(3), dtype=torch.float64).dtype == \
+        torch.float64

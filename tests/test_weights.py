@@ -209,6 +209,18 @@ def test_malicious_pickle_is_refused_and_does_not_run(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("content", [bytes(range(256)) * 8, b"\x80\x02garbage", b""])
+def test_corrupt_pickle_never_advises_turning_the_restriction_off(tmp_path, content):
+    """Random bytes used to surface torch's advice to re-run with weights_only=False."""
+    path = tmp_path / "model.bin"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError) as info:
+        read_pickle(path)
+    message = str(info.value)
+    assert "corrupt or not a PyTorch checkpoint" in message and "weights_only" not in message
+    assert len(message.splitlines()) == 1
+
+
 def test_lightning_checkpoint_loads_without_lightning_installed(folders):
     checkpoint = read_pickle(folders[0] / "modelscope" / "VQGAN_autoencoder.pth", lightning=True)
     assert checkpoint["epoch"] == 6 and int(checkpoint["global_step"]) == 70000
@@ -293,3 +305,44 @@ def test_cli_refuses_to_overwrite_without_force(folders, tmp_path, cli):
     assert (out / "keep.txt").read_text() == "mine"
     code, _ = cli(folders[0] / "diffusers", out, "--force")
     assert code == 0 and not (out / "keep.txt").exists() and detect_layout(out) == "native"
+
+
+def test_replacing_a_folder_keeps_the_old_one_until_the_new_one_is_complete(tmp_path):
+    from t2v.video_io import atomic_path
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target, overwrite=True) as tmp:
+            tmp.mkdir()
+            (tmp / "new.txt").write_text("new")
+            assert (target / "old.txt").read_text() == "old"  # untouched while writing
+            raise RuntimeError("crash while writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert (target / "old.txt").read_text() == "old"
+    with atomic_path(target, overwrite=True) as tmp:
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing left aside
+
+
+def test_save_native_writes_its_config_last(tmp_path, monkeypatch):
+    """A folder whose writing stopped part way is not taken for a native checkpoint."""
+    import t2v.weights
+    from t2v.config import ModelConfig
+
+    calls = []
+
+    def failing_save_file(tensors, path, metadata=None):
+        calls.append(path)
+        if path.endswith("vae.safetensors"):
+            raise OSError(28, "No space left on device")
+        Path(path).write_bytes(b"")
+
+    monkeypatch.setattr(t2v.weights, "save_file", failing_save_file)
+    states = {name: {} for name in ("text_encoder", "unet", "vae")}
+    with pytest.raises(OSError):
+        t2v.weights.save_native(tmp_path, ModelConfig(), states)
+    assert len(calls) == 3 and not (tmp_path / "model.yaml").exists()

@@ -16,8 +16,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -29,6 +27,7 @@ from t2v.errors import UserError
 from t2v.text_encoder import TextEncoder
 from t2v.unet import UNet3D
 from t2v.vae import AutoencoderKL
+from t2v.video_io import atomic_path
 from t2v.weights import read_checkpoint, resolve_source, save_native
 from weights_convert.diffusers import save_diffusers
 from weights_convert.table import check_shapes
@@ -83,9 +82,8 @@ def convert_folder(args: argparse.Namespace, log: logging.Logger) -> None:
     def progress(name: str, tensors: int, size: int) -> None:
         log.info("%s: %d tensors, %.1f MB written", name, tensors, size / 1e6)
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_path(out, overwrite=args.force) as tmp:
+        tmp.mkdir()
         dtype = DTYPES[args.dtype] if args.dtype else None
         writer = save_native if args.target_layout == "native" else save_diffusers
         written = writer(tmp, cfg, states, dtype, progress)
@@ -102,12 +100,6 @@ def convert_folder(args: argparse.Namespace, log: logging.Logger) -> None:
                       for p in written],
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():  # --force: replace only once the new folder is complete
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     total = sum(f["bytes"] for f in manifest["files"])
     log.info("wrote %s (%s layout, %.1f MB)", out, args.target_layout, total / 1e6)
 
