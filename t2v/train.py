@@ -13,6 +13,16 @@ One optimizer step (the loss of the latent diffusion models, Rombach et al. 2022
 averaged over grad_accum micro-batches (and over processes by DDP), then gradient clipping,
 AdamW with linear warm-up, optional EMA of the trained weights.
 
+With train.model=vae the VAE trains instead (from scratch, for the demo model), on the frames
+of the clips as single images, with the loss of Stable Diffusion's KL autoencoder minus its
+perceptual and adversarial terms:
+
+    posterior = VAE.encode(x); x_rec = VAE.decode(posterior.sample())
+    loss = sum |x - x_rec| / N + train.kl_weight * sum KL(posterior || N(0, I)) / N
+
+(sums over pixels and latent elements, N frames). The saved model's vae.scaling_factor is
+1 / std of posterior samples of the first clips, so that scaled latents have unit variance.
+
 Outputs in train.output_dir: checkpoints/step-NNNNNN/ (trained weights, EMA, optimizer,
 scheduler, step and RNG states; written atomically, resumed exactly with train.resume=latest),
 log.jsonl (one line per log step), samples/ (periodic videos) and, at the end, lora.safetensors
@@ -21,6 +31,7 @@ log.jsonl (one line per log step), samples/ (periodic videos) and, at the end, l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -30,6 +41,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -39,6 +51,7 @@ from tqdm.auto import tqdm
 from t2v.config import config_to_yaml, load_config
 from t2v.data import LatentCache, VideoClips, sample_rng
 from t2v.errors import ConfigError, UserError
+from t2v.noise import randn
 from t2v.sample import OneLineParser
 from t2v.schedule import add_noise, noise_schedule, velocity
 from t2v.surgery import set_trainable
@@ -49,6 +62,34 @@ from t2v.video_io import atomic_path
 log = logging.getLogger("t2v.train")
 
 CHECKPOINTS = "checkpoints"
+
+
+def vae_loss(vae, frames: torch.Tensor, noise: torch.Tensor, kl_weight: float,
+             autocast=nullcontext) -> torch.Tensor:
+    """Reconstruction (L1, summed per frame) + kl_weight x KL to N(0, I), averaged over frames
+    (N, 3, H, W); `noise` draws the posterior sample."""
+    with autocast():
+        reconstruction, posterior = vae(frames, noise=noise)
+    n = len(frames)
+    error = frames.float() - reconstruction.float()
+    rec = (error.abs() + error.pow(2)).sum() / n
+    mean, logvar = posterior.mean.float(), posterior.logvar.float()
+    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum() / n
+    return rec + kl_weight * kl
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, clips, count: int = 64) -> float:
+    """1 / std of posterior samples over the first `count` clips' frames (how SD's 0.18215 was
+    found), to 4 significant digits."""
+    samples = []
+    device = next(vae.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    for index in range(min(count, len(clips))):
+        video, _ = clips.load(index, None)
+        posterior = vae.encode(video.transpose(0, 1).to(device, vae.dtype))
+        samples.append(posterior.sample(g if device.type == "cpu" else None).float().cpu())
+    return float(f"{1.0 / torch.cat(samples).std().item():.4g}")
 
 
 def diffusion_loss(unet, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
@@ -63,6 +104,24 @@ def diffusion_loss(unet, x0: torch.Tensor, context: torch.Tensor, t: torch.Tenso
     return torch.nn.functional.mse_loss(prediction.float(), goal.float())
 
 
+def global_seed(seed: int, rank: int) -> int:
+    """The seed of this process's global torch RNG: distinct per (seed, rank)."""
+    return int(np.random.SeedSequence([seed, rank, 0x7E]).generate_state(1, dtype=np.uint64)[0]
+               >> 1)
+
+
+def lr_factor(step: int, tc) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a fraction of train.lr: linear
+    warm-up over warmup_steps, then constant or a cosine down to lr_min_ratio at train.steps."""
+    if step < tc.warmup_steps:
+        return (step + 1) / tc.warmup_steps
+    if tc.lr_schedule == "constant":
+        return 1.0
+    span = max(tc.steps - tc.warmup_steps, 1)
+    progress = min((step - tc.warmup_steps) / span, 1.0)
+    return tc.lr_min_ratio + (1 - tc.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 class Distributed:
     """Rank, world size and device; DDP set up when torchrun started several processes."""
 
@@ -70,11 +129,20 @@ class Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        if self.world > 1 and device not in ("auto", "cuda", "cpu"):
+            raise UserError(f"train.device={device} with {self.world} processes would put every "
+                            "rank on one device; use train.device=cuda (rank i takes GPU "
+                            "LOCAL_RANK i) or cpu")
         cuda = torch.cuda.is_available() and device in ("auto", "cuda")
         self.device = torch.device(f"cuda:{local}" if cuda else
                                    ("cpu" if device == "auto" else device))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL and default allocations on this GPU
         if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            if self.device.type == "cuda":
+                dist.init_process_group("nccl", device_id=self.device)
+            else:
+                dist.init_process_group("gloo")
 
     @property
     def main(self) -> bool:
@@ -101,8 +169,9 @@ def load_components(cfg: TrainRunConfig, device: torch.device):
         model_cfg, te, unet, vae = cfg.model, pipe.text_encoder, pipe.unet, pipe.vae
     else:
         from t2v.weights import load_models
+        # float32 master weights whatever the files store (e.g. the fp16 demo model).
         m = load_models(cfg.weights.source, revision=cfg.weights.revision,
-                        variant=cfg.weights.variant)
+                        variant=cfg.weights.variant, dtype=torch.float32)
         model_cfg, te, unet, vae = m.config, m.text_encoder, m.unet, m.vae
     for frozen in (te, vae):
         frozen.requires_grad_(False).eval().to(device)
@@ -118,16 +187,26 @@ class Trainer:
         device = self.dist.device
         if tc.mixed_precision == "fp16" and device.type != "cuda":
             raise UserError("train.mixed_precision fp16 needs a CUDA device; use bf16 on CPU")
-        if cfg.data.path is None:
+        if cfg.data.path is None and not cfg.data.synthetic.enabled:
             raise UserError("data.path is not set: give a folder of videos with .txt captions "
                             "or a JSON list (data.path=...)")
+        if tc.model == "vae" and cfg.lora.rank > 0:
+            raise UserError("train.model=vae trains the whole VAE; LoRA (lora.rank) is for the "
+                            "UNet: set lora.rank=0")
         self.model_cfg, self.text_encoder, self.unet, self.vae = load_components(cfg, device)
+        # The global RNG (dropout) from (train.seed, rank), whatever loading the models drew;
+        # a resumed run restores its saved state instead.
+        torch.manual_seed(global_seed(tc.seed, self.dist.rank))
         self.schedule = noise_schedule(self.model_cfg.schedule)
         self.tokenizer = Tokenizer(context_length=self.model_cfg.text_encoder.context_length)
         self.target = tc.target or self.model_cfg.schedule.prediction_type
 
         unet = self.unet
-        if cfg.lora.rank > 0:
+        if tc.model == "vae":
+            unet.requires_grad_(False).eval()
+            unet = self.vae
+            unet.requires_grad_(True)
+        elif cfg.lora.rank > 0:
             from t2v.lora import add_lora  # imports peft: only for LoRA runs
 
             add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
@@ -137,7 +216,8 @@ class Trainer:
             except ValueError as exc:
                 raise UserError(f"train.trainable: {exc}") from None
         unet.to(device).train()
-        unet.gradient_checkpointing = tc.gradient_checkpointing
+        if tc.model == "unet":
+            unet.gradient_checkpointing = tc.gradient_checkpointing
         if not tc.dropout:
             for module in unet.modules():
                 if isinstance(module, nn.Dropout):
@@ -153,13 +233,23 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(list(self.trained.values()), lr=tc.lr,
                                            betas=tuple(tc.betas), eps=tc.adam_eps,
                                            weight_decay=tc.weight_decay)
-        warmup = tc.warmup_steps
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+            self.optimizer, lambda step: lr_factor(step, tc))
         self.scaler = torch.amp.GradScaler("cuda") if tc.mixed_precision == "fp16" else None
 
         d = cfg.data
-        self.clips = VideoClips(d.path, d.num_frames, d.stride, d.height, d.width)
+        if d.synthetic.enabled:
+            from t2v.synthetic import SyntheticClips, combinations_named
+
+            syn = d.synthetic
+            try:
+                combinations = combinations_named(tuple(syn.colours), syn.split)
+            except ValueError as exc:
+                raise UserError(f"data.synthetic: {exc}") from None
+            self.clips = SyntheticClips(syn.seed, syn.clips, d.num_frames, d.height,
+                                        combinations)
+        else:
+            self.clips = VideoClips(d.path, d.num_frames, d.stride, d.height, d.width)
         self.cache = (LatentCache(d.cache_latents, self.clips, self.vae,
                                   tag=str(cfg.weights.source))
                       if d.cache_latents else None)
@@ -180,6 +270,23 @@ class Trainer:
         return int(self._order[1][offset])
 
     @torch.no_grad()
+    def vae_micro_batch(self, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE mode: this process's clips of micro-batch `micro` as frames (N, 3, H, W), and
+        the noise of their posterior samples."""
+        tc, device = self.cfg.train, self.dist.device
+        global_batch = tc.batch_size * self.dist.world
+        frames, noises = [], []
+        for slot in range(self.dist.rank * tc.batch_size, (self.dist.rank + 1) * tc.batch_size):
+            g = sample_rng(tc.seed, micro, slot)
+            video, _ = self.clips.load(self._dataset_index(micro * global_batch + slot), g)
+            frames.append(video.transpose(0, 1))  # (F, 3, H, W)
+            f, _, h, w = frames[-1].shape
+            scale = 2 ** (len(self.model_cfg.vae.channels) - 1)
+            noises.append(randn((f, self.model_cfg.vae.latent_channels, h // scale,
+                                 w // scale), g))
+        return torch.cat(frames).to(device), torch.cat(noises).to(device)
+
+    @torch.no_grad()
     def micro_batch(self, micro: int):
         """This process's share of global micro-batch `micro`: (x0, context, t, noise)."""
         tc, device = self.cfg.train, self.dist.device
@@ -192,7 +299,7 @@ class Trainer:
                 mean, std = self.cache.posterior(index)  # (C, F, h, w)
                 caption = self.clips.clips[index].caption
                 # The posterior noise drawn as encode_video draws it: ((b f), c, h, w).
-                noise = torch.randn(mean.transpose(0, 1).shape, generator=g).transpose(0, 1)
+                noise = randn(mean.transpose(0, 1).shape, g).transpose(0, 1)
                 x0 = (mean + std * noise) * self.model_cfg.vae.scaling_factor
             else:
                 video, caption = self.clips.load(index, g)
@@ -202,7 +309,7 @@ class Trainer:
                             else caption)
             timesteps.append(int(torch.randint(0, self.schedule.num_train_timesteps, (1,),
                                                generator=g)))
-            noises.append(torch.randn(latents[-1].shape, generator=g))
+            noises.append(randn(latents[-1].shape, g))
         ids = self.text_encoder_tokens(captions)
         context = self.text_encoder(ids.to(device))
         return (torch.stack(latents), context, torch.tensor(timesteps, device=device),
@@ -226,12 +333,17 @@ class Trainer:
         losses = []
         for k in range(tc.grad_accum):
             micro = self.step * tc.grad_accum + k
-            x0, context, t, noise = self.micro_batch(micro)
             last = k == tc.grad_accum - 1
             sync = nullcontext() if last or self.dist.world == 1 else self.model.no_sync()
             with sync:
-                loss = diffusion_loss(self.model, x0, context, t, noise,
-                                      self.schedule.alphas_cumprod, self.target, self._autocast)
+                if tc.model == "vae":
+                    frames, noise = self.vae_micro_batch(micro)
+                    loss = vae_loss(self.model, frames, noise, tc.kl_weight, self._autocast)
+                else:
+                    x0, context, t, noise = self.micro_batch(micro)
+                    loss = diffusion_loss(self.model, x0, context, t, noise,
+                                          self.schedule.alphas_cumprod, self.target,
+                                          self._autocast)
                 scaled = loss / tc.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.item())
@@ -240,15 +352,21 @@ class Trainer:
         params = list(self.trained.values())
         norm = torch.nn.utils.clip_grad_norm_(
             params, tc.max_grad_norm if tc.max_grad_norm is not None else math.inf)
+        stepped = True
         if self.scaler:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # The scaler skips the step (inf/NaN gradients) and lowers its scale: then the
+            # schedule and the EMA do not advance either.
+            stepped = self.scaler.get_scale() >= scale
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.lr_schedule.get_last_lr()[0]
-        self.lr_schedule.step()
-        if self.ema is not None:
+        if stepped:
+            self.lr_schedule.step()
+        if self.ema is not None and stepped:
             current = [p.detach().float() for p in params]
             torch._foreach_lerp_(list(self.ema.values()), current, 1.0 - tc.ema_decay)
         self.step += 1
@@ -373,11 +491,18 @@ class Trainer:
 
                 return save_lora(self.unet, self.output / "lora.safetensors", overwrite=True)
             from t2v.weights import save_native
+            model_cfg = self.model_cfg
+            if self.cfg.train.model == "vae":
+                self.vae.eval()
+                factor = latent_scaling_factor(self.vae, self.clips)
+                model_cfg = dataclasses.replace(model_cfg, vae=dataclasses.replace(
+                    model_cfg.vae, scaling_factor=factor))
+                log.info("VAE latent scaling factor: %s", factor)
             states = {"text_encoder": self.text_encoder.state_dict(),
                       "unet": self.unet.state_dict(), "vae": self.vae.state_dict()}
             with atomic_path(self.output / "model", overwrite=True) as tmp:
                 tmp.mkdir()
-                save_native(tmp, self.model_cfg, states)
+                save_native(tmp, model_cfg, states)
             return self.output / "model"
 
     # -- the loop --------------------------------------------------------------------------

@@ -13,6 +13,25 @@ from t2v.config import ModelConfig, SampleConfig, WeightsConfig, _check
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TARGETS = ("epsilon", "v_prediction")
+TRAINED_MODELS = ("unet", "vae")
+LR_SCHEDULES = ("constant", "cosine")
+SYNTHETIC_SPLITS = ("trained", "heldout", "all")
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig:
+    """Procedural clips from t2v.synthetic instead of files (the demo model's data)."""
+
+    enabled: bool = False
+    seed: int = 0
+    clips: int = 10_000  # the dataset size: clips cycle over the split's combinations
+    split: str = "trained"  # trained / heldout / all (t2v.synthetic.HELDOUT)
+    colours: tuple[str, ...] = ()  # instead of the split: every combination of these colours
+
+    def __post_init__(self):
+        _check(self.clips >= 1, f"data.synthetic.clips must be >= 1, got {self.clips}")
+        _check(self.split in SYNTHETIC_SPLITS, f"data.synthetic.split must be one of "
+               f"{SYNTHETIC_SPLITS}, got {self.split!r}")
 
 
 @dataclass(frozen=True)
@@ -28,8 +47,13 @@ class DataConfig:
     # A folder for VAE posteriors (mean, std) of every clip, computed once; a fresh latent is
     # still sampled from them each step. Fixes each clip's frames to the first window.
     cache_latents: str | None = None
+    # enabled: render clips (num_frames x height x width, square) instead of reading data.path.
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def __post_init__(self):
+        _check(not self.synthetic.enabled or self.height == self.width,
+               f"data.synthetic renders square clips: data.height ({self.height}) must equal "
+               f"data.width ({self.width})")
         _check(self.num_frames >= 1, f"data.num_frames must be >= 1, got {self.num_frames}")
         _check(self.stride >= 1, f"data.stride must be >= 1, got {self.stride}")
         for name in ("height", "width"):
@@ -43,6 +67,10 @@ class OptimConfig:
     """The training loop. Effective batch = batch_size x grad_accum x processes."""
 
     output_dir: str = "runs/finetune"
+    # What trains: the UNet (the diffusion loss), or the VAE alone (reconstruction + KL on
+    # single frames; the saved model's vae.scaling_factor is set to 1 / std of its latents).
+    model: str = "unet"
+    kl_weight: float = 1e-6  # VAE mode: weight of the KL term against the per-pixel loss
     steps: int = 1000  # optimizer steps
     batch_size: int = 1  # clips per process per micro-step
     grad_accum: int = 1
@@ -50,7 +78,10 @@ class OptimConfig:
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    warmup_steps: int = 0  # linear warm-up from 0 to lr, then constant
+    warmup_steps: int = 0  # linear warm-up from 0 to lr, then lr_schedule
+    # constant, or cosine: from lr after the warm-up down to lr_min_ratio x lr at train.steps
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.1
     max_grad_norm: float | None = 1.0  # null: no clipping
     # What trains when lora.rank is 0: regexes over UNet parameter names, or the presets
     # "temporal", "attention", "all" (t2v.surgery.set_trainable). With LoRA only LoRA trains.
@@ -73,9 +104,16 @@ class OptimConfig:
 
     def __post_init__(self):
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _check(self.model in TRAINED_MODELS,
+               f"train.model must be one of {TRAINED_MODELS}, got {self.model!r}")
+        _check(self.kl_weight >= 0, f"train.kl_weight must be >= 0, got {self.kl_weight}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
         _check(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
+        _check(self.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of "
+               f"{LR_SCHEDULES}, got {self.lr_schedule!r}")
+        _check(0.0 <= self.lr_min_ratio <= 1.0,
+               f"train.lr_min_ratio must be between 0 and 1, got {self.lr_min_ratio}")
         _check(0.0 <= self.text_dropout <= 1.0,
                f"train.text_dropout must be between 0 and 1, got {self.text_dropout}")
         _check(self.target is None or self.target in TARGETS,
@@ -85,6 +123,7 @@ class OptimConfig:
                f"got {self.mixed_precision!r}")
         _check(self.ema_decay is None or 0.0 < self.ema_decay < 1.0,
                f"train.ema_decay must be null or between 0 and 1, got {self.ema_decay}")
+        _check(self.log_every >= 1, f"train.log_every must be >= 1, got {self.log_every}")
         _check(self.checkpoint_every >= 1,
                f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(not self.sample_every or self.sample_prompts,

@@ -106,6 +106,61 @@ def test_resume_is_exact(squares, tmp_path):
     assert moved  # steps 3-4 changed the weights: the comparison is not vacuous
 
 
+def test_runs_from_a_weights_folder_are_reproducible(squares, tmp_path):
+    """With weights loaded from a folder (nothing seeds the global RNG while building them),
+    dropout still draws from train.seed: identical runs are identical, and N steps equal
+    N/2 + resume + N/2. Failed before the trainer seeded the global RNG (loss 1.0428 vs
+    1.0360 at step 1 on real weights)."""
+    from t2v.pipeline import TextToVideo
+    from t2v.weights import save_native
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    pipe = TextToVideo.from_config(cfg.model, seed=5)
+    folder = tmp_path / "weights"
+    folder.mkdir()
+    save_native(folder, cfg.model, {"text_encoder": pipe.text_encoder.state_dict(),
+                                    "unet": pipe.unet.state_dict(), "vae": pipe.vae.state_dict()})
+    extra = [f"weights.source={folder}", "train.trainable=[temporal]", "train.lr=1e-3",
+             "train.checkpoint_every=2"]
+    torch.manual_seed(1)  # whatever the global RNG holds before, the runs agree
+    a = Trainer(run_config(squares, tmp_path / "a", "train.steps=4", *extra))
+    history_a = a.run(progress=False)
+    torch.manual_seed(2)
+    b = Trainer(run_config(squares, tmp_path / "b", "train.steps=2", *extra))
+    history_b = b.run(progress=False)
+    assert [h["loss"] for h in history_a[:2]] == [h["loss"] for h in history_b]
+    torch.manual_seed(3)
+    resumed = Trainer(run_config(squares, tmp_path / "b", "train.steps=4", "train.resume=latest",
+                                 *extra))
+    resumed.run(progress=False)
+    for name, p in a.trained.items():
+        assert torch.equal(p, resumed.trained[name]), name
+
+
+def test_overrides_follow_the_schema_types():
+    """"no" is YAML for false, but train.mixed_precision is text: it means "no"."""
+    cfg = load_config(None, ["train.mixed_precision=no", "weights.source=null",
+                             "sample.prompt=yes", "train.steps=7"], schema=TrainRunConfig)
+    assert cfg.train.mixed_precision == "no" and cfg.weights.source is None
+    assert cfg.sample.prompt == "yes" and cfg.train.steps == 7
+    with pytest.raises(ConfigError, match="train.log_every must be >= 1"):
+        load_config(None, ["train.log_every=0"], schema=TrainRunConfig)
+
+
+def test_lr_schedules():
+    from t2v.train import lr_factor
+
+    cfg = load_config(None, ["train.steps=100", "train.warmup_steps=10",
+                             "train.lr_schedule=cosine", "train.lr_min_ratio=0.2"],
+                      schema=TrainRunConfig).train
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(10, cfg) == pytest.approx(1.0)
+    assert lr_factor(55, cfg) == pytest.approx(0.2 + 0.8 * 0.5)  # half way: cos(pi/2) = 0
+    assert lr_factor(100, cfg) == pytest.approx(0.2)
+    constant = load_config(None, ["train.warmup_steps=0"], schema=TrainRunConfig).train
+    assert lr_factor(0, constant) == lr_factor(500, constant) == 1.0
+
+
 def test_existing_checkpoints_are_not_overwritten(squares, tmp_path):
     Trainer(run_config(squares, tmp_path, "train.steps=1")).run(progress=False)
     with pytest.raises(UserError, match="already holds checkpoints"):
@@ -272,3 +327,52 @@ def test_bf16_mixed_precision_step_on_cpu(squares, tmp_path):
     assert np.isfinite(record["loss"]) and record["grad_norm"] > 0
     assert all(p.dtype == torch.float32 for p in trainer.trained.values())  # fp32 masters
     assert any(not torch.equal(before[n], p) for n, p in trainer.trained.items())
+
+
+def test_explicit_device_with_several_processes_is_refused(monkeypatch):
+    from t2v.train import Distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UserError, match="train.device=cuda:1 with 2 processes"):
+        Distributed("cuda:1")
+
+
+def test_a_skipped_scaler_step_moves_neither_schedule_nor_ema(squares, tmp_path):
+    """fp16 loss scaling skips steps with inf gradients; the LR schedule and the EMA must not
+    advance then (they did). A stand-in scaler (fp16 needs CUDA) skips step 2."""
+    trainer = Trainer(run_config(squares, tmp_path, "train.steps=3", "train.ema_decay=0.5",
+                                 "train.warmup_steps=10", "train.trainable=[temporal]"))
+
+    class SkippingScaler:
+        def __init__(self):
+            self.calls, self.current = 0, 1024.0
+
+        def scale(self, loss):
+            return loss
+
+        def unscale_(self, optimizer):
+            pass
+
+        def get_scale(self):
+            return self.current
+
+        def step(self, optimizer):
+            self.calls += 1
+            if self.calls != 2:
+                optimizer.step()
+
+        def update(self):
+            if self.calls == 2:
+                self.current /= 2
+
+    trainer.scaler = SkippingScaler()
+    records = [trainer.train_step()]
+    ema_before = {n: v.clone() for n, v in trainer.ema.items()}
+    weights_before = {n: p.detach().clone() for n, p in trainer.trained.items()}
+    records.append(trainer.train_step())  # skipped
+    assert all(torch.equal(ema_before[n], v) for n, v in trainer.ema.items())
+    assert all(torch.equal(weights_before[n], p) for n, p in trainer.trained.items())
+    records.append(trainer.train_step())
+    lrs = [r["lr"] for r in records]
+    assert lrs[1] == lrs[2] and lrs[0] < lrs[1]  # warm-up resumed where it stopped

@@ -1,0 +1,135 @@
+"""python -m t2v.demo train: reproduce the demo model shipped in t2v/demo_model/, in one command.
+
+    python -m t2v.demo train --out runs/demo            # both stages, then the fp16 export
+    python -m t2v.demo train --out runs/demo --ship --overwrite   # and replace the shipped copy
+    python -m t2v.demo gif docs/demo.gif --overwrite    # the README's GIF, from the shipped model
+
+Stage 1 trains the KL VAE (configs/demo_vae.yaml, `train.model=vae`), which also fixes the
+architecture, the frozen random text encoder and the UNet's initial weights (train.seed 0);
+stage 2 trains every UNet parameter on top of it (configs/demo_unet.yaml, weights.source set
+to stage 1's model). The export stores the stage-2 model (EMA weights) in float16 as a native
+safetensors folder, `<out>/model`. Wall times go to `<out>/timings.json`. docs/demo.md has the
+recipe, the seed and the measured time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from t2v.config import load_config
+from t2v.errors import ConfigError, UserError
+from t2v.train import Trainer
+from t2v.train_config import TrainRunConfig
+from t2v.video_io import atomic_path
+from t2v.weights import DEMO_FOLDER, read_checkpoint, save_native
+
+log = logging.getLogger("t2v.demo")
+
+
+def export(model_dir: Path, target: Path, overwrite: bool = False) -> Path:
+    """A trained native folder -> float16 native folder (the shipped form)."""
+    _, cfg, states = read_checkpoint(model_dir, layout="native")
+    with atomic_path(target, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        save_native(tmp, cfg, states, dtype=torch.float16)
+    return target
+
+
+def train_demo(out: Path, vae_config: str, unet_config: str, vae_overrides=(),
+               unet_overrides=(), progress: bool = True) -> dict:
+    """Both stages and the export; returns the timings (seconds)."""
+    out = Path(out)
+    timings = {}
+    start = time.perf_counter()
+    vae_cfg = load_config(vae_config, [f"train.output_dir={out / 'vae'}", *vae_overrides],
+                          schema=TrainRunConfig)
+    Trainer(vae_cfg).run(progress=progress)
+    timings["vae_seconds"] = round(time.perf_counter() - start, 1)
+    start = time.perf_counter()
+    unet_cfg = load_config(unet_config, [f"weights.source={out / 'vae' / 'model'}",
+                                         f"train.output_dir={out / 'unet'}", *unet_overrides],
+                           schema=TrainRunConfig)
+    Trainer(unet_cfg).run(progress=progress)
+    timings["unet_seconds"] = round(time.perf_counter() - start, 1)
+    export(out / "unet" / "model", out / "model", overwrite=True)
+    timings["total_seconds"] = round(timings["vae_seconds"] + timings["unet_seconds"], 1)
+    timings["torch_threads"] = torch.get_num_threads()
+    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    return timings
+
+
+GIF_PROMPTS = ("a red circle moving right", "a blue square moving up on a white background",
+               "a yellow triangle moving left", "a green circle moving down on a white background",
+               "a purple square moving right", "a red triangle moving down on a white background",
+               "a blue circle moving left", "a yellow square moving up on a white background")
+GIF_SEED = 7
+GIF_SCALE = 4
+
+
+def demo_gif(path: Path, source: str = "t2v:demo", overwrite: bool = False, columns: int = 4,
+             steps: int = 25, guidance: float = 5.0) -> Path:
+    """A grid of demo-model videos (GIF_PROMPTS, seed GIF_SEED + i), each pixel enlarged to
+    GIF_SCALE x GIF_SCALE (nearest neighbour: the real pixels), one GIF."""
+    import numpy as np
+
+    from t2v.pipeline import TextToVideo
+    from t2v.video_io import write_gif
+
+    pipe = TextToVideo.from_pretrained(source, dtype=torch.float32)
+    tiles = [pipe(prompt, num_frames=8, height=32, width=32, steps=steps,
+                  guidance_scale=guidance, sampler="dpmsolver++", seed=GIF_SEED + i,
+                  progress=False).frames[0].numpy() for i, prompt in enumerate(GIF_PROMPTS)]
+    tiles = [t.repeat(GIF_SCALE, axis=1).repeat(GIF_SCALE, axis=2) for t in tiles]
+    rows = [np.concatenate(tiles[i:i + columns], axis=2) for i in range(0, len(tiles), columns)]
+    return write_gif(np.concatenate(rows, axis=1), path, fps=8, overwrite=overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from t2v.sample import OneLineParser
+
+    parser = OneLineParser(prog="python -m t2v.demo", description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["train", "gif"])
+    parser.add_argument("path", type=Path, nargs="?", default=None,
+                        help="gif: the GIF to write")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--vae-config", default="configs/demo_vae.yaml")
+    parser.add_argument("--unet-config", default="configs/demo_unet.yaml")
+    parser.add_argument("--vae-override", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--unet-override", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--ship", action="store_true",
+                        help=f"also copy the export to the package ({DEMO_FOLDER})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the shipped model (--ship) or an existing GIF")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        args = parser.parse_args(argv)
+        if args.command == "gif":
+            if args.path is None:
+                raise UserError("gif needs the path of the GIF to write")
+            print(f"wrote {demo_gif(args.path, overwrite=args.overwrite)}")
+            return 0
+        if args.ship and DEMO_FOLDER.exists() and not args.overwrite:
+            raise UserError(f"{DEMO_FOLDER}: already exists; pass --overwrite to replace it")
+        if args.out.exists() and any(args.out.iterdir()):
+            raise UserError(f"{args.out}: not empty; choose a new --out folder")
+        timings = train_demo(args.out, args.vae_config, args.unet_config, args.vae_override,
+                             args.unet_override, progress=not args.quiet)
+        if args.ship:
+            export(args.out / "unet" / "model", DEMO_FOLDER, overwrite=True)
+    except (UserError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"demo model in {args.out / 'model'}: VAE {timings['vae_seconds']} s, UNet "
+          f"{timings['unet_seconds']} s, total {timings['total_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""python -m t2v.eval demo: does the demo model follow its prompts? The quality signal.
+
+For each caption of a fixed list (docs/quality.md) and seeds never used in training, generate
+a video, then classify it with plain image analysis (numpy, no learned model):
+
+    background  the median colour of the frame border, nearest of t2v.synthetic.BACKGROUNDS
+    object      pixels farther than OBJECT_DISTANCE from the background colour; blobs are
+                4-connected components of at least MIN_BLOB_PIXELS; the object is the largest
+                blob of at most MAX_OBJECT_FRACTION of the frame
+    colour      median over frames of the object's mean colour (pixels at least 70% of the
+                way from the background), nearest palette colour (COLOURS and EXTRA_COLOURS)
+    shape       median fill ratio of the object's bounding box: triangle ~0.5, circle ~0.79,
+                square ~1 (boundaries SHAPE_BOUNDARIES)
+    direction   the centroid track's least-squares velocity; the larger axis and its sign
+                (still, if the object moves less than MIN_TRAVEL pixels over the clip)
+    consistency one blob in every frame, and frame-to-frame jitter: the RMS distance of the
+                centroids from the fitted straight-line track, in pixels
+
+Accuracy per attribute is reported separately for trained and held-out combinations
+(t2v.synthetic.HELDOUT), with the settings used. The classifier itself is tested to be exact
+on rendered ground-truth clips (tests/test_demo.py).
+
+    python -m t2v.eval demo                                 # DPM-Solver++ 25 steps, guidance 5
+    python -m t2v.eval demo --sampler ddim --steps 50 --json ddim50.json
+    python -m t2v.eval demo --dtype bfloat16
+    python -m t2v.eval demo --frames 64 --window 8 --window-overlap 4   # direction per window
+    python -m t2v.eval demo --lora runs/orange/lora.safetensors --colours orange
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from t2v.errors import UserError
+from t2v.noise import randn
+from t2v.synthetic import (BACKGROUNDS, COLOURS, EXTRA_COLOURS, HELDOUT, TRAINED, Attributes,
+                           all_combinations)
+
+OBJECT_DISTANCE = 80.0  # RGB distance from the background that counts as object
+MIN_BLOB_PIXELS = 4  # smaller specks are not blobs
+MAX_OBJECT_FRACTION = 0.4  # a blob over this share of the frame is not an object (objects: <17%)
+SHAPE_BOUNDARIES = (0.685, 0.92)  # fill ratio: triangle | circle | square (midpoints of
+# the ranges measured on rendered clips: triangle 0.54-0.64, circle 0.73-0.85, square 0.98-1)
+MIN_TRAVEL = 2.0  # pixels over the clip (at 32x32); less is "still"
+JITTER_LIMIT = 1.0  # pixels; a consistent video stays under this and one blob per frame
+EVAL_SEED_BASE = 1_000_000  # eval seeds: EVAL_SEED_BASE + i; training never draws these
+DEFAULT_SEEDS = {"trained": 1, "heldout": 2}  # seeds per caption of each split
+
+
+@dataclass
+class Prediction:
+    background: str
+    colour: str
+    shape: str
+    direction: str
+    one_blob: bool  # one blob in every frame
+    jitter: float  # pixels
+    fill: float
+    travel: tuple[float, float]  # (dy, dx) over the clip, pixels
+
+
+def blobs(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a boolean (H, W) mask with at least MIN_BLOB_PIXELS pixels,
+    largest first, as (n, 2) arrays of (y, x)."""
+    seen = np.zeros_like(mask)
+    found = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        seen[y0, x0] = True
+        queue, pixels = deque([(y0, x0)]), []
+        while queue:
+            y, x = queue.popleft()
+            pixels.append((y, x))
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        if len(pixels) >= MIN_BLOB_PIXELS:
+            found.append(np.array(pixels))
+    return sorted(found, key=len, reverse=True)
+
+
+def _nearest(value: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
+    names = list(palette)
+    distances = [np.linalg.norm(value - np.array(palette[n], dtype=np.float64)) for n in names]
+    return names[int(np.argmin(distances))]
+
+
+def classify(video: np.ndarray) -> Prediction:
+    """uint8 (F, H, W, 3) -> the attributes it shows."""
+    video = video.astype(np.float64)
+    f, h, w, _ = video.shape
+    border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1)
+    background_rgb = np.median(border.reshape(-1, 3), axis=0)
+    background = _nearest(background_rgb, BACKGROUNDS)
+    distance = np.linalg.norm(video - background_rgb, axis=-1)  # (F, H, W)
+    palette = {**COLOURS, **EXTRA_COLOURS}
+    centroids, fills, colours, one_blob = [], [], [], True
+    for i in range(f):
+        found = blobs(distance[i] > OBJECT_DISTANCE)
+        if len(found) != 1 or len(found[0]) > MAX_OBJECT_FRACTION * h * w:
+            one_blob = False
+        found = [b for b in found if len(b) <= MAX_OBJECT_FRACTION * h * w]
+        if not found:
+            continue
+        pixels = found[0]
+        ys, xs = pixels[:, 0], pixels[:, 1]
+        centroids.append((i, ys.mean(), xs.mean()))
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        fills.append(len(pixels) / box)
+        core = distance[i, ys, xs] >= 0.7 * distance[i, ys, xs].max()
+        colours.append(video[i, ys[core], xs[core]].mean(axis=0))
+    if not centroids:
+        return Prediction(background, "none", "none", "none", False, float("inf"), 0.0,
+                          (0.0, 0.0))
+    colour = _nearest(np.median(np.array(colours), axis=0), palette)
+    fill = float(np.median(fills))
+    shape = "triangle" if fill < SHAPE_BOUNDARIES[0] else \
+        "circle" if fill < SHAPE_BOUNDARIES[1] else "square"
+    track = np.array(centroids)  # (n, 3): frame, y, x
+    direction, jitter, travel = "still", 0.0, (0.0, 0.0)
+    if len(track) >= 2:
+        frames = track[:, 0]
+        design = np.stack([frames, np.ones_like(frames)], axis=1)
+        coef, *_ = np.linalg.lstsq(design, track[:, 1:], rcond=None)  # (2, 2): slope, offset
+        residual = track[:, 1:] - design @ coef
+        jitter = float(np.sqrt((residual ** 2).sum(axis=1).mean()))
+        scale = 32 / max(h, w)
+        dy, dx = coef[0] * (f - 1)
+        travel = (float(dy), float(dx))
+        if max(abs(dy), abs(dx)) * scale >= MIN_TRAVEL:
+            if abs(dx) >= abs(dy):
+                direction = "right" if dx > 0 else "left"
+            else:
+                direction = "down" if dy > 0 else "up"
+    return Prediction(background, colour, shape, direction, one_blob and len(track) == f,
+                      jitter, fill, travel)
+
+
+def window_directions(video: np.ndarray, window: int, stride: int) -> list[str]:
+    """The direction of each `window`-frame segment (segments `stride` apart)."""
+    starts = range(0, max(len(video) - window, 0) + 1, stride)
+    return [classify(video[s:s + window]).direction for s in starts]
+
+
+@dataclass(frozen=True)
+class Case:
+    attributes: Attributes
+    seed: int
+    split: str  # trained / heldout / new (combinations of colours the base model never saw)
+
+
+def cases(seeds: dict[str, int] | None = None, colours: tuple[str, ...] = (),
+          split: str = "both") -> list[Case]:
+    """The fixed evaluation list: every trained and held-out combination, with seeds
+    EVAL_SEED_BASE + k (k counts over the whole list); or every combination of `colours`.
+    `split` keeps only "trained" or "heldout" cases (their seeds unchanged)."""
+    seeds = seeds or DEFAULT_SEEDS
+    if colours:
+        groups = [("new" if c in EXTRA_COLOURS else "trained", all_combinations((c,)))
+                  for c in colours]
+        plan = [(name, combos, max(seeds.values())) for name, combos in groups]
+    else:
+        plan = [("trained", TRAINED, seeds["trained"]), ("heldout", HELDOUT, seeds["heldout"])]
+    out, k = [], 0
+    for name, combos, n in plan:
+        for a in combos:
+            for _ in range(n):
+                out.append(Case(a, EVAL_SEED_BASE + k, name))
+                k += 1
+    return out if split == "both" else [c for c in out if c.split == split]
+
+
+def score(results: list[tuple[Case, Prediction]]) -> dict:
+    """Accuracy per attribute and split, consistency figures."""
+    report = {}
+    for split in dict.fromkeys(c.split for c, _ in results):
+        rows = [(c, p) for c, p in results if c.split == split]
+        a = [c.attributes for c, _ in rows]
+        p = [p for _, p in rows]
+        n = len(rows)
+
+        def rate(values):
+            return round(100.0 * sum(values) / n, 1)
+
+        report[split] = {
+            "videos": n,
+            "colour": rate(x.colour == y.colour for x, y in zip(a, p)),
+            "shape": rate(x.shape == y.shape for x, y in zip(a, p)),
+            "direction": rate(x.motion == y.direction for x, y in zip(a, p)),
+            "background": rate(x.background == y.background for x, y in zip(a, p)),
+            "all": rate(x.colour == y.colour and x.shape == y.shape and x.motion == y.direction
+                        and x.background == y.background for x, y in zip(a, p)),
+            "one_blob": rate(y.one_blob for y in p),
+            "consistent": rate(y.one_blob and y.jitter < JITTER_LIMIT for y in p),
+            "jitter_px": round(float(np.mean([min(y.jitter, 99.0) for y in p])), 3),
+        }
+    return report
+
+
+def generate(pipe, batch: list[Case], settings: dict) -> np.ndarray:
+    """uint8 (B, F, H, W, 3) for a batch of cases; each video's noise from its own seed."""
+    shape_args = dict(num_frames=settings["frames"], height=settings["size"],
+                      width=settings["size"])
+    f = pipe.vae_scale_factor
+    latent_shape = (pipe.config.unet.in_channels, settings["frames"], settings["size"] // f,
+                    settings["size"] // f)
+    if settings.get("window") is not None and settings.get("freenoise", True):
+        from t2v.windows import reschedule_noise
+
+        window, overlap = settings["window"], settings["window_overlap"]
+        noise = [reschedule_noise(randn((1, *latent_shape), g), window, window - overlap, g)[0]
+                 for g in (torch.Generator().manual_seed(c.seed) for c in batch)]
+    else:
+        noise = [randn(latent_shape, torch.Generator().manual_seed(c.seed)) for c in batch]
+    result = pipe([c.attributes.caption for c in batch], settings["negative_prompt"],
+                  latents=torch.stack(noise), steps=settings["steps"],
+                  guidance_scale=settings["guidance"], sampler=settings["sampler"],
+                  eta=settings["eta"], window=settings.get("window"),
+                  window_overlap=settings.get("window_overlap", 4), progress=False, **shape_args)
+    return result.frames.cpu().numpy()
+
+
+def evaluate(pipe, settings: dict, case_list: list[Case], batch_size: int = 20,
+             keep_videos: bool = False) -> dict:
+    """Generate and classify every case; the report (settings, per-split scores, rows)."""
+    results, videos, windows = [], [], []
+    start = time.perf_counter()
+    for i in range(0, len(case_list), batch_size):
+        batch = case_list[i:i + batch_size]
+        frames = generate(pipe, batch, settings)
+        for case, video in zip(batch, frames):
+            results.append((case, classify(video)))
+            if settings.get("window") is not None:
+                stride = settings["window"] - settings["window_overlap"]
+                windows.append(window_directions(video, settings["window"], stride))
+            if keep_videos:
+                videos.append(video)
+    seconds = time.perf_counter() - start
+    report = {"settings": settings, "seconds": round(seconds, 1), "scores": score(results),
+              "rows": [{"caption": c.attributes.caption, "seed": c.seed, "split": c.split,
+                        **{k: v for k, v in asdict(p).items()}} for c, p in results]}
+    if windows:
+        held = [sum(d == c.attributes.motion for d in dirs) / len(dirs)
+                for (c, _), dirs in zip(results, windows)]
+        report["window_direction"] = {
+            "segments_per_video": len(windows[0]),
+            "segments_correct": round(100.0 * float(np.mean(held)), 1),
+            "videos_all_segments_correct": round(100.0 * float(np.mean(
+                [h == 1.0 for h in held])), 1)}
+        for row, dirs in zip(report["rows"], windows):
+            row["window_directions"] = dirs
+    if keep_videos:
+        report["videos"] = videos
+    return report
+
+
+def format_table(report: dict) -> str:
+    s = report["settings"]
+    lines = [f"sampler {s['sampler']}, {s['steps']} steps, guidance {s['guidance']}, "
+             f"dtype {s['dtype']}, {s['frames']} frames at {s['size']}x{s['size']}"
+             + (f", window {s['window']}/{s['window_overlap']}" if s.get("window") else "")
+             + (f", LoRA {s['lora']}" if s.get("lora") else "") + f"; {report['seconds']} s",
+             "split     videos  colour  shape  direction  background  all    one blob  "
+             "consistent  jitter px"]
+    for split, r in report["scores"].items():
+        lines.append(f"{split:<9} {r['videos']:>6}  {r['colour']:>6}  {r['shape']:>5}  "
+                     f"{r['direction']:>9}  {r['background']:>10}  {r['all']:>5}  "
+                     f"{r['one_blob']:>8}  {r['consistent']:>10}  {r['jitter_px']:>9}")
+    if "window_direction" in report:
+        w = report["window_direction"]
+        lines.append(f"windows: {w['segments_per_video']} segments per video, "
+                     f"{w['segments_correct']}% in the prompted direction, "
+                     f"{w['videos_all_segments_correct']}% of videos correct in every segment")
+    return "\n".join(lines)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_demo_pipeline(source: str, dtype: str = "float32", loras: tuple[str, ...] = ()):
+    from t2v.pipeline import TextToVideo
+
+    pipe = TextToVideo.from_pretrained(source, dtype=DTYPES[dtype],
+                                       vae_dtype=torch.float32)
+    for spec in loras:
+        path, _, scale = spec.partition(":")
+        pipe.load_lora(path, float(scale) if scale else 1.0)
+    return pipe
+
+
+def main(argv: list[str] | None = None) -> int:
+    from t2v.sample import OneLineParser
+    from t2v.weights import DEMO_SOURCE
+
+    parser = OneLineParser(prog="python -m t2v.eval",
+                           description="Prompt-following evaluation of the demo model.")
+    parser.add_argument("model", choices=["demo"], help="what to evaluate")
+    parser.add_argument("--weights", default=DEMO_SOURCE,
+                        help="a weights folder of the demo architecture")
+    parser.add_argument("--sampler", default="dpmsolver++",
+                        choices=["ddim", "dpmsolver++", "dpmsolver"])
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--eta", type=float, default=0.0)
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--window", type=int, default=None)
+    parser.add_argument("--window-overlap", type=int, default=4)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
+    parser.add_argument("--colours", nargs="+", default=(),
+                        help="evaluate every combination of these colours instead (e.g. orange)")
+    parser.add_argument("--split", default="both", choices=["both", "trained", "heldout"],
+                        help="which combinations to evaluate")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="seeds per caption (default: 1 trained, 2 held out)")
+    parser.add_argument("--batch", type=int, default=20, help="videos per pipeline call")
+    parser.add_argument("--json", type=Path, default=None, help="write the report here")
+    parser.add_argument("--overwrite", action="store_true")
+    try:
+        args = parser.parse_args(argv)
+        if args.json is not None and args.json.exists() and not args.overwrite:
+            raise UserError(f"{args.json}: already exists; pass --overwrite to replace it")
+        unknown = [c for c in args.colours if c not in {**COLOURS, **EXTRA_COLOURS}]
+        if unknown:
+            raise UserError(f"--colours: unknown {unknown}; known: "
+                            f"{sorted({**COLOURS, **EXTRA_COLOURS})}")
+        pipe = load_demo_pipeline(args.weights, args.dtype, tuple(args.lora))
+        settings = {"weights": str(args.weights), "sampler": args.sampler, "steps": args.steps,
+                    "guidance": args.guidance, "eta": args.eta, "dtype": args.dtype,
+                    "frames": args.frames, "size": args.size, "window": args.window,
+                    "window_overlap": args.window_overlap,
+                    "negative_prompt": args.negative_prompt, "lora": list(args.lora)}
+        seeds = {"trained": args.seeds, "heldout": args.seeds} if args.seeds else None
+        report = evaluate(pipe, settings, cases(seeds, tuple(args.colours), args.split), args.batch)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(report))
+    if args.json is not None:
+        from t2v.video_io import atomic_path
+
+        with atomic_path(args.json, overwrite=args.overwrite) as tmp:
+            tmp.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
