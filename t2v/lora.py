@@ -96,8 +96,14 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     if metadata.get("format") != LORA_FORMAT:
         raise UserError(f"{path}: not a t2v LoRA file (metadata format is "
                         f"{metadata.get('format')!r}, expected {LORA_FORMAT!r})")
-    meta = {"rank": int(metadata["rank"]), "alpha": float(metadata["alpha"]),
-            "targets": json.loads(metadata["targets"])}
+    try:
+        meta = {"rank": int(metadata["rank"]), "alpha": float(metadata["alpha"]),
+                "targets": json.loads(metadata["targets"])}
+    except KeyError as exc:
+        raise UserError(f"{path}: incomplete t2v LoRA metadata (no {exc.args[0]!r}); "
+                        "re-save it with t2v.lora.save_lora") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: unreadable t2v LoRA metadata ({exc})") from None
     return tensors, meta
 
 

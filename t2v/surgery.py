@@ -98,14 +98,28 @@ def parameter_summary(**modules: nn.Module) -> dict[str, dict[str, int]]:
 @contextmanager
 def capture(module: nn.Module, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
     """Record the outputs of named submodules (the state-dict prefixes, e.g.
-    `up_blocks.2.temp_attentions.1`) during the `with` block."""
+    `up_blocks.2.temp_attentions.1`) during the `with` block: for each, its output in the
+    last forward call of `module`. A submodule that runs in parts within one call (the
+    UNet's frame chunks) has its parts concatenated along the first axis, in call order,
+    which is the order of their rows."""
     found = dict(module.named_modules())
     missing = [n for n in names if n not in found]
     if missing:
         raise KeyError(f"no submodule named {', '.join(missing)}")
     captured: dict[str, torch.Tensor] = {}
-    hooks = [found[n].register_forward_hook(
-        lambda m, args, out, n=n: captured.__setitem__(n, out.detach())) for n in names]
+    parts: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+
+    def record(name: str, out: torch.Tensor) -> None:
+        parts[name].append(out.detach())
+        captured[name] = parts[name][0] if len(parts[name]) == 1 else torch.cat(parts[name])
+
+    def new_call(m, args) -> None:
+        for name in names:
+            parts[name] = []
+
+    hooks = [module.register_forward_pre_hook(new_call)]
+    hooks += [found[n].register_forward_hook(lambda m, args, out, n=n: record(n, out))
+              for n in names]
     try:
         yield captured
     finally:

@@ -62,11 +62,15 @@ def clean_text(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+WORD_CACHE_SIZE = 100_000  # BPE results kept per tokenizer (open_clip keeps every word)
+
+
 class Tokenizer:
     """Prompts -> LongTensor (B, context_length) of CLIP BPE ids."""
 
     def __init__(self, bpe_path: str | Path | None = None, context_length: int = 77):
-        lines = gzip.open(bpe_path or default_bpe_path()).read().decode("utf-8").split("\n")
+        with gzip.open(bpe_path or default_bpe_path()) as f:
+            lines = f.read().decode("utf-8").split("\n")
         merges = [tuple(line.split()) for line in lines[1:NUM_MERGES + 1]]
         symbols = list(byte_to_unicode().values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
@@ -100,7 +104,8 @@ class Tokenizer:
                     merged.append(parts[i])
                     i += 1
             parts = merged
-        self._cache[word] = parts
+        if len(self._cache) < WORD_CACHE_SIZE:  # bounded: a long-running server sees many words
+            self._cache[word] = parts
         return parts
 
     def encode(self, text: str) -> list[int]:

@@ -129,11 +129,12 @@ def resolve_source(source: str | Path, revision: str | None = None, variant: str
     except LocalEntryNotFoundError:
         why = "downloads are off (HF_HUB_OFFLINE / local_files_only)" if offline else \
             "the hub could not be reached"
-        raise WeightsError(f"{source}: not in the local Hugging Face cache and {why}; download "
-                           "it once online, or pass a local folder") from None
+        raise WeightsError(f"{source}: no local folder {path.resolve()}, and as a hub repo id "
+                           f"not in the local Hugging Face cache and {why}; check the path, "
+                           "or download the repo once online") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise WeightsError(f"{source}: cannot fetch from the hub: "
-                           f"{str(exc).splitlines()[0]}") from None
+        raise WeightsError(f"{source}: no local folder {path.resolve()}, and as a hub repo id: "
+                           f"cannot fetch from the hub: {str(exc).splitlines()[0]}") from None
 
 
 def _has_safetensors(folder: Path, variant: str | None) -> bool:

@@ -123,6 +123,11 @@ def test_bad_lora_files_are_clear_errors(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match="not a t2v LoRA"):
         load_lora(unet, tmp_path / "other.safetensors")
+    from t2v.lora import LORA_FORMAT
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "partial.safetensors"),
+              metadata={"format": LORA_FORMAT, "rank": "4"})  # no alpha, no targets
+    with pytest.raises(UserError, match="incomplete t2v LoRA metadata \\(no 'alpha'\\)"):
+        load_lora(unet, tmp_path / "partial.safetensors")
 
 
 def test_lora_arg_parsing():

@@ -77,6 +77,23 @@ def test_capture_uses_state_dict_names():
             pass
 
 
+def test_capture_joins_frame_chunks_and_keeps_the_last_call():
+    """With frame chunks a per-frame layer runs once per chunk; capture used to keep only the
+    last chunk (2 of 5 frames here)."""
+    unet = UNet3D(CFG).eval()
+    names = ["down_blocks.0.resnets.0", "up_blocks.2.attentions.0"]
+    x, context = torch.randn(2, 4, 5, 8, 8), torch.randn(2, 7, 32)
+    with torch.no_grad(), capture(unet, names) as whole:
+        unet(x, 5, context)
+    unet.frame_chunk = 2
+    with torch.no_grad(), capture(unet, names) as chunked:
+        unet(torch.randn_like(x), 7, context)  # an earlier call: replaced by the next one
+        unet(x, 5, context)
+    for name in names:
+        assert chunked[name].shape == whole[name].shape == (10,) + whole[name].shape[1:]
+        torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-5)
+
+
 def test_inflates_from_a_diffusers_folder(tmp_path):
     reference = image_unet(CFG)
     reference.save_pretrained(tmp_path / "unet")

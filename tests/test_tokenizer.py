@@ -68,3 +68,13 @@ def test_no_warning_when_it_fits(tokenizer, caplog):
     with caplog.at_level(logging.WARNING, logger="t2v.tokenizer"):
         tokenizer(["dog " * 75])  # 75 + 2 = 77: fits exactly
     assert not caplog.records
+
+
+def test_word_cache_is_bounded(monkeypatch):
+    import t2v.tokenizer
+
+    monkeypatch.setattr(t2v.tokenizer, "WORD_CACHE_SIZE", 10)
+    tok = Tokenizer()
+    words = " ".join(f"word{i}" for i in range(50))
+    ids = tok.encode(words)
+    assert len(tok._cache) <= 10 and tok.encode(words) == ids  # same ids without the cache

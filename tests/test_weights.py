@@ -170,6 +170,11 @@ def test_hub_id_resolves_from_local_cache_offline(folders, tmp_path, monkeypatch
     assert models.layout == "diffusers" and models.folder.name == commit
     with pytest.raises(WeightsError, match="not in the local Hugging Face cache"):
         load_models("someone/not-there")
+    # A typo'd local path of the owner/name shape: the error says it is no local folder.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(WeightsError, match=r"runs/modle: no local folder .*runs/modle, and as a "
+                                           r"hub repo id"):
+        load_models("runs/modle")
 
 
 @pytest.mark.parametrize("variant, wanted, unwanted", [
