@@ -26,6 +26,8 @@ UNET_ACTIVATION_SAFETY covers allocator slack and the layer temporaries the sum 
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 from dataclasses import dataclass
 
@@ -41,8 +43,10 @@ SAMPLER_LATENT_COPIES = 10  # x, x0, eps, the guided input and output (2 + 2), D
 GIB = 2 ** 30
 
 
+@functools.lru_cache(maxsize=8)
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameters of each component, from the config (built on the meta device: no memory)."""
+    """Parameters of each component, from the config (built on the meta device: no memory;
+    once per config)."""
     from t2v.text_encoder import TextEncoder
     from t2v.unet import UNet3D
     from t2v.vae import AutoencoderKL
@@ -81,14 +85,16 @@ class MemoryEstimate:
     vae_chunk: int
     latents: int
     output: int
+    baseline: int = 0  # what the process holds before the models load (libraries, runtime)
 
     @property
     def sampling(self) -> int:
-        return self.weights_sampling + self.unet_activations + self.sampler_state
+        return self.baseline + self.weights_sampling + self.unet_activations + self.sampler_state
 
     @property
     def decoding(self) -> int:
-        return self.weights_decoding + self.vae_chunk + self.latents + self.output
+        return self.baseline + self.weights_decoding + self.vae_chunk + self.latents + \
+            self.output
 
     @property
     def peak(self) -> int:
@@ -97,7 +103,8 @@ class MemoryEstimate:
     def summary(self) -> str:
         def g(n: int) -> str:
             return f"{n / GIB:.2f} GiB"
-        return (f"memory estimate: peak {g(self.peak)} (sampling {g(self.sampling)}: weights "
+        return (f"memory estimate: peak {g(self.peak)} (process before loading "
+                f"{g(self.baseline)}; sampling {g(self.sampling)}: weights "
                 f"{g(self.weights_sampling)}, UNet activations {g(self.unet_activations)}, "
                 f"sampler {g(self.sampler_state)}; decoding {g(self.decoding)}: weights "
                 f"{g(self.weights_decoding)}, VAE chunk {g(self.vae_chunk)}, output "
@@ -108,11 +115,13 @@ def estimate_memory(cfg: ModelConfig, *, frames: int, height: int, width: int, b
                     guidance: bool = True, window: int | None = None,
                     dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32,
                     decode_chunk: int = 8, frame_chunk: int | None = None,
-                    offload: bool = False, output_in_memory: bool = True) -> MemoryEstimate:
+                    offload: bool = False, output_in_memory: bool = True,
+                    baseline: int = 0) -> MemoryEstimate:
     """The memory model above for one call of the pipeline. `frame_chunk`: the UNet's
     (t2v.unet.UNet3D.frame_chunk; the transient then covers that many frames of one sample);
     `offload`: only the running model's weights count (model offload);
-    `output_in_memory=False`: frames are streamed."""
+    `output_in_memory=False`: frames are streamed; `baseline`: bytes the process already holds
+    (`resident_bytes()` before loading; the CLI passes it)."""
     counts = parameter_counts(cfg)
     size = torch.tensor([], dtype=dtype).element_size()
     vae_size = torch.tensor([], dtype=vae_dtype).element_size()
@@ -135,7 +144,17 @@ def estimate_memory(cfg: ModelConfig, *, frames: int, height: int, width: int, b
         vae_chunk=min(decode_chunk, batch * frames) * height * width
         * VAE_VALUES_PER_PIXEL_PER_CHANNEL * vae_channels * vae_size,
         latents=latents,
-        output=batch * frames * height * width * 3 if output_in_memory else 0)
+        output=batch * frames * height * width * 3 if output_in_memory else 0,
+        baseline=baseline)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def parse_size(text: str) -> int:

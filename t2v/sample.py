@@ -231,7 +231,7 @@ def write_output(frames, path: Path, fmt: str, fps: int, metadata: dict, overwri
 def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offload: bool,
                  streamed: bool) -> None:
     """Print the memory estimate for long runs; refuse runs over --max-memory."""
-    from t2v.memory import GIB, estimate_memory, parse_size
+    from t2v.memory import GIB, estimate_memory, parse_size, resident_bytes
 
     budget = None
     if args.max_memory is not None:
@@ -245,6 +245,8 @@ def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offl
 
     from t2v.pipeline import AUTO_FRAME_CHUNK, AUTO_FRAME_CHUNK_ABOVE
 
+    baseline = resident_bytes()
+
     def estimate(**change):
         window = change.get("window", s.window)
         in_view = min(s.num_frames, window) if window else s.num_frames
@@ -252,12 +254,12 @@ def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offl
                         frame_chunk=AUTO_FRAME_CHUNK if in_view > AUTO_FRAME_CHUNK_ABOVE else None,
                         guidance=s.guidance_scale > 1, window=s.window, dtype=dtype,
                         vae_dtype=vae_dtype, offload=offload and device.type != "cpu",
-                        output_in_memory=not streamed)
+                        output_in_memory=not streamed, baseline=baseline)
         return estimate_memory(cfg.model, **{**settings, **change})
 
     est = estimate()
-    log.info("%s", est.summary())
     if budget is None or est.peak <= budget:
+        log.info("%s", est.summary())
         return
     hints = []
     if s.window is None and s.num_frames > 16:

@@ -13,7 +13,7 @@ from helpers import assert_parity, randomize_
 from t2v.bench.long_video import SIZE, WINDOW
 from t2v.bench.memory import measure_in_subprocess
 from t2v.config import ModelConfig, UNetConfig, load_config
-from t2v.memory import SAMPLER_LATENT_COPIES, estimate_memory, parse_size
+from t2v.memory import SAMPLER_LATENT_COPIES, estimate_memory, parse_size, resident_bytes
 from t2v.pipeline import TextToVideo
 from t2v.sample import main as sample_main
 from t2v.unet import UNet3D
@@ -66,6 +66,9 @@ def test_memory_model_counts_what_scales():
         10 * short.unet_activations
     offloaded = estimate_memory(cfg, frames=16, height=256, width=256, offload=True)
     assert offloaded.weights_sampling == 1_411_233_860 * 4
+    with_baseline = estimate_memory(cfg, frames=16, height=256, width=256, baseline=2**30)
+    assert with_baseline.peak == short.peak + 2**30  # the process before loading counts
+    assert resident_bytes() > 50 * 2**20  # this process: Python + torch
     assert parse_size("12GB") == 12 * 2**30 and parse_size("800 MiB") == 800 * 2**20
     with pytest.raises(ValueError):
         parse_size("twelve")
@@ -100,12 +103,14 @@ def test_peak_memory_grows_only_by_latents_and_output():
     assert control_growth > control_bound
 
 
-def test_max_memory_refuses_with_the_settings_that_fit(tmp_path, capsys):
+def test_max_memory_refuses_with_the_settings_that_fit(tmp_path, capsys, caplog):
+    """One line: the refusal (the estimate used to be logged first, a second line)."""
     out = tmp_path / "v.mp4"
     code = sample_main(["--config", str(TINY), "--prompt", "x", "--frames", "200",
                         "--max-memory", "1MB", "--out", str(out), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not out.exists()
+    assert len(err) == 1 and "memory estimate" not in caplog.text
     assert "exceeds --max-memory" in err[-1] and "--window 16" in err[-1]
     code = sample_main(["--config", str(TINY), "--prompt", "x", "--frames", "4",
                         "--max-memory", "lots", "--out", str(out)])
