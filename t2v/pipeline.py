@@ -44,10 +44,28 @@ from t2v.windows import reschedule_noise, windowed
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("uint8", "float", "latents")
+# diffusers' output_type -> the frames computed ("np", "pt", "pil": float in [0, 1]).
+OUTPUT_TYPES = {"np": "float", "pt": "float", "pil": "float", "latent": "latents"}
+DEFAULT_STEPS = 50  # diffusers' TextToVideoSDPipeline default
 # Above this many frames in the UNet's view, its per-frame layers run in chunks of
 # AUTO_FRAME_CHUNK frames (t2v.unet.UNet3D.frame_chunk): bounded working memory, same results.
 AUTO_FRAME_CHUNK_ABOVE = 24
 AUTO_FRAME_CHUNK = 8
+Generators = torch.Generator | list  # one generator, or one per video
+
+
+def auto_frame_chunk(frames_in_view: int) -> int | None:
+    """The frame chunk "auto" means: AUTO_FRAME_CHUNK when the UNet sees more than
+    AUTO_FRAME_CHUNK_ABOVE frames at once, else None (all frames together)."""
+    return AUTO_FRAME_CHUNK if frames_in_view > AUTO_FRAME_CHUNK_ABOVE else None
+
+
+def resolve_steps(steps: int | None, num_inference_steps: int | None) -> int:
+    """`steps`, or diffusers' `num_inference_steps`; the same number if both are given."""
+    if steps is not None and num_inference_steps is not None and steps != num_inference_steps:
+        raise UserError(f"steps ({steps}) and num_inference_steps ({num_inference_steps}) "
+                        "disagree; give one")
+    return steps if steps is not None else (num_inference_steps or DEFAULT_STEPS)
 
 
 class NumericalError(RuntimeError):
@@ -57,8 +75,10 @@ class NumericalError(RuntimeError):
 @dataclass
 class Generation:
     """`frames`: uint8 (B, F, H, W, 3), float (B, F, H, W, 3) in [0, 1], or latents
-    (B, 4, F, h, w) as requested; `seed`: the seed of the run's generator (initial noise unless
-    latents were given, and every later draw); None if the caller passed a generator."""
+    (B, 4, F, h, w) as requested (with diffusers' output_type: a numpy array (B, F, H, W, 3),
+    a tensor (B, F, 3, H, W) in [0, 1], lists of PIL images, or latents); `seed`: the seed of
+    the run's generator (initial noise unless latents were given, and every later draw); None
+    if the caller passed a generator."""
 
     frames: torch.Tensor
     seed: int | None
@@ -95,12 +115,18 @@ class TextToVideo:
 
     @classmethod
     def from_pretrained(cls, source, *, revision: str | None = None, variant: str | None = None,
-                        dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
+                        dtype: torch.dtype | None = None, vae_dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", offload: bool = False,
-                        local_files_only: bool | None = None) -> TextToVideo:
+                        local_files_only: bool | None = None,
+                        torch_dtype: torch.dtype | None = None) -> TextToVideo:
         """Any layout `t2v.weights.load_models` reads: local folder or hub repo id.
-        `offload=True` keeps the models on the CPU and runs each on `device` in turn."""
+        `offload=True` keeps the models on the CPU and runs each on `device` in turn.
+        `torch_dtype` is diffusers' name for `dtype` (default float32)."""
         from t2v.weights import load_models
+
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise UserError(f"dtype ({dtype}) and torch_dtype ({torch_dtype}) disagree")
+        dtype = dtype or torch_dtype or torch.float32
 
         m = load_models(source, revision=revision, variant=variant, dtype=dtype,
                         vae_dtype=vae_dtype, device="cpu" if offload else device,
@@ -161,39 +187,34 @@ class TextToVideo:
             raise UserError(f"steps must be between 1 and {self.schedule.num_train_timesteps}, "
                             f"got {steps}")
 
-    @torch.no_grad()
-    def __call__(self, prompt: str | list[str] = "", negative_prompt: str | list[str] = "", *,
-                 num_frames: int = 16, height: int = 256, width: int = 256, steps: int = 50,
-                 guidance_scale: float = 9.0, sampler: str = "ddim", eta: float = 0.0,
-                 seed: int | None = None, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None,
-                 prompt_embeds: torch.Tensor | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None,
-                 init_video: torch.Tensor | None = None, strength: float = 0.6,
-                 timestep_spacing: str | None = None, solver_order: int = 2,
-                 window: int | None = None, window_overlap: int = 4, loop: bool = False,
-                 freenoise: bool = True,
-                 callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
-                 output: str = "uint8", progress: bool = True,
-                 decode_chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-                 frame_chunk: int | str | None = "auto") -> Generation:
-        """Generate B videos (B = number of prompts).
+    # -- diffusers-shaped conveniences --------------------------------------------------------
 
-        `seed` or `generator` (CPU, for device-independent noise; not both) seeds every draw of
-        the run; `latents` (B, 4, F, h, w) replace the initial noise. Without seed or generator
-        a random seed is drawn and reported.
-        `init_video` (B or 1, 3, F, H, W) in [-1, 1] switches to video-to-video.
-        `window` (frames) turns on windowed sampling for long videos (t2v.windows): the UNet
-        sees `window` frames at a time, windows overlap by `window_overlap`, `loop` wraps them
-        around, and `freenoise` reschedules the initial noise as FreeNoise does.
-        `callback(i, t, x, x0)` runs after every step. `frame_chunk`: the UNet's per-frame
-        layers run on at most this many frames at a time (None: all; "auto": AUTO_FRAME_CHUNK
-        when the UNet sees more than AUTO_FRAME_CHUNK_ABOVE frames).
-        """
+    def to(self, *args, **kwargs) -> TextToVideo:
+        """Move and/or cast every model, like `nn.Module.to` (`pipe.to("cuda")`,
+        `pipe.to(torch.float16)`, `pipe.to("cuda", torch.float16)`); returns the pipeline."""
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(*args, **kwargs)
+        return self
+
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
+        """diffusers' model offload: the models live on the CPU and each moves to `device`
+        (default: the first CUDA GPU) only for its stage. Without an accelerator the models
+        simply stay on the CPU."""
+        if device is None:
+            if not torch.cuda.is_available():
+                log.warning("enable_model_cpu_offload: no accelerator; the models stay on the "
+                            "CPU")
+                return
+            device = "cuda"
+        self.to("cpu")
+        self.offload_to = torch.device(device)
+
+    def check_inputs(self, *, sampler: str, eta: float, window: int | None,
+                     window_overlap: int, loop: bool, height: int, width: int,
+                     num_frames: int, steps: int, num_videos_per_prompt: int) -> None:
+        """Everything about the arguments that can be wrong, before any model runs."""
         if sampler not in SAMPLERS:
             raise UserError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-        if output not in OUTPUTS:
-            raise UserError(f"output must be one of {OUTPUTS}, got {output!r}")
         if sampler != "ddim" and eta > 0:
             raise UserError(f"eta applies to the ddim sampler only (sampler is {sampler})")
         if loop and window is None:
@@ -201,42 +222,149 @@ class TextToVideo:
         if window is not None and not (window >= 1 and 0 <= window_overlap < window):
             raise UserError(f"window must be >= 1 and window_overlap between 0 and window - 1, "
                             f"got window {window}, window_overlap {window_overlap}")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if init_video is not None:
-            num_frames, height, width = init_video.shape[2], *init_video.shape[-2:]
+        if num_videos_per_prompt < 1:
+            raise UserError(f"num_videos_per_prompt must be >= 1, got {num_videos_per_prompt}")
         self._check_size(height, width, num_frames, steps)
 
-        # Text: [uncond, cond] batched in one UNet call, as diffusers does.
+    def prompt_context(self, prompts: list[str], negative_prompt: str | list[str],
+                       guidance_scale: float, videos_per_prompt: int = 1,
+                       prompt_embeds: torch.Tensor | None = None,
+                       negative_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's text context: (B, L, D), or [uncond; cond] (2B, L, D) when guided, as
+        diffusers batches them; each prompt repeated `videos_per_prompt` times."""
         context = prompt_embeds if prompt_embeds is not None else self.encode_prompt(prompts)
-        batch = context.shape[0]
-        guided = guidance_scale > 1.0
-        if guided:
-            if negative_prompt_embeds is None:
-                negatives = [negative_prompt] * batch if isinstance(negative_prompt, str) \
-                    else list(negative_prompt)
-                if len(negatives) != batch:  # as diffusers: a list must match the prompts
-                    raise UserError(f"{len(negatives)} negative prompts for {batch} prompts; "
-                                    "give one string, or a list with one per prompt")
-                negative_prompt_embeds = self.encode_prompt(negatives)
-            if negative_prompt_embeds.shape != context.shape:
-                raise UserError(f"negative_prompt_embeds have shape "
-                                f"{tuple(negative_prompt_embeds.shape)}, the prompt embeddings "
-                                f"{tuple(context.shape)}; they must match")
-            context = torch.cat([negative_prompt_embeds.to(context), context])
+        context = context.repeat_interleave(videos_per_prompt, dim=0)
+        if guidance_scale <= 1.0:
+            return context
+        if negative_prompt_embeds is None:
+            count = len(prompts) if prompt_embeds is None else prompt_embeds.shape[0]
+            negatives = [negative_prompt] * count if isinstance(negative_prompt, str) \
+                else list(negative_prompt)
+            if len(negatives) != count:  # as diffusers: a list must match the prompts
+                raise UserError(f"{len(negatives)} negative prompts for {count} prompts; "
+                                "give one string, or a list with one per prompt")
+            negative_prompt_embeds = self.encode_prompt(negatives)
+        negative = negative_prompt_embeds.repeat_interleave(videos_per_prompt, dim=0)
+        if negative.shape != context.shape:
+            raise UserError(f"negative_prompt_embeds have shape "
+                            f"{tuple(negative_prompt_embeds.shape)}, the prompt embeddings "
+                            f"{tuple(context.shape[:1])} after repeats; they must match")
+        return torch.cat([negative.to(context), context])
 
-        # Initial noise: one visible place, on a CPU generator unless one is given.
-        used_seed = None
-        # Always a generator: it draws the initial noise (unless `latents` are given) and every
-        # later draw (DDIM with eta > 0, video-to-video), so a seed reproduces the whole run.
+    @staticmethod
+    def make_generator(seed: int | None, generator: Generators | None, batch: int
+                       ) -> tuple[Generators, int | None]:
+        """Always a generator (or one per video): it draws the initial noise (unless latents
+        are given) and every later draw (DDIM with eta > 0, video-to-video), so a seed
+        reproduces the whole run. Returns (generator, the seed used or None)."""
         if seed is not None and generator is not None:
             raise UserError("pass seed or generator, not both (a generator carries its own "
                             "seed)")
-        used_seed = None
-        if generator is None:
-            used_seed = seed if seed is not None else random.randrange(2**31)
-            generator = torch.Generator("cpu").manual_seed(used_seed)
-        f = self.vae_scale_factor
-        shape = (batch, self.config.unet.in_channels, num_frames, height // f, width // f)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise UserError(f"{len(generator)} generators for {batch} videos; give one, or one "
+                            "per video")
+        if generator is not None:
+            return generator, None
+        used_seed = seed if seed is not None else random.randrange(2**31)
+        return torch.Generator("cpu").manual_seed(used_seed), used_seed
+
+    def prepare_latents(self, shape: tuple[int, ...], generator: Generators,
+                        latents: torch.Tensor | None, window: int | None, window_overlap: int,
+                        freenoise: bool) -> torch.Tensor:
+        """x_T: the given latents, or N(0, I) from the generator(s) (FreeNoise-rescheduled
+        for windowed runs), on the device in the UNet's dtype."""
+        if latents is None:
+            latents = randn(shape, generator)
+            num_frames = shape[2]
+            if window is not None and freenoise and num_frames > window:
+                stride = window - window_overlap
+                generators = generator if isinstance(generator, list) else [generator]
+                latents = torch.cat([reschedule_noise(part, window, stride, g) for part, g in
+                                     zip(latents.split(len(latents) // len(generators)),
+                                         generators)])
+        elif tuple(latents.shape) != shape:
+            raise UserError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        return latents.to(self.device, self.dtype)
+
+    def guided_denoiser(self, context: torch.Tensor, guidance_scale: float,
+                        frame_chunk: int | None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """eps(x, t) = u + g (c - u) from one UNet call on [x, x] (g > 1), else the UNet."""
+        guided = guidance_scale > 1.0
+
+        def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+            model_input = torch.cat([x, x]) if guided else x
+            eps = self.unet(model_input, t, context, frame_chunk=frame_chunk)
+            if not guided:
+                return eps
+            uncond, cond = eps.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+
+        return denoise
+
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] = "", negative_prompt: str | list[str] = "", *,
+                 num_frames: int = 16, height: int = 256, width: int = 256,
+                 steps: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float = 9.0, sampler: str = "ddim", eta: float = 0.0,
+                 seed: int | None = None, generator: Generators | None = None,
+                 latents: torch.Tensor | None = None,
+                 prompt_embeds: torch.Tensor | None = None,
+                 negative_prompt_embeds: torch.Tensor | None = None,
+                 num_videos_per_prompt: int = 1,
+                 init_video: torch.Tensor | None = None, video=None, strength: float = 0.6,
+                 timestep_spacing: str | None = None, solver_order: int = 2,
+                 window: int | None = None, window_overlap: int = 4, loop: bool = False,
+                 freenoise: bool = True,
+                 callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+                 callback_on_step_end: Callable | None = None,
+                 callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
+                 output: str = "uint8", output_type: str | None = None,
+                 return_dict: bool = True, progress: bool = True,
+                 decode_chunk_frames: int = DEFAULT_CHUNK_FRAMES,
+                 frame_chunk: int | str | None = "auto") -> Generation | tuple:
+        """Generate B videos (B = number of prompts x num_videos_per_prompt).
+
+        `seed` or `generator` (CPU, for device-independent noise; not both; or a list of one
+        generator per video) seeds every draw of the run; `latents` (B, 4, F, h, w) replace
+        the initial noise. Without seed or generator a random seed is drawn and reported.
+        `init_video` (B or 1, 3, F, H, W) in [-1, 1], or diffusers' `video` (frames in
+        [0, 1] or uint8, t2v.pipeline.video_argument), switches to video-to-video.
+        `window` (frames) turns on windowed sampling for long videos (t2v.windows): the UNet
+        sees `window` frames at a time, windows overlap by `window_overlap`, `loop` wraps them
+        around, and `freenoise` reschedules the initial noise as FreeNoise does.
+        `callback(i, t, x, x0)` runs after every step; diffusers'
+        `callback_on_step_end(pipe, i, t, {"latents": x})` too, and latents it returns replace
+        the sampler's. `frame_chunk`: the UNet's per-frame layers run on at most this many
+        frames at a time (None: all; "auto": auto_frame_chunk(frames the UNet sees)).
+        `output`: "uint8" (B, F, H, W, 3), "float" (same, in [0, 1]) or "latents"; diffusers'
+        `output_type` overrides it: "np", "pt" ((B, F, 3, H, W) in [0, 1]), "pil", "latent".
+        `num_inference_steps` is diffusers' name for `steps` (default 50).
+        """
+        steps = resolve_steps(steps, num_inference_steps)
+        kind = OUTPUT_TYPES.get(output_type, output_type) if output_type is not None else output
+        if kind not in OUTPUTS:
+            raise UserError(f"output must be one of {OUTPUTS} (output_type one of "
+                            f"{tuple(OUTPUT_TYPES)}), got {output_type or output!r}")
+        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
+            raise UserError("callback_on_step_end_tensor_inputs: only 'latents' is available")
+        if video is not None:
+            if init_video is not None:
+                raise UserError("pass init_video or video, not both")
+            init_video = video_argument(video)
+        if init_video is not None:
+            num_frames, height, width = init_video.shape[2], *init_video.shape[-2:]
+        self.check_inputs(sampler=sampler, eta=eta, window=window,
+                          window_overlap=window_overlap, loop=loop, height=height, width=width,
+                          num_frames=num_frames, steps=steps,
+                          num_videos_per_prompt=num_videos_per_prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        context = self.prompt_context(prompts, negative_prompt, guidance_scale,
+                                      num_videos_per_prompt, prompt_embeds,
+                                      negative_prompt_embeds)
+        batch = context.shape[0] // (2 if guidance_scale > 1.0 else 1)
+        generator, used_seed = self.make_generator(seed, generator, batch)
+        if isinstance(generator, list) and init_video is not None:
+            raise UserError("video-to-video takes one generator (or a seed), not a list")
 
         spacing = timestep_spacing or self.config.schedule.timestep_spacing
         options = {"spacing": spacing, "generator": generator}
@@ -244,32 +372,31 @@ class TextToVideo:
             options["eta"] = eta
         else:
             options["order"] = solver_order
-
+        f = self.vae_scale_factor
         start = 0
         if init_video is None:
-            if latents is None:
-                latents = randn(shape, generator)
-                if window is not None and freenoise and num_frames > window:
-                    stride = window - window_overlap
-                    latents = reschedule_noise(latents, window, stride, generator)
-            elif tuple(latents.shape) != shape:
-                raise UserError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-            x = latents.to(self.device, self.dtype)
+            shape = (batch, self.config.unet.in_channels, num_frames, height // f, width // f)
+            x = self.prepare_latents(shape, generator, latents, window, window_overlap,
+                                     freenoise)
         else:
             x, start = self._video_to_video_start(init_video, batch, steps, strength, sampler,
                                                   spacing, generator, decode_chunk_frames)
 
-        def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-            model_input = torch.cat([x, x]) if guided else x
-            eps = self.unet(model_input, t, context)
-            if not guided:
-                return eps
-            uncond, cond = eps.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
-
+        if frame_chunk == "auto":
+            frame_chunk = auto_frame_chunk(min(num_frames, window or num_frames))
+        denoise = self.guided_denoiser(context, guidance_scale, frame_chunk)
         if window is not None:
             denoise = windowed(denoise, window, window_overlap, loop)
+        x = self.denoising_loop(denoise, x, sampler, steps, start, options, progress, callback,
+                                callback_on_step_end)
+        result = Generation(self.decode(x, kind, decode_chunk_frames, progress, output_type),
+                            used_seed)
+        return result if return_dict else (result.frames,)
 
+    def denoising_loop(self, denoise, x: torch.Tensor, sampler: str, steps: int, start: int,
+                       options: dict, progress: bool, callback=None, callback_on_step_end=None
+                       ) -> torch.Tensor:
+        """The sampler over the denoiser, with a progress bar, a NaN stop and the callbacks."""
         bar = tqdm(total=steps - start, desc="sampling", disable=not progress, leave=False)
 
         def on_step(i: int, t: int, x: torch.Tensor, x0: torch.Tensor) -> None:
@@ -281,11 +408,11 @@ class TextToVideo:
                     "(--guidance) or another sampler")
             if callback is not None:
                 callback(i, t, x, x0)
+            if callback_on_step_end is not None:
+                returned = callback_on_step_end(self, i, t, {"latents": x}) or {}
+                if "latents" in returned and returned["latents"] is not x:
+                    x.copy_(returned["latents"])  # the sampler continues from these
 
-        in_view = min(num_frames, window) if window is not None else num_frames
-        if frame_chunk == "auto":
-            frame_chunk = AUTO_FRAME_CHUNK if in_view > AUTO_FRAME_CHUNK_ABOVE else None
-        previous_chunk, self.unet.frame_chunk = self.unet.frame_chunk, frame_chunk
         try:
             if start < steps:
                 with self._stage(self.unet):
@@ -293,17 +420,32 @@ class TextToVideo:
                                           callback=on_step, **options)
         finally:
             bar.close()
-            self.unet.frame_chunk = previous_chunk
-        if output == "latents":
-            return Generation(x, used_seed)
-        b, f = x.shape[0], x.shape[2]
+        return x
+
+    def decode(self, latents: torch.Tensor, kind: str = "uint8",
+               chunk_frames: int = DEFAULT_CHUNK_FRAMES, progress: bool = False,
+               output_type: str | None = None):
+        """Latents -> frames as `kind` ("uint8", "float", "latents") in t2v's layout
+        (B, F, H, W, 3), then in diffusers' form if `output_type` is given."""
+        if kind == "latents":
+            return latents
+        b, f = latents.shape[0], latents.shape[2]
         out = None
         # Chunk by chunk straight into the output: a uint8 video never exists in float32.
-        for row, frames in self.iter_frames(x, output == "uint8", decode_chunk_frames, progress):
+        for row, frames in self.iter_frames(latents, kind == "uint8", chunk_frames, progress):
             if out is None:
                 out = frames.new_empty((b, f) + frames.shape[1:])  # (B, F, H, W, 3)
             out.view(b * f, *frames.shape[1:])[row:row + len(frames)] = frames
-        return Generation(out, used_seed)
+        if output_type == "np":
+            return out.cpu().numpy()
+        if output_type == "pt":
+            return out.permute(0, 1, 4, 2, 3)  # (B, F, 3, H, W), diffusers' layout
+        if output_type == "pil":
+            from PIL import Image
+
+            return [[Image.fromarray(frame) for frame in clip]
+                    for clip in (out * 255).round().to(torch.uint8).cpu().numpy()]
+        return out
 
     @torch.no_grad()
     def iter_frames(self, latents: torch.Tensor, uint8: bool = True,
@@ -339,6 +481,28 @@ class TextToVideo:
         noise = noise.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
         x = add_noise(latents, noise, self.schedule.alphas_cumprod[t].to(latents.device))
         return x.to(self.dtype), start
+
+
+def video_argument(video) -> torch.Tensor:
+    """diffusers' `video=` input -> init_video (B, 3, F, H, W) in [-1, 1]. Accepted: a list of
+    PIL images or of (H, W, 3) arrays, an array (F, H, W, 3), a tensor (F, 3, H, W) or
+    (B, F, 3, H, W); floats in [0, 1] or uint8 (0-255)."""
+    if isinstance(video, (list, tuple)):
+        video = np.stack([np.asarray(frame) for frame in video])
+    if isinstance(video, np.ndarray):
+        if video.ndim != 4 or video.shape[-1] != 3:
+            raise UserError(f"video: expected frames (F, H, W, 3), got shape {video.shape}")
+        video = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2)  # F 3 H W
+    if not isinstance(video, torch.Tensor):
+        raise UserError(f"video: expected a list of frames, an array or a tensor, got "
+                        f"{type(video).__name__}")
+    if video.ndim == 4:
+        video = video[None]
+    if video.ndim != 5 or video.shape[2] != 3:
+        raise UserError(f"video: expected (F, 3, H, W) or (B, F, 3, H, W), got "
+                        f"{tuple(video.shape)}")
+    video = video.float() / 255.0 if video.dtype == torch.uint8 else video.float()
+    return (video * 2 - 1).permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W) in [-1, 1]
 
 
 def frames_to_video_tensor(frames: np.ndarray, height: int | None = None,

@@ -243,7 +243,7 @@ def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offl
     if budget is None and s.num_frames <= LONG_RUN_FRAMES:
         return
 
-    from t2v.pipeline import AUTO_FRAME_CHUNK, AUTO_FRAME_CHUNK_ABOVE
+    from t2v.pipeline import auto_frame_chunk
 
     baseline = resident_bytes()
 
@@ -251,7 +251,7 @@ def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offl
         window = change.get("window", s.window)
         in_view = min(s.num_frames, window) if window else s.num_frames
         settings = dict(frames=s.num_frames, height=s.height, width=s.width,
-                        frame_chunk=AUTO_FRAME_CHUNK if in_view > AUTO_FRAME_CHUNK_ABOVE else None,
+                        frame_chunk=auto_frame_chunk(in_view),
                         guidance=s.guidance_scale > 1, window=s.window, dtype=dtype,
                         vae_dtype=vae_dtype, offload=offload and device.type != "cpu",
                         output_in_memory=not streamed, baseline=baseline)

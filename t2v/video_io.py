@@ -98,6 +98,26 @@ def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int,
     return Path(path)
 
 
+def export_to_video(video_frames, output_video_path: str | Path | None = None, fps: int = 10,
+                    overwrite: bool = False) -> str:
+    """diffusers' `export_to_video` with t2v's writer: frames as an array (F, H, W, 3), a list
+    of (H, W, 3) arrays or of PIL images, floats in [0, 1] or uint8; an H.264 MP4 at
+    `output_video_path` (default: a new temporary file). Unlike diffusers it refuses to replace
+    an existing file unless `overwrite`. Returns the path."""
+    if isinstance(video_frames, (list, tuple)):
+        video_frames = np.stack([np.asarray(frame) for frame in video_frames])
+    frames = np.asarray(video_frames)
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if output_video_path is None:
+        import tempfile
+
+        handle, name = tempfile.mkstemp(suffix=".mp4")
+        os.close(handle)
+        output_video_path, overwrite = name, True
+    return str(write_mp4(frames, Path(output_video_path), fps, overwrite=overwrite))
+
+
 def write_gif(frames: np.ndarray, path: Path, fps: int, overwrite: bool = False) -> Path:
     """Looping GIF; frame durations are whole milliseconds (GIF stores centiseconds)."""
     frames = _check_frames(frames)

@@ -273,3 +273,79 @@ def test_noise_is_drawn_on_the_generator_device_then_moved():
     assert torch.equal(randn((2, 3), torch.Generator().manual_seed(3)), expected)
     assert randn((2,), torch.Generator().manual_seed(3), dtype=torch.float64).dtype == \
         torch.float64
+
+
+def test_model_card_snippet_runs_with_the_import_changed(tmp_path):
+    """The model card's diffusers snippet, with t2v's names (tiny weights in a folder):
+
+        pipe = DiffusionPipeline.from_pretrained(repo, torch_dtype=..., variant=...)
+        pipe.enable_model_cpu_offload()
+        video_frames = pipe(prompt, num_inference_steps=25).frames[0]
+        video_path = export_to_video(video_frames)
+
+    output_type "np" (diffusers' default) gives frames in [0, 1] equal to t2v's float
+    output; the MP4 holds them."""
+    from t2v.config import load_config
+    from t2v.pipeline import TextToVideo as DiffusionPipeline
+    from t2v.video_io import export_to_video, read_video
+    from t2v.weights import save_native
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    source = TextToVideo.from_config(cfg.model, seed=0)
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    save_native(folder, cfg.model, {"text_encoder": source.text_encoder.state_dict(),
+                                    "unet": source.unet.state_dict(),
+                                    "vae": source.vae.state_dict()})
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)
+    pipe.enable_model_cpu_offload()  # no accelerator here: the models stay on the CPU
+    prompt = "Spiderman is surfing"
+    generator = torch.Generator().manual_seed(0)
+    kwargs = dict(num_frames=2, height=32, width=32, progress=False)
+    video_frames = pipe(prompt, num_inference_steps=3, output_type="np", generator=generator,
+                        **kwargs).frames[0]
+    expected = pipe(prompt, steps=3, seed=0, output="float", **kwargs).frames[0]
+    assert isinstance(video_frames, np.ndarray) and video_frames.shape == (2, 32, 32, 3)
+    np.testing.assert_array_equal(video_frames, expected.numpy())
+    video_path = export_to_video(video_frames, str(tmp_path / "out.mp4"))
+    frames, _ = read_video(Path(video_path))
+    assert frames.shape == (2, 32, 32, 3)
+
+
+def test_diffusers_arguments(components):
+    """num_videos_per_prompt, generator lists, output types, return_dict, pipe.to, video=,
+    callback_on_step_end: each against t2v's own arguments."""
+    ours = components[0]
+    kwargs = dict(num_frames=2, height=32, width=32, num_inference_steps=2, progress=False)
+    two = ours(["a dog", "a cat"], num_videos_per_prompt=2,
+               generator=[torch.Generator().manual_seed(s) for s in range(4)], **kwargs)
+    assert two.frames.shape[0] == 4 and two.seed is None
+    for i, prompt in enumerate(["a dog", "a dog", "a cat", "a cat"]):  # each video: its own
+        single = ours(prompt, generator=torch.Generator().manual_seed(i), **kwargs).frames[0]
+        assert (single.int() - two.frames[i].int()).abs().max() <= 1
+    reference = ours("a dog", seed=3, output="float", **kwargs).frames
+    pt = ours("a dog", seed=3, output_type="pt", **kwargs).frames
+    assert torch.equal(pt, reference.permute(0, 1, 4, 2, 3))
+    pil = ours("a dog", seed=3, output_type="pil", **kwargs).frames
+    assert len(pil) == 1 and len(pil[0]) == 2 and pil[0][0].size == (32, 32)
+    latent = ours("a dog", seed=3, output_type="latent", **kwargs).frames
+    assert latent.shape == (1, 4, 2, 8, 8)
+    (frames,) = ours("a dog", seed=3, return_dict=False, **kwargs)
+    assert frames.dtype == torch.uint8
+    with pytest.raises(UserError, match="disagree"):
+        ours("a dog", steps=3, num_inference_steps=4, num_frames=2, height=32, width=32)
+    assert ours.to(torch.float32) is ours
+    seen = []
+
+    def on_step_end(pipe, i, t, tensors):
+        seen.append((i, t, tensors["latents"].shape))
+        return {"latents": torch.zeros_like(tensors["latents"])}
+
+    zeroed = ours("a dog", seed=3, output="latents", callback_on_step_end=on_step_end,
+                  num_frames=2, height=32, width=32, steps=1, progress=False).frames
+    assert len(seen) == 1 and torch.equal(zeroed, torch.zeros_like(zeroed))
+    video = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
+    from_video = ours("a dog", video=video, seed=4, strength=0.5, **kwargs).frames
+    init = torch.from_numpy(video).permute(3, 0, 1, 2)[None] * 2 - 1
+    from_init = ours("a dog", init_video=init, seed=4, strength=0.5, **kwargs).frames
+    assert torch.equal(from_video, from_init)

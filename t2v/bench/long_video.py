@@ -32,7 +32,7 @@ WINDOW, OVERLAP = 16, 4
 def child_mid(frames: int, mode: str) -> None:
     """mode: "window" (WINDOW frames at a time), "auto" (all frames, the pipeline's automatic
     frame chunks) or "unchunked" (all frames at once: the control)."""
-    from t2v.pipeline import AUTO_FRAME_CHUNK, AUTO_FRAME_CHUNK_ABOVE, TextToVideo
+    from t2v.pipeline import TextToVideo, auto_frame_chunk
 
     pipe = TextToVideo.from_config(MID, seed=0)
     window = WINDOW if mode == "window" else None
@@ -43,8 +43,7 @@ def child_mid(frames: int, mode: str) -> None:
                  frame_chunk=chunk, progress=False).frames
     in_view = min(frames, window or frames)
     est = estimate_memory(MID, frames=frames, height=SIZE, width=SIZE, window=window,
-                          frame_chunk=AUTO_FRAME_CHUNK if chunk == "auto"
-                          and in_view > AUTO_FRAME_CHUNK_ABOVE else None)
+                          frame_chunk=auto_frame_chunk(in_view) if chunk == "auto" else None)
     report(baseline, frames=frames, mode=mode, output_mib=video.numel() / 2**20,
            estimate_mib=(est.peak - est.weights_sampling) / 2**20)
 
@@ -52,11 +51,11 @@ def child_mid(frames: int, mode: str) -> None:
 def child_full_unet(frames: int, latent: int, impl: str = "t2v") -> None:
     """One full-size UNet forward, batch 2: t2v (frame chunks as the pipeline picks them) or
     diffusers' UNet3DConditionModel."""
-    from t2v.pipeline import AUTO_FRAME_CHUNK, AUTO_FRAME_CHUNK_ABOVE
+    from t2v.pipeline import auto_frame_chunk
     from t2v.unet import UNet3D
 
     cfg = ModelConfig()
-    chunk = AUTO_FRAME_CHUNK if frames > AUTO_FRAME_CHUNK_ABOVE else None
+    chunk = auto_frame_chunk(frames)
     if impl == "t2v":
         unet = UNet3D(cfg.unet).eval()
         unet.frame_chunk = chunk
