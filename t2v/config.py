@@ -28,7 +28,6 @@ from t2v.errors import ConfigError
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
-SAMPLER_NAMES = ("ddim", "dpmsolver++", "dpmsolver")  # the keys of t2v.samplers.SAMPLERS
 
 
 def _check(condition: bool, message: str) -> None:
@@ -170,8 +169,10 @@ class SampleConfig:
     def __post_init__(self):
         _check(self.num_frames >= 1, f"sample.num_frames must be >= 1, got {self.num_frames}")
         _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
-        _check(self.sampler in SAMPLER_NAMES,
-               f"sample.sampler must be one of {SAMPLER_NAMES}, got {self.sampler!r}")
+        from t2v.samplers import SAMPLERS  # the one list of names (samplers import config)
+
+        _check(self.sampler in SAMPLERS,
+               f"sample.sampler must be one of {tuple(SAMPLERS)}, got {self.sampler!r}")
         for name in ("height", "width"):
             value = getattr(self, name)
             _check(value > 0 and value % 8 == 0,

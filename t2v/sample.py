@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from t2v import __version__
-from t2v.config import (SAMPLER_NAMES, Config, apply_overrides, config_from_dict, config_to_dict,
+from t2v.config import (Config, apply_overrides, config_from_dict, config_to_dict,
                         load_config)
 from t2v.errors import ConfigError, UserError
 from t2v.pipeline import NumericalError, TextToVideo, frames_to_video_tensor
+from t2v.samplers import SAMPLERS
 from t2v.video_io import atomic_path, read_video, write_gif, write_mp4, write_png_frames
 
 log = logging.getLogger("t2v.sample")
@@ -81,7 +82,7 @@ def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=s.height, help="pixels, a multiple of 8")
     p.add_argument("--width", type=int, default=s.width, help="pixels, a multiple of 8")
     p.add_argument("--steps", type=int, default=s.steps, help="sampling steps")
-    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=s.sampler, help="sampler")
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=s.sampler, help="sampler")
     p.add_argument("--guidance", type=float, default=s.guidance_scale,
                    help="classifier-free guidance scale (1 disables the unconditional pass)")
     p.add_argument("--eta", type=float, default=s.eta, help="DDIM noise (0 = deterministic)")

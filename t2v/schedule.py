@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from t2v.config import ScheduleConfig
+from t2v.config import TIMESTEP_SPACINGS, ScheduleConfig
 from t2v.errors import ConfigError
 
-SPACINGS = ("leading", "linspace", "trailing")
+SPACINGS = TIMESTEP_SPACINGS  # the one list (t2v.config)
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from t2v.config import UNetConfig
+from t2v.unet import UNet3D
 
 # fp32 parity tolerance: max |ours - reference| relative to max |reference|.
 PARITY_TOL = 1e-5
@@ -49,3 +53,53 @@ def assert_parity(actual: torch.Tensor, expected: torch.Tensor, tol: float = PAR
     print(f"[parity] {what}: max relative difference {diff:.2e}")  # shown with pytest -s
     assert diff <= tol, f"{what}: max relative difference {diff:.3e} > {tol:.0e}"
     return diff
+
+
+# -- UNet pairs (t2v and diffusers with the same random weights) ----------------------------
+
+TINY = UNetConfig(channels=(32, 64, 64, 64), head_dim=8, context_dim=32, norm_groups=4)
+
+
+def diffusers_unet(cfg: UNetConfig, seed: int = 0):
+    from diffusers import UNet3DConditionModel
+
+    from weights_convert.diffusers import diffusers_unet_kwargs
+
+    return randomize_(UNet3DConditionModel(**diffusers_unet_kwargs(cfg)), seed).eval()
+
+
+def matched_unets(cfg: UNetConfig = TINY, seed: int = 0):
+    """(t2v UNet3D, diffusers UNet3DConditionModel) with the same random weights, eval mode."""
+    reference = diffusers_unet(cfg, seed)
+    ours = UNet3D(cfg).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)  # same names, no converter
+    return ours, reference
+
+def inputs(batch, frames, size, context_len=7, context_dim=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, frames, *size, generator=g),
+            torch.randn(batch, context_len, context_dim, generator=g))
+
+
+# -- training runs on the squares of tests/synthetic.py -------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_config(data: Path, out: Path, *extra: str):
+    """The tiny model on 4-frame 32x32 clips of the squares."""
+    from t2v.config import load_config
+    from t2v.train_config import TrainRunConfig
+
+    base = [f"data.path={data}", "data.num_frames=4", "data.stride=2", "data.height=32",
+            "data.width=32", f"train.output_dir={out}", "train.log_every=1"]
+    return load_config(ROOT / "configs" / "tiny.yaml", base + list(extra), schema=TrainRunConfig)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for torchrun's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import free_port
 from t2v.config import load_config
 from t2v.pipeline import TextToVideo
 from t2v.sample import main
@@ -248,7 +249,7 @@ def test_torchrun_splits_prompts_across_processes(tmp_path):
     out = tmp_path / "videos"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-         "--master_port", "29517", "-m", "t2v.sample", "--config", TINY, "--prompts-file",
+         "--master_port", str(free_port()), "-m", "t2v.sample", "--config", TINY, "--prompts-file",
          str(prompts), "--seed", "5", "--out", str(out), "--no-progress"],
         capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
@@ -256,4 +257,3 @@ def test_torchrun_splits_prompts_across_processes(tmp_path):
     assert videos == ["0-a-red-ball-5.mp4", "1-a-blue-cube-6.mp4", "2-a-green-cone-7.mp4"]
     assert len(list(out.glob("*.mp4.json"))) == 3
     assert all(probe(out / v)["frames"] == 4 for v in videos)
-    assert torch.distributed.is_available()

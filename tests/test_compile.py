@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from helpers import assert_parity, randomize_
+from helpers import TINY, assert_parity, inputs, matched_unets, randomize_
 from t2v.compile import COMPILED_BLOCKS, compile_block, compile_unet
 from t2v.unet import ResBlock, TemporalConv, UNet3D
-from test_unet import TINY, inputs, matched_unets
 
 
 @pytest.mark.parametrize("make, args", [

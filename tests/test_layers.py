@@ -5,12 +5,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import assert_parity, randomize_
+from helpers import TINY, assert_parity, inputs, matched_unets, randomize_
 from t2v import layers
 from t2v.layers import geglu, linear
 from t2v.lora import add_lora
 from t2v.unet import UNet3D
-from test_unet import TINY, inputs, matched_unets
 
 needs_onednn = pytest.mark.skipif(layers._LINEAR_POINTWISE is None or
                                   not torch.backends.mkldnn.is_available(),

@@ -7,10 +7,10 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
 from helpers import max_rel_diff
 from reference import modelscope_module
-from t2v.config import ScheduleConfig
+from t2v.config import TIMESTEP_SPACINGS, ScheduleConfig
 from t2v.errors import ConfigError
 from t2v.samplers import SAMPLERS, ddim, dpm_solver, first_timestep
-from t2v.schedule import (NoiseSchedule, add_noise, ddim_timesteps, dpm_timesteps, eps_to_x0,
+from t2v.schedule import (add_noise, ddim_timesteps, dpm_timesteps, eps_to_x0,
                           noise_schedule, v_to_eps, v_to_x0, velocity, x0_to_eps)
 
 STATE_TOL = 1e-6  # every intermediate sample vs diffusers, relative to its max magnitude
@@ -21,7 +21,7 @@ MODELSCOPE_TOL = 1e-5
 ANALYTIC_TOL = 1e-5
 
 STEP_COUNTS = [1, 2, 3, 10, 14, 15, 20, 25, 50]
-SPACINGS = ["leading", "linspace", "trailing"]
+SPACINGS = list(TIMESTEP_SPACINGS)
 PREDICTIONS = ["epsilon", "v_prediction"]
 
 # scheduler/scheduler_config.json of ali-vilab/text-to-video-ms-1.7b (MODEL.md §6.2).
@@ -289,4 +289,3 @@ def test_bad_options_are_refused():
         ddim(toy_model, start_noise(), schedule, 5, spacing="cosine")
     with pytest.raises(ConfigError, match="eta"):
         ddim(toy_model, start_noise(), schedule, 5, eta=-1.0)
-    assert isinstance(schedule, NoiseSchedule)

@@ -8,6 +8,7 @@ from helpers import assert_parity, randomize_
 from t2v.config import UNetConfig
 from t2v.surgery import capture, inflate, is_temporal, parameter_summary, set_trainable
 from t2v.unet import UNet3D
+from weights_convert import ConversionError
 
 CFG = UNetConfig(channels=(32, 64, 64, 64), head_dim=8, context_dim=32, norm_groups=4)
 
@@ -44,7 +45,7 @@ def test_inflated_unet_equals_the_image_unet_on_every_frame():
 def test_inflation_refuses_a_mismatched_image_unet():
     state = image_unet(CFG).state_dict()
     del state["conv_in.weight"]
-    with pytest.raises(Exception, match="conv_in.weight"):
+    with pytest.raises(ConversionError, match="conv_in.weight"):
         inflate(state, CFG)
 
 

@@ -8,6 +8,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from helpers import assert_parity, randomize_
 from t2v.config import TextEncoderConfig, load_config
+from t2v.errors import ConfigError
 from t2v.text_encoder import TextEncoder
 from t2v.tokenizer import Tokenizer
 from weights_convert import ConversionError
@@ -124,9 +125,9 @@ def test_transformers_saved_prefix_is_stripped():
 
 def test_hub_config_translates_to_ms17b():
     assert text_encoder_config(HUB_TEXT_ENCODER_CONFIG) == load_config().model.text_encoder
-    with pytest.raises(Exception, match="hidden_act='quick_gelu'"):
+    with pytest.raises(ConfigError, match="hidden_act='quick_gelu'"):
         text_encoder_config({**HUB_TEXT_ENCODER_CONFIG, "hidden_act": "quick_gelu"})
-    with pytest.raises(Exception, match="missing key 'hidden_size'"):
+    with pytest.raises(ConfigError, match="missing key 'hidden_size'"):
         text_encoder_config({k: v for k, v in HUB_TEXT_ENCODER_CONFIG.items()
                              if k != "hidden_size"})
 

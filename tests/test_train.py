@@ -13,7 +13,7 @@ import torch
 from diffusers import UNet3DConditionModel
 from safetensors.torch import load_file
 
-from helpers import max_rel_diff, randomize_
+from helpers import max_rel_diff, randomize_, run_config
 from synthetic import write_squares
 from t2v.config import load_config
 from t2v.data import frame_indices, list_clips, resize_crop
@@ -35,11 +35,6 @@ def squares(tmp_path_factory) -> Path:
     return write_squares(tmp_path_factory.mktemp("squares"))
 
 
-def run_config(data: Path, out: Path, *extra: str) -> TrainRunConfig:
-    """The tiny model on 4-frame 32x32 clips of the squares."""
-    base = [f"data.path={data}", "data.num_frames=4", "data.stride=2", "data.height=32",
-            "data.width=32", f"train.output_dir={out}", "train.log_every=1"]
-    return load_config(ROOT / "configs" / "tiny.yaml", base + list(extra), schema=TrainRunConfig)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -172,7 +167,7 @@ import sys
 sys.path.insert(0, {tests!r})
 import torch
 from safetensors.torch import save_file
-from test_train import run_config
+from helpers import run_config
 from t2v.train import Trainer
 from pathlib import Path
 trainer = Trainer(run_config(Path({data!r}), Path({out!r}), *{extra!r}))

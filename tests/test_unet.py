@@ -6,7 +6,8 @@ import pytest
 import torch
 from diffusers import UNet3DConditionModel
 
-from helpers import assert_parity, assert_round_trip, max_rel_diff, randomize_
+from helpers import (TINY, assert_parity, assert_round_trip, diffusers_unet, inputs,
+                     matched_unets, max_rel_diff, randomize_)
 from reference import modelscope_module
 from t2v.config import UNetConfig, load_config
 from t2v.errors import ConfigError
@@ -17,7 +18,6 @@ from weights_convert.modelscope import unet_from_modelscope, unet_to_modelscope
 
 # Same topology as ms-1.7b (4 levels, attention on the first 3, 2 layers per block, 8-head
 # transformer_in), tiny widths.
-TINY = UNetConfig(channels=(32, 64, 64, 64), head_dim=8, context_dim=32, norm_groups=4)
 # ModelScope hard-codes GroupNorm(32, .) and a 1024-wide context in its decoder.
 TINY_MS = UNetConfig(channels=(32, 64, 64, 64), head_dim=16, context_dim=1024, norm_groups=32)
 GRAD_TOL = 1e-5  # gradients: max |diff| relative to max |reference gradient|
@@ -43,8 +43,6 @@ FIRST_UPLOAD_EXTRA = {
 }
 
 
-def diffusers_unet(cfg: UNetConfig, seed: int = 0) -> UNet3DConditionModel:
-    return randomize_(UNet3DConditionModel(**diffusers_unet_kwargs(cfg)), seed).eval()
 
 
 def modelscope_unet(cfg: UNetConfig, seed: int = 0):
@@ -59,12 +57,6 @@ def modelscope_unet(cfg: UNetConfig, seed: int = 0):
     return randomize_(model, seed).eval()
 
 
-def matched_unets(cfg: UNetConfig = TINY, seed: int = 0):
-    """(t2v UNet3D, diffusers UNet3DConditionModel) with the same random weights, eval mode."""
-    reference = diffusers_unet(cfg, seed)
-    ours = UNet3D(cfg).eval()
-    ours.load_state_dict(reference.state_dict(), strict=True)  # same names, no converter
-    return ours, reference
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +64,6 @@ def pair():
     return matched_unets()
 
 
-def inputs(batch, frames, size, context_len=7, context_dim=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 4, frames, *size, generator=g),
-            torch.randn(batch, context_len, context_dim, generator=g))
 
 
 @pytest.mark.parametrize("frames", [1, 3, 5])

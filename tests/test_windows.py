@@ -1,5 +1,7 @@
 """Windowed sampling for long videos (t2v.windows) and its use in the pipeline."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,7 +10,8 @@ from t2v.errors import UserError
 from t2v.pipeline import TextToVideo
 from t2v.windows import frame_weights, reschedule_noise, window_starts, windowed
 
-from test_cli import TINY
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
 
 
 def frame_wise(x, t):
