@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from t2v.config import load_config
-from t2v.errors import ConfigError, UserError
+from t2v.errors import ConfigError, OneLineParser, UserError
 from t2v.train import Trainer
 from t2v.train_config import TrainRunConfig
 from t2v.video_io import atomic_path
@@ -91,8 +91,6 @@ def demo_gif(path: Path, source: str = "t2v:demo", overwrite: bool = False, colu
 
 
 def main(argv: list[str] | None = None) -> int:
-    from t2v.sample import OneLineParser
-
     parser = OneLineParser(prog="python -m t2v.demo", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["train", "gif"])
     parser.add_argument("path", type=Path, nargs="?", default=None,

@@ -29,7 +29,6 @@ on rendered ground-truth clips (tests/test_demo.py).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2v.errors import UserError
+from t2v.errors import OneLineParser, UserError
 from t2v.noise import randn
 from t2v.synthetic import (BACKGROUNDS, COLOURS, EXTRA_COLOURS, HELDOUT, TRAINED, Attributes,
                            all_combinations)
@@ -301,7 +300,6 @@ def load_demo_pipeline(source: str, dtype: str = "float32", loras: tuple[str, ..
 
 
 def main(argv: list[str] | None = None) -> int:
-    from t2v.sample import OneLineParser
     from t2v.weights import DEMO_SOURCE
 
     parser = OneLineParser(prog="python -m t2v.eval",

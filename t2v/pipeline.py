@@ -122,17 +122,13 @@ class TextToVideo:
         """Any layout `t2v.weights.load_models` reads: local folder or hub repo id.
         `offload=True` keeps the models on the CPU and runs each on `device` in turn.
         `torch_dtype` is diffusers' name for `dtype` (default float32)."""
-        from t2v.weights import load_models
-
         if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
             raise UserError(f"dtype ({dtype}) and torch_dtype ({torch_dtype}) disagree")
-        dtype = dtype or torch_dtype or torch.float32
-
-        m = load_models(source, revision=revision, variant=variant, dtype=dtype,
-                        vae_dtype=vae_dtype, device="cpu" if offload else device,
-                        local_files_only=local_files_only)
-        return cls(m.config, m.text_encoder, m.unet, m.vae,
-                   offload_to=device if offload else None)
+        pipe, _ = load_pipeline(source, revision=revision, variant=variant,
+                                dtype=dtype or torch_dtype or torch.float32, vae_dtype=vae_dtype,
+                                device=device, offload=offload,
+                                local_files_only=local_files_only)
+        return pipe
 
     @classmethod
     def from_config(cls, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -481,6 +477,34 @@ class TextToVideo:
         noise = noise.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
         x = add_noise(latents, noise, self.schedule.alphas_cumprod[t].to(latents.device))
         return x.to(self.dtype), start
+
+
+def load_pipeline(source: str | None, model: ModelConfig | None = None, *,
+                  revision: str | None = None, variant: str | None = None,
+                  dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
+                  device: str | torch.device = "cpu", offload: bool = False, seed: int = 0,
+                  local_files_only: bool | None = None) -> tuple[TextToVideo, str]:
+    """The one way t2v builds a pipeline (sample CLI, trainer, from_pretrained): the weights
+    of `source` in any layout t2v.weights reads (the config comes with them), or, when
+    `source` is None, random weights from `model` seeded by `seed`. `offload` keeps the
+    models on the CPU and runs each on `device` in turn. Returns (pipeline, layout), the
+    layout "random" for random weights."""
+    home = "cpu" if offload else device
+    if source is None:
+        if model is None:
+            raise UserError("no weights source and no model config to build random weights")
+        pipe = TextToVideo.from_config(model, seed=seed, dtype=dtype, vae_dtype=vae_dtype,
+                                       device=home)
+        layout = "random"
+    else:
+        from t2v.weights import load_models
+
+        m = load_models(source, revision=revision, variant=variant, dtype=dtype,
+                        vae_dtype=vae_dtype, device=home, local_files_only=local_files_only)
+        pipe, layout = TextToVideo(m.config, m.text_encoder, m.unet, m.vae), m.layout
+    if offload:
+        pipe.offload_to = torch.device(device)
+    return pipe, layout
 
 
 def video_argument(video) -> torch.Tensor:

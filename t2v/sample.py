@@ -28,8 +28,8 @@ import torch
 from t2v import __version__
 from t2v.config import (Config, apply_overrides, config_from_dict, config_to_dict,
                         load_config)
-from t2v.errors import ConfigError, UserError
-from t2v.pipeline import NumericalError, TextToVideo, frames_to_video_tensor
+from t2v.errors import ConfigError, OneLineParser, UserError
+from t2v.pipeline import NumericalError, TextToVideo, frames_to_video_tensor, load_pipeline
 from t2v.samplers import SAMPLERS
 from t2v.video_io import atomic_path, read_video, write_gif, write_mp4, write_png_frames
 
@@ -45,11 +45,6 @@ SAMPLE_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed"
                 "sampler": "sampler", "guidance": "guidance_scale", "eta": "eta", "fps": "fps",
                 "init_video": "init_video", "strength": "strength", "window": "window",
                 "window_overlap": "window_overlap", "loop": "loop"}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UserError(f"{message} (see --help)")
 
 
 def read_config(path: str | None, overrides: list[str]) -> Config:
@@ -303,21 +298,37 @@ def run(argv: list[str]) -> list[Path]:
     vae_dtype = DTYPES[args.vae_dtype]
     offload = args.offload == "model"
     check_memory(args, cfg, device, dtype, vae_dtype, offload, streamed=fmt == "mp4")
+    pipe, cfg, layout = build_pipeline(args, cfg, device, dtype, vae_dtype, offload)
+    written = []
+    for i in mine:
+        run_cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
+            cfg.sample, prompt=prompts[i], seed=seeds[i]))
+        log.info("[%d/%d] %s (seed %d)", i + 1, len(prompts), prompts[i], seeds[i])
+        latents = generate(pipe, run_cfg.sample, init_video, progress=not args.no_progress)
+        sidecar = {"t2v_version": __version__, "output": str(paths[i]), "format": fmt,
+                   "weights": {"source": cfg.weights.source, "revision": cfg.weights.revision,
+                               "layout": layout},
+                   "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+                   "vae_dtype": str(vae_dtype).removeprefix("torch."),
+                   "config": config_to_dict(run_cfg)}
+        write_outputs(pipe, latents, run_cfg, paths[i], fmt, sidecar, args.overwrite,
+                      progress=not args.no_progress)
+        print(paths[i], flush=True)
+        written.append(paths[i])
+    return written
+
+
+def build_pipeline(args: argparse.Namespace, cfg: Config, device: torch.device, dtype, vae_dtype,
+                   offload: bool) -> tuple[TextToVideo, Config, str]:
+    """The pipeline of the config (t2v.pipeline.load_pipeline), LoRA files merged, the UNet
+    compiled if asked; returns it with the config of what was loaded and the layout."""
     if cfg.weights.source is None:
         log.warning("weights.source is null: using RANDOM weights (the video is noise); pass "
                     "--weights or use configs/ms17b.yaml for real output")
-        pipe = TextToVideo.from_config(cfg.model, seed=0, dtype=dtype, vae_dtype=vae_dtype,
-                                       device="cpu" if offload else device)
-        layout = "random"
-    else:
-        from t2v.weights import load_models
-        models = load_models(cfg.weights.source, revision=cfg.weights.revision,
-                             variant=cfg.weights.variant, dtype=dtype, vae_dtype=vae_dtype,
-                             device="cpu" if offload else device)
-        pipe = TextToVideo(models.config, models.text_encoder, models.unet, models.vae)
-        layout = models.layout
-        cfg = dataclasses.replace(cfg, model=models.config)  # what was actually loaded
-
+    pipe, layout = load_pipeline(cfg.weights.source, cfg.model, revision=cfg.weights.revision,
+                                 variant=cfg.weights.variant, dtype=dtype, vae_dtype=vae_dtype,
+                                 device=device, offload=offload)
+    cfg = dataclasses.replace(cfg, model=pipe.config)  # what was actually loaded
     for spec in cfg.weights.lora:
         from t2v.lora import parse_lora_arg  # imports peft: only when asked for
 
@@ -329,43 +340,36 @@ def run(argv: list[str]) -> list[Path]:
 
         compile_unet(pipe.unet)
         log.info("UNet blocks compile on their first call (torch.compile, frozen weights)")
-    if offload:
-        pipe.offload_to = device
+    return pipe, cfg, layout
+
+
+def generate(pipe: TextToVideo, s, init_video: torch.Tensor | None, progress: bool
+             ) -> torch.Tensor:
+    """One video's latents for the sample settings `s` (its prompt and seed included)."""
+    return pipe(s.prompt, s.negative_prompt, num_frames=s.num_frames, height=s.height,
+                width=s.width, steps=s.steps, guidance_scale=s.guidance_scale,
+                sampler=s.sampler, eta=s.eta, seed=s.seed, init_video=init_video,
+                strength=s.strength, timestep_spacing=s.timestep_spacing,
+                solver_order=s.solver_order, window=s.window, window_overlap=s.window_overlap,
+                loop=s.loop, freenoise=s.freenoise, output="latents", progress=progress).frames
+
+
+def write_outputs(pipe: TextToVideo, latents: torch.Tensor, cfg: Config, path: Path, fmt: str,
+                  sidecar: dict, overwrite: bool, progress: bool) -> None:
+    """Decode and write the video (MP4: decoded chunks go straight into the encoder, the
+    video is never held whole), then its JSON sidecar."""
     s = cfg.sample
-    written = []
-    for i in mine:
-        run_cfg = dataclasses.replace(cfg, sample=dataclasses.replace(s, prompt=prompts[i],
-                                                                      seed=seeds[i]))
-        log.info("[%d/%d] %s (seed %d)", i + 1, len(prompts), prompts[i], seeds[i])
-        result = pipe(prompts[i], s.negative_prompt, num_frames=s.num_frames, height=s.height,
-                      width=s.width, steps=s.steps, guidance_scale=s.guidance_scale,
-                      sampler=s.sampler, eta=s.eta, seed=seeds[i], init_video=init_video,
-                      strength=s.strength, timestep_spacing=s.timestep_spacing,
-                      solver_order=s.solver_order, window=s.window,
-                      window_overlap=s.window_overlap, loop=s.loop, freenoise=s.freenoise,
-                      output="latents", progress=not args.no_progress)
-        # MP4: decoded chunks go straight into the encoder; the video is never held whole.
-        frames = (chunk.cpu().numpy() for _, chunk in
-                  pipe.iter_frames(result.frames, progress=not args.no_progress))
-        if fmt != "mp4":
-            frames = np.concatenate(list(frames))
-        params = {"prompt": prompts[i], "negative_prompt": s.negative_prompt, "seed": seeds[i],
-                  "steps": s.steps, "sampler": s.sampler, "guidance_scale": s.guidance_scale,
-                  "frames": s.num_frames, "size": [s.width, s.height], "fps": s.fps,
-                  "weights": cfg.weights.source, "lora": list(cfg.weights.lora),
-                  "t2v_version": __version__}
-        write_output(frames, paths[i], fmt, s.fps, params, args.overwrite)
-        sidecar = {"t2v_version": __version__, "output": str(paths[i]), "format": fmt,
-                   "weights": {"source": cfg.weights.source, "revision": cfg.weights.revision,
-                               "layout": layout},
-                   "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                   "vae_dtype": str(vae_dtype).removeprefix("torch."),
-                   "config": config_to_dict(run_cfg)}
-        with atomic_path(paths[i].with_name(paths[i].name + ".json"), args.overwrite) as tmp:
-            tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
-        print(paths[i], flush=True)
-        written.append(paths[i])
-    return written
+    frames = (chunk.cpu().numpy() for _, chunk in pipe.iter_frames(latents, progress=progress))
+    if fmt != "mp4":
+        frames = np.concatenate(list(frames))
+    params = {"prompt": s.prompt, "negative_prompt": s.negative_prompt, "seed": s.seed,
+              "steps": s.steps, "sampler": s.sampler, "guidance_scale": s.guidance_scale,
+              "frames": s.num_frames, "size": [s.width, s.height], "fps": s.fps,
+              "weights": cfg.weights.source, "lora": list(cfg.weights.lora),
+              "t2v_version": __version__}
+    write_output(frames, path, fmt, s.fps, params, overwrite)
+    with atomic_path(path.with_name(path.name + ".json"), overwrite) as tmp:
+        tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

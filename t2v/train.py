@@ -50,9 +50,8 @@ from tqdm.auto import tqdm
 
 from t2v.config import config_to_yaml, load_config
 from t2v.data import LatentCache, VideoClips, sample_rng
-from t2v.errors import ConfigError, UserError
+from t2v.errors import ConfigError, OneLineParser, UserError
 from t2v.noise import randn
-from t2v.sample import OneLineParser
 from t2v.schedule import add_noise, noise_schedule, velocity
 from t2v.surgery import set_trainable
 from t2v.tokenizer import Tokenizer
@@ -163,16 +162,13 @@ class Distributed:
 def load_components(cfg: TrainRunConfig, device: torch.device):
     """(model config, text encoder, unet, vae): the weights of `weights.source`, or random
     weights from `model` (seeded by train.seed) when it is null."""
-    if cfg.weights.source is None:
-        from t2v.pipeline import TextToVideo
-        pipe = TextToVideo.from_config(cfg.model, seed=cfg.train.seed)
-        model_cfg, te, unet, vae = cfg.model, pipe.text_encoder, pipe.unet, pipe.vae
-    else:
-        from t2v.weights import load_models
-        # float32 master weights whatever the files store (e.g. the fp16 demo model).
-        m = load_models(cfg.weights.source, revision=cfg.weights.revision,
-                        variant=cfg.weights.variant, dtype=torch.float32)
-        model_cfg, te, unet, vae = m.config, m.text_encoder, m.unet, m.vae
+    from t2v.pipeline import load_pipeline
+
+    # float32 master weights whatever the files store (e.g. the fp16 demo model).
+    pipe, _ = load_pipeline(cfg.weights.source, cfg.model, revision=cfg.weights.revision,
+                            variant=cfg.weights.variant, dtype=torch.float32,
+                            seed=cfg.train.seed)
+    model_cfg, te, unet, vae = pipe.config, pipe.text_encoder, pipe.unet, pipe.vae
     for frozen in (te, vae):
         frozen.requires_grad_(False).eval().to(device)
     return model_cfg, te, unet.to(device), vae

@@ -29,9 +29,7 @@ from typing import Callable, Mapping
 import torch
 import yaml
 
-from safetensors.torch import save_file
 
-from t2v import __version__
 from t2v.checkpoint_io import (WeightsError, read_pickle, read_sharded, read_state_dict,
                                safetensors_metadata)
 from t2v.config import ModelConfig, ScheduleConfig, UNetConfig, config_from_dict, config_to_dict
@@ -41,12 +39,12 @@ from t2v.vae import AutoencoderKL
 from weights_convert import diffusers as from_diffusers
 from weights_convert import modelscope as from_modelscope
 from weights_convert import open_clip as from_open_clip
+# The native layout's writer lives with the other writers; these names stay importable here.
+from weights_convert.native import COMPONENTS, NATIVE_CONFIG, owned, save_native  # noqa: F401
 from weights_convert.table import check_shapes
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("text_encoder", "unet", "vae")
-NATIVE_CONFIG = "model.yaml"
 # The demo model trained by t2v on procedural clips (docs/demo.md), shipped in the package.
 DEMO_SOURCE = "t2v:demo"
 DEMO_FOLDER = Path(__file__).resolve().parent / "demo_model"
@@ -308,39 +306,3 @@ def load_models(source: str | Path, *, revision: str | None = None, variant: str
         vae=build(lambda: AutoencoderKL(cfg.vae), states["vae"], f"{folder}: VAE",
                   vae_dtype or dtype, device),
         layout=layout, folder=folder)
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing the native layout
-
-
-def owned(tensor: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A contiguous tensor with storage of its own (safetensors refuses shared storage), cast
-    to `dtype` if it is floating point."""
-    if dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(dtype)
-    tensor = tensor.contiguous()
-    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-        tensor = tensor.clone()
-    return tensor
-
-
-def save_native(folder: Path, cfg: ModelConfig, states: Mapping[str, Mapping[str, torch.Tensor]],
-                dtype: torch.dtype | None = None,
-                progress: Callable[[str, int, int], None] | None = None) -> list[Path]:
-    """Write one safetensors file per component (config in its metadata), then `model.yaml`
-    (last: a folder without it is not taken for a native checkpoint). `states` hold t2v keys;
-    returns the files written. The folder must exist; callers write into a temporary folder
-    renamed into place (`t2v.video_io.atomic_path`)."""
-    written = []
-    for name in COMPONENTS:
-        path = folder / f"{name}.safetensors"
-        tensors = {k: owned(v, dtype) for k, v in states[name].items()}
-        metadata = {"format": "pt", "t2v_component": name, "t2v_version": __version__,
-                    "t2v_config": json.dumps(config_to_dict(getattr(cfg, name)))}
-        save_file(tensors, str(path), metadata=metadata)
-        written.append(path)
-        if progress is not None:
-            progress(name, len(tensors), path.stat().st_size)
-    (folder / NATIVE_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    return [folder / NATIVE_CONFIG, *written]

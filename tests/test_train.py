@@ -24,6 +24,7 @@ from weights_convert.diffusers import diffusers_unet_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAD_TOL = 1e-5  # as tests/test_unet.py: max |diff| relative to max |reference gradient|
+ZERO_GRAD_FLOOR = 1e-3  # gradients below this share of the largest one: compared in absolute terms
 # DDP vs one process: the same gradients up to fp32 rounding. Looser than GRAD_TOL because the
 # float32 gradients of this tiny model are themselves 1.2e-5 (per tensor) off their float64
 # values, and a batch of 2 vs two batches of 1 round differently (1.5e-5 measured without DDP).
@@ -58,8 +59,15 @@ def test_training_step_gradients_match_diffusers(squares, tmp_path, checkpointin
                               "epsilon")
         loss.backward()
     ours = dict(unet.named_parameters())
+    # Relative to each gradient's own scale, floored at ZERO_GRAD_FLOOR x the largest gradient:
+    # self-attention over one token (1x1 maps at the deepest level of these 4x4 latents) has
+    # q/k gradients that are zero analytically, ~1e-10 in float32 noise that differs with the
+    # thread count (it failed with OMP_NUM_THREADS=1). Below the floor the check is absolute:
+    # |diff| <= GRAD_TOL x ZERO_GRAD_FLOOR x the largest gradient (~1e-9 here).
+    scale = max(p.grad.abs().max().item() for p in reference.parameters())
     for name, p in reference.named_parameters():
-        grads.append(max_rel_diff(ours[name].grad, p.grad))
+        diff = (ours[name].grad - p.grad).abs().max().item()
+        grads.append(diff / max(p.grad.abs().max().item(), ZERO_GRAD_FLOOR * scale))
     print(f"[parity] training step gradients vs diffusers (checkpointing={checkpointing}): "
           f"{max(grads):.2e} over {len(grads)} parameters")
     assert max(grads) <= GRAD_TOL

@@ -335,8 +335,9 @@ def test_replacing_a_folder_keeps_the_old_one_until_the_new_one_is_complete(tmp_
 
 def test_save_native_writes_its_config_last(tmp_path, monkeypatch):
     """A folder whose writing stopped part way is not taken for a native checkpoint."""
-    import t2v.weights
+    import weights_convert.native
     from t2v.config import ModelConfig
+    from t2v.weights import save_native
 
     calls = []
 
@@ -346,8 +347,8 @@ def test_save_native_writes_its_config_last(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         Path(path).write_bytes(b"")
 
-    monkeypatch.setattr(t2v.weights, "save_file", failing_save_file)
+    monkeypatch.setattr(weights_convert.native, "save_file", failing_save_file)
     states = {name: {} for name in ("text_encoder", "unet", "vae")}
     with pytest.raises(OSError):
-        t2v.weights.save_native(tmp_path, ModelConfig(), states)
+        save_native(tmp_path, ModelConfig(), states)
     assert len(calls) == 3 and not (tmp_path / "model.yaml").exists()

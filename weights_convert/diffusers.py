@@ -329,7 +329,7 @@ def save_diffusers(folder: Path, cfg, states: Mapping[str, Mapping[str, torch.Te
     so fine-tuned weights can go back to the diffusers ecosystem. The folder must exist."""
     from safetensors.torch import save_file
 
-    from t2v.weights import owned
+    from weights_convert.native import owned
 
     def write_json(path: Path, data: dict) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
