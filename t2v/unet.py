@@ -10,7 +10,8 @@ encoding). One more temporal transformer (`transformer_in`) follows `conv_in`.
 
 Every level: [ResBlock -> TemporalConv -> (SpatialTransformer -> TemporalTransformer)] x n,
 then a stride-2 downsample (up path: n + 1 layers, then nearest x2 upsample + conv).
-Architecture reference: MODEL.md §2; diffusers `unet_3d_condition.py`, ModelScope `unet_sd.py`.
+Architecture reference: docs/architecture.md; diffusers `unet_3d_condition.py`, ModelScope
+`unet_sd.py`.
 """
 
 from __future__ import annotations

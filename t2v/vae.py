@@ -6,7 +6,7 @@
 text-to-video-ms-1.7b uses Stable Diffusion 2.1's VAE (the file ModelScope calls
 `VQGAN_autoencoder.pth`) frame by frame: video latents (B, 4, F, h, w) are scaled by
 `cfg.scaling_factor` (0.18215), frames fold into the batch, and each chunk of frames is decoded
-as an image batch. Architecture: MODEL.md §3; diffusers `autoencoders/vae.py`, ModelScope
+as an image batch. Architecture: docs/architecture.md; diffusers `autoencoders/vae.py`, ModelScope
 `autoencoder.py`.
 """
 

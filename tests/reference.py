@@ -1,7 +1,8 @@
 """The original ModelScope classes, loaded from the installed `modelscope` package by file path.
 
 Importing `modelscope.models...` runs the package's __init__, which needs the heavy
-`framework` extra; the three leaf files need only torch, einops and numpy (MODEL.md §8).
+`framework` extra; the three leaf files need only torch, einops and numpy
+(docs/architecture.md, "Reference facts").
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from transformers import CLIPTokenizer
 
 from layouts import (DIFF_TEXT, DIFF_UNET, DIFF_VAE, HUB_SCHEDULER, MS_UNET, MS_VAE,
                      diffusers_models, modelscope_models)
+from helpers import assert_parity
 from reference import modelscope_module
 from t2v.config import ModelConfig
 from t2v.errors import UserError
@@ -26,6 +27,7 @@ from weights_convert.diffusers import schedule_config, tokenizer_files
 from weights_convert.modelscope import unet_from_modelscope, vae_from_modelscope
 
 FRAME_TOL = 1 / 255  # frames in [0, 1]: at most one 8-bit level apart
+LATENT_TOL = 1e-5  # final latents, max |diff| relative to max |reference|
 PROMPTS = ["a red panda eating bamboo", "waves at sunset"]
 
 
@@ -74,6 +76,15 @@ def test_frames_match_diffusers_text_to_video(components, sampler, steps, negati
     print(f"[parity] pipeline frames vs diffusers ({sampler}, negative={negative!r}): {diff:.2e}")
     assert actual.frames.shape == expected.shape == (2, 3, 32, 32, 3)
     assert diff <= FRAME_TOL
+    # The final latents too: after the VAE and the clamp, frames at 1/255 hide differences.
+    expected_latents = pipe(PROMPTS, negative_prompt=[negative] * 2, num_frames=3, height=32,
+                            width=32, num_inference_steps=steps, guidance_scale=9.0,
+                            latents=latents.clone(), output_type="latent").frames
+    actual_latents = ours(PROMPTS, negative, num_frames=3, height=32, width=32, steps=steps,
+                          sampler=sampler, latents=latents.clone(), output="latents",
+                          progress=False).frames
+    assert_parity(actual_latents, expected_latents, LATENT_TOL,
+                  f"pipeline final latents vs diffusers ({sampler})")
 
 
 def test_frames_match_modelscope_sampling_loop():

@@ -14,7 +14,7 @@ from t2v.schedule import (add_noise, ddim_timesteps, dpm_timesteps, eps_to_x0,
                           noise_schedule, v_to_eps, v_to_x0, velocity, x0_to_eps)
 
 STATE_TOL = 1e-6  # every intermediate sample vs diffusers, relative to its max magnitude
-# ModelScope keeps the schedule in float64, diffusers and t2v in float32 (MODEL.md §7.5).
+# ModelScope keeps the schedule in float64, diffusers and t2v in float32 (docs/architecture.md).
 MODELSCOPE_TOL = 1e-5
 # Analytic denoiser: x0 = (x - sqrt(1 - a) eps) / sqrt(a) amplifies float32 rounding by up to
 # 1 / sqrt(a_999) ~ 15 at the noisiest step.
@@ -24,7 +24,7 @@ STEP_COUNTS = [1, 2, 3, 10, 14, 15, 20, 25, 50]
 SPACINGS = list(TIMESTEP_SPACINGS)
 PREDICTIONS = ["epsilon", "v_prediction"]
 
-# scheduler/scheduler_config.json of ali-vilab/text-to-video-ms-1.7b (MODEL.md §6.2).
+# scheduler/scheduler_config.json of ali-vilab/text-to-video-ms-1.7b (docs/architecture.md).
 HUB_SCHEDULER = {
     "_class_name": "DDIMScheduler", "_diffusers_version": "0.15.0.dev0", "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,

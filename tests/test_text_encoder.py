@@ -19,7 +19,7 @@ TINY = TextEncoderConfig(width=32, heads=2, layers=3, mlp_width=64)
 PROMPTS = ["a red panda climbing a tree", "", "waves crashing on rocks at sunset, 4k",
            " ".join(["long"] * 90)]
 
-# text_encoder/config.json of ali-vilab/text-to-video-ms-1.7b (MODEL.md §4.4).
+# text_encoder/config.json of ali-vilab/text-to-video-ms-1.7b (docs/architecture.md).
 HUB_TEXT_ENCODER_CONFIG = {
     "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0,
     "dropout": 0.0, "eos_token_id": 2, "hidden_act": "gelu", "hidden_size": 1024,
@@ -92,7 +92,7 @@ def test_key_set_and_shapes_equal_clip_text_model_full_size():
         ours = TextEncoder(cfg)
     expected = {k: v.shape for k, v in reference.state_dict().items()}
     assert {k: v.shape for k, v in ours.state_dict().items()} == expected
-    assert sum(p.numel() for p in ours.parameters()) == 340_387_840  # MODEL.md §1
+    assert sum(p.numel() for p in ours.parameters()) == 340_387_840  # docs/architecture.md
 
 
 def test_open_clip_table_round_trip_is_bit_exact():

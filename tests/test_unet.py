@@ -23,7 +23,7 @@ TINY_MS = UNetConfig(channels=(32, 64, 64, 64), head_dim=16, context_dim=1024, n
 GRAD_TOL = 1e-5  # gradients: max |diff| relative to max |reference gradient|
 
 # unet/config.json of ali-vilab/text-to-video-ms-1.7b (main), and the keys its first upload
-# also carried (MODEL.md §2.1).
+# also carried (docs/architecture.md).
 HUB_UNET_CONFIG = {
     "_class_name": "UNet3DConditionModel", "_diffusers_version": "0.15.0.dev0",
     "act_fn": "silu", "attention_head_dim": 64, "block_out_channels": [320, 640, 1280, 1280],

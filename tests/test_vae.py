@@ -16,7 +16,7 @@ from weights_convert.modelscope import vae_from_modelscope, vae_to_modelscope
 TINY = VAEConfig(channels=(32, 64, 64), layers_per_block=1, norm_groups=8)
 TINY_MS = VAEConfig(channels=(32, 64, 64), layers_per_block=2, norm_groups=32)  # MS: GN(32)
 
-# vae/config.json of ali-vilab/text-to-video-ms-1.7b (MODEL.md §3).
+# vae/config.json of ali-vilab/text-to-video-ms-1.7b (docs/architecture.md).
 HUB_VAE_CONFIG = {
     "_class_name": "AutoencoderKL", "_diffusers_version": "0.15.0.dev0", "act_fn": "silu",
     "block_out_channels": [128, 256, 512, 512],

@@ -5,14 +5,14 @@ UNet (`text2video_pytorch_model.pth`, ModelScope `UNetSD`): positional container
 nested inside each ResBlock as `temopral_conv` (sic), ResBlock leaves `in_layers.{0,2}`,
 `emb_layers.1`, `out_layers.{0,3}`, `skip_connection`, and the temporal transformers'
 projections as Conv1d `[out, in, 1]` where ours are Linear `[out, in]`. Rules are those of
-diffusers' `scripts/convert_ms_text_to_video_to_diffusers.py` (MODEL.md §5.4), written as a
-table generated from the config.
+diffusers' `scripts/convert_ms_text_to_video_to_diffusers.py` (docs/architecture.md, "Reference
+facts"), written as a table generated from the config.
 
 VAE (`first_stage_model.*` inside the Lightning checkpoint `VQGAN_autoencoder.pth`, the latent
 diffusion `AutoencoderKL`): `encoder.down.{i}.block.{j}`, `decoder.up.{i}` numbered from the
 *highest* resolution (ours from the lowest: `up_blocks.{i}` = `up.{levels-1-i}`),
 `mid.block_{1,2}`, `mid.attn_1.{norm,q,k,v,proj_out}` with 1x1-conv weights, `nin_shortcut`,
-`norm_out`. Rules as diffusers' `convert_ldm_vae_checkpoint` (MODEL.md §3).
+`norm_out`. Rules as diffusers' `convert_ldm_vae_checkpoint` (docs/architecture.md).
 """
 
 from __future__ import annotations
