@@ -7,7 +7,9 @@
 Stage 1 trains the KL VAE (configs/demo_vae.yaml, `train.model=vae`), which also fixes the
 architecture, the frozen random text encoder and the UNet's initial weights (train.seed 0);
 stage 2 trains every UNet parameter on top of it (configs/demo_unet.yaml, weights.source set
-to stage 1's model). The export stores the stage-2 model (EMA weights) in float16 as a native
+to stage 1's model: 5,000 steps of a cosine schedule), then resumes that run with
+`train.steps=UNET_RESTART_TO` (a warm restart: the cosine over the longer run, from where it
+stands at step 5,000). The export stores the final model (EMA weights) in float16 as a native
 safetensors folder, `<out>/model`. Wall times go to `<out>/timings.json`. docs/demo.md has the
 recipe, the seed and the measured time.
 """
@@ -31,6 +33,8 @@ from t2v.weights import DEMO_FOLDER, read_checkpoint, save_native
 
 log = logging.getLogger("t2v.demo")
 
+UNET_RESTART_TO = 8000  # stage 2 resumes from its last step (5,000) up to this many steps
+
 
 def export(model_dir: Path, target: Path, overwrite: bool = False) -> Path:
     """A trained native folder -> float16 native folder (the shipped form)."""
@@ -42,7 +46,8 @@ def export(model_dir: Path, target: Path, overwrite: bool = False) -> Path:
 
 
 def train_demo(out: Path, vae_config: str, unet_config: str, vae_overrides=(),
-               unet_overrides=(), progress: bool = True) -> dict:
+               unet_overrides=(), progress: bool = True,
+               unet_restart_to: int | None = UNET_RESTART_TO) -> dict:
     """Both stages and the export; returns the timings (seconds)."""
     out = Path(out)
     timings = {}
@@ -56,6 +61,12 @@ def train_demo(out: Path, vae_config: str, unet_config: str, vae_overrides=(),
                                          f"train.output_dir={out / 'unet'}", *unet_overrides],
                            schema=TrainRunConfig)
     Trainer(unet_cfg).run(progress=progress)
+    if unet_restart_to is not None and unet_restart_to > unet_cfg.train.steps:
+        restart = load_config(unet_config, [f"weights.source={out / 'vae' / 'model'}",
+                                            f"train.output_dir={out / 'unet'}",
+                                            *unet_overrides, f"train.steps={unet_restart_to}",
+                                            "train.resume=latest"], schema=TrainRunConfig)
+        Trainer(restart).run(progress=progress)
     timings["unet_seconds"] = round(time.perf_counter() - start, 1)
     export(out / "unet" / "model", out / "model", overwrite=True)
     timings["total_seconds"] = round(timings["vae_seconds"] + timings["unet_seconds"], 1)
@@ -100,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet-config", default="configs/demo_unet.yaml")
     parser.add_argument("--vae-override", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--unet-override", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--unet-restart-to", type=int, default=UNET_RESTART_TO,
+                        help="resume stage 2 up to this many steps (a warm restart of its "
+                        "cosine); 0: no restart")
     parser.add_argument("--ship", action="store_true",
                         help=f"also copy the export to the package ({DEMO_FOLDER})")
     parser.add_argument("--overwrite", action="store_true",
@@ -118,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.out.exists() and any(args.out.iterdir()):
             raise UserError(f"{args.out}: not empty; choose a new --out folder")
         timings = train_demo(args.out, args.vae_config, args.unet_config, args.vae_override,
-                             args.unet_override, progress=not args.quiet)
+                             args.unet_override, progress=not args.quiet,
+                             unet_restart_to=args.unet_restart_to or None)
         if args.ship:
             export(args.out / "unet" / "model", DEMO_FOLDER, overwrite=True)
     except (UserError, ConfigError) as exc:

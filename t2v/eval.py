@@ -223,8 +223,10 @@ def generate(pipe, batch: list[Case], settings: dict) -> np.ndarray:
                  for g in (torch.Generator().manual_seed(c.seed) for c in batch)]
     else:
         noise = [randn(latent_shape, torch.Generator().manual_seed(c.seed)) for c in batch]
+    # Later draws (DDIM with eta > 0) from per-video generators too: a case is reproducible.
+    later = [torch.Generator().manual_seed(c.seed + EVAL_SEED_BASE) for c in batch]
     result = pipe([c.attributes.caption for c in batch], settings["negative_prompt"],
-                  latents=torch.stack(noise), steps=settings["steps"],
+                  latents=torch.stack(noise), generator=later, steps=settings["steps"],
                   guidance_scale=settings["guidance"], sampler=settings["sampler"],
                   eta=settings["eta"], window=settings.get("window"),
                   window_overlap=settings.get("window_overlap", 4), progress=False, **shape_args)

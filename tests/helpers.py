@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
+from t2v.bench.common import trained_like_
 from t2v.config import UNetConfig
 from t2v.unet import UNet3D
 
@@ -15,21 +14,8 @@ from t2v.unet import UNet3D
 PARITY_TOL = 1e-5
 
 
-@torch.no_grad()
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every parameter a random value, including the ones references zero-initialise
-    (a zero layer hides a whole branch from a parity test). Norm scales stay near 1."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-        if p.ndim == 1 and name.endswith("weight"):
-            value = 1.0 + 0.2 * noise  # norm scale
-        elif p.ndim <= 1:
-            value = 0.2 * noise  # bias (or a scalar)
-        else:
-            value = noise / math.sqrt(p[0].numel())  # fan-in scaling keeps activations O(1)
-        p.copy_(value.to(p.dtype))
-    return module
+# The parity tests' randomizer, shared with the benchmarks (t2v.bench.common).
+randomize_ = trained_like_
 
 
 def assert_round_trip(state: dict, there, back) -> None:

@@ -2,6 +2,8 @@
 
 import json
 
+import torch
+
 from t2v.bench.__main__ import TARGETS, check_targets, main
 
 
@@ -32,3 +34,24 @@ def test_refuses_to_overwrite_a_report(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--overwrite" in err
     assert json.loads(report.read_text()) == {"keep": 1}
     assert main(["--json", str(tmp_path / "missing" / "r.json")]) == 2
+
+
+def test_benchmark_models_have_no_zero_layers():
+    """A default-initialised diffusers UNet3D has zero layers whose denormal activations stall
+    its kernels; the benchmark's models must not (they are randomized at a trained-like
+    scale on both sides)."""
+    from diffusers import UNet3DConditionModel
+
+    from t2v.bench.common import zero_parameters
+    from t2v.bench.unet import build_pair
+    from t2v.config import UNetConfig
+    from weights_convert.diffusers import diffusers_unet_kwargs
+
+    cfg = UNetConfig(channels=(32, 64), attention=(True, False), layers_per_block=1,
+                     head_dim=8, context_dim=32, norm_groups=4)
+    ours, reference = build_pair(cfg)
+    assert zero_parameters(reference) == [] and zero_parameters(ours) == []
+    for name, p in ours.state_dict().items():
+        assert torch.equal(p, reference.state_dict()[name]), name
+    default = UNet3DConditionModel(**diffusers_unet_kwargs(cfg))
+    assert zero_parameters(default)  # the control: what the old benchmark timed

@@ -14,8 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from t2v.bench.common import trained_like_
 from t2v.bench.memory import measure_in_subprocess, report, status_kib
 from t2v.config import UNetConfig
 
@@ -28,8 +27,7 @@ def prepare(folder: Path) -> None:
     if (folder / "unet.safetensors").exists() and (folder / "diffusers").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    model = UNet3DConditionModel(**diffusers_unet_kwargs(UNetConfig()))
+    model = trained_like_(UNet3DConditionModel(**diffusers_unet_kwargs(UNetConfig())), 0)
     model.save_pretrained(folder / "diffusers")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(folder / "unet.safetensors"))

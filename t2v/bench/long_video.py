@@ -16,6 +16,7 @@ import argparse
 
 import torch
 
+from t2v.bench.common import trained_like_
 from t2v.bench.memory import measure_in_subprocess, report, status_kib
 from t2v.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from t2v.memory import estimate_memory
@@ -35,6 +36,8 @@ def child_mid(frames: int, mode: str) -> None:
     from t2v.pipeline import TextToVideo, auto_frame_chunk
 
     pipe = TextToVideo.from_config(MID, seed=0)
+    for module in (pipe.text_encoder, pipe.unet, pipe.vae):
+        trained_like_(module, 0)
     window = WINDOW if mode == "window" else None
     chunk = None if mode == "unchunked" else "auto"
     baseline = status_kib("VmRSS")
@@ -57,13 +60,13 @@ def child_full_unet(frames: int, latent: int, impl: str = "t2v") -> None:
     cfg = ModelConfig()
     chunk = auto_frame_chunk(frames)
     if impl == "t2v":
-        unet = UNet3D(cfg.unet).eval()
+        unet = trained_like_(UNet3D(cfg.unet), 0).eval()
         unet.frame_chunk = chunk
     else:
         from diffusers import UNet3DConditionModel
 
         from weights_convert.diffusers import diffusers_unet_kwargs
-        unet = UNet3DConditionModel(**diffusers_unet_kwargs(cfg.unet)).eval()
+        unet = trained_like_(UNet3DConditionModel(**diffusers_unet_kwargs(cfg.unet)), 0).eval()
     x = torch.randn(2, 4, frames, latent, latent)
     context = torch.randn(2, 77, 1024)
     baseline = status_kib("VmRSS")

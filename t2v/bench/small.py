@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from t2v.bench.common import alternate, report_line
+from t2v.bench.common import alternate, report_line, trained_like_
 from t2v.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from t2v.pipeline import TextToVideo
 from t2v.text_encoder import TextEncoder
@@ -32,7 +32,7 @@ def bench_text(repeat: int) -> dict[str, float]:
     cfg = TextEncoderConfig()
     hf = {k: v for k, v in diffusers_text_encoder_config(cfg).items()
           if k not in ("architectures", "model_type", "torch_dtype")}
-    reference = CLIPTextModel(CLIPTextConfig(**hf)).eval()
+    reference = trained_like_(CLIPTextModel(CLIPTextConfig(**hf)), 0).eval()
     ours = TextEncoder(cfg).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     ids = Tokenizer()(PROMPTS)
@@ -49,8 +49,7 @@ def bench_vae_decode(repeat: int, frames: int = 16, size: int = 256) -> dict[str
     from t2v.vae import AutoencoderKL
     from weights_convert.diffusers import diffusers_vae_kwargs
     cfg = VAEConfig()
-    torch.manual_seed(0)
-    reference = DiffusersVAE(**diffusers_vae_kwargs(cfg)).eval()
+    reference = trained_like_(DiffusersVAE(**diffusers_vae_kwargs(cfg)), 0).eval()
     ours = AutoencoderKL(cfg).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
     latents = torch.randn(1, 4, frames, size // 8, size // 8)
@@ -82,9 +81,9 @@ def bench_tiny_pipeline(repeat: int) -> dict[str, float]:
     torch.manual_seed(0)
     hf = {k: v for k, v in diffusers_text_encoder_config(cfg.text_encoder).items()
           if k not in ("architectures", "model_type", "torch_dtype")}
-    text = CLIPTextModel(CLIPTextConfig(**hf)).eval()
-    unet = UNet3DConditionModel(**diffusers_unet_kwargs(cfg.unet)).eval()
-    vae = DiffusersVAE(**diffusers_vae_kwargs(cfg.vae)).eval()
+    text = trained_like_(CLIPTextModel(CLIPTextConfig(**hf)), 0).eval()
+    unet = trained_like_(UNet3DConditionModel(**diffusers_unet_kwargs(cfg.unet)), 1).eval()
+    vae = trained_like_(DiffusersVAE(**diffusers_vae_kwargs(cfg.vae)), 2).eval()
     folder = Path(tempfile.mkdtemp())
     for name, content in tokenizer_files().items():
         (folder / name).write_text(content)

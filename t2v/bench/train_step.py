@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from t2v.bench.common import trained_like_
 from t2v.bench.memory import measure_in_subprocess, report, status_kib
 from t2v.config import UNetConfig
 from t2v.train import diffusion_loss
@@ -24,7 +25,7 @@ from t2v.unet import UNet3D
 def child(mode: str, checkpointing: bool, frames: int, latent: int, rank: int,
           repeat: int) -> None:
     torch.manual_seed(0)
-    unet = UNet3D(UNetConfig())
+    unet = trained_like_(UNet3D(UNetConfig()), 0)
     if mode == "lora":
         from t2v.lora import add_lora
         add_lora(unet, rank)

@@ -5,7 +5,9 @@ a large fp32 matmul's.
     python -m t2v.bench.unet [--case a|b|all] [--repeat 3] [--compiled] [--json report.json]
 
 Cases: (a) batch 2, 8 frames, 16x16 latents; (b) batch 2, 16 frames, 32x32 latents (the default
-workload, 256x256 with guidance). `--compiled` adds t2v's opt-in torch.compile path (compile
+workload, 256x256 with guidance). Weights: every parameter random at a trained-like scale on
+both sides (`build_pair`); flush-to-zero off unless `--flush-denormal`, recorded either way.
+`--compiled` adds t2v's opt-in torch.compile path (compile
 time reported separately). Needs the `dev` extra (diffusers) and ~12 GB of RAM (~18 GB with
 --compiled).
 """
@@ -19,7 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from t2v.bench.common import alternate
+from t2v.bench.common import alternate, set_flush_denormal, trained_like_
 from t2v.config import UNetConfig
 from t2v.layers import _LINEAR_POINTWISE
 from t2v.unet import UNet3D
@@ -54,21 +56,32 @@ def count_flops(model, *args) -> int:
     return counter.get_total_flops()
 
 
-def run(cases: list[str], repeat: int = 3, compiled: bool = False) -> dict:
+def build_pair(cfg: UNetConfig, seed: int = 0):
+    """(t2v UNet3D, diffusers UNet3DConditionModel), the same weights: every parameter random
+    at a trained-like scale (t2v.bench.common.trained_like_), never a default init."""
     from diffusers import UNet3DConditionModel
 
-    from t2v.compile import compile_unet
     from weights_convert.diffusers import diffusers_unet_kwargs
-    torch.manual_seed(0)
-    cfg = UNetConfig()
-    reference = UNet3DConditionModel(**diffusers_unet_kwargs(cfg)).eval()
+    reference = trained_like_(UNet3DConditionModel(**diffusers_unet_kwargs(cfg)), seed).eval()
     ours = UNet3D(cfg).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
+    return ours, reference
+
+
+def run(cases: list[str], repeat: int = 3, compiled: bool = False,
+        flush_denormal: bool = False) -> dict:
+    from t2v.compile import compile_unet
+
+    flush = set_flush_denormal(flush_denormal)
+    ours, reference = build_pair(UNetConfig())
     matmul = matmul_gflops()
     peak = max(matmul.values())
-    results = {"matmul_gflops": matmul, "threads": torch.get_num_threads(), "cases": {}}
+    results = {"matmul_gflops": matmul, "threads": torch.get_num_threads(),
+               "weights": "trained-like random (t2v.bench.common.trained_like_)",
+               "flush_denormal": flush, "cases": {}}
     print("fp32 4096^2 matmul GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in matmul.items())
-          + f"; {torch.get_num_threads()} threads", flush=True)
+          + f"; {torch.get_num_threads()} threads; flush-to-zero {'on' if flush else 'off'}",
+          flush=True)
     for name in cases:
         batch, frames, size = CASES[name]
         g = torch.Generator().manual_seed(1)
@@ -113,10 +126,12 @@ def main() -> None:
     parser.add_argument("--case", choices=[*CASES, "all"], default="a")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--compiled", action="store_true", help="also time the compiled path")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="run with the CPU's flush-to-zero mode on (recorded in the report)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     results = run(list(CASES) if args.case == "all" else [args.case], args.repeat,
-                  args.compiled)
+                  args.compiled, args.flush_denormal)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from t2v.bench.common import trained_like_
 from t2v.bench.memory import measure_in_subprocess, report, status_kib
 from t2v.config import VAEConfig
 from t2v.vae import DEFAULT_CHUNK_FRAMES, AutoencoderKL
@@ -23,13 +24,13 @@ def child(impl: str, frames: int, size: int) -> None:
     cfg = VAEConfig()
     latents = torch.randn(1, 4, frames, size // 8, size // 8)
     if impl == "t2v":
-        model = AutoencoderKL(cfg).eval()
+        model = trained_like_(AutoencoderKL(cfg), 0).eval()
         baseline = status_kib("VmRSS")
         video = model.decode_video(latents)
     else:
         from diffusers import AutoencoderKL as DiffusersAutoencoderKL
         from weights_convert.diffusers import diffusers_vae_kwargs
-        model = DiffusersAutoencoderKL(**diffusers_vae_kwargs(cfg)).eval()
+        model = trained_like_(DiffusersAutoencoderKL(**diffusers_vae_kwargs(cfg)), 0).eval()
         baseline = status_kib("VmRSS")
         with torch.no_grad():  # as the diffusers pipeline's decode_latents: one batch
             folded = latents.permute(0, 2, 1, 3, 4).reshape(frames, 4, size // 8, size // 8)
