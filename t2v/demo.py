@@ -26,6 +26,7 @@ import torch
 
 from t2v.config import load_config
 from t2v.errors import ConfigError, OneLineParser, UserError
+from t2v.pipeline import NumericalError
 from t2v.train import Trainer
 from t2v.train_config import TrainRunConfig
 from t2v.video_io import atomic_path
@@ -71,7 +72,8 @@ def train_demo(out: Path, vae_config: str, unet_config: str, vae_overrides=(),
     export(out / "unet" / "model", out / "model", overwrite=True)
     timings["total_seconds"] = round(timings["vae_seconds"] + timings["unet_seconds"], 1)
     timings["torch_threads"] = torch.get_num_threads()
-    (out / "timings.json").write_text(json.dumps(timings, indent=1))
+    with atomic_path(out / "timings.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(timings, indent=1))
     return timings
 
 
@@ -139,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NumericalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"demo model in {args.out / 'model'}: VAE {timings['vae_seconds']} s, UNet "
           f"{timings['unet_seconds']} s, total {timings['total_seconds']} s")
     return 0

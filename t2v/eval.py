@@ -41,6 +41,7 @@ import torch
 
 from t2v.errors import OneLineParser, UserError
 from t2v.noise import randn
+from t2v.pipeline import NumericalError
 from t2v.synthetic import (BACKGROUNDS, COLOURS, EXTRA_COLOURS, HELDOUT, TRAINED, Attributes,
                            all_combinations)
 
@@ -295,9 +296,11 @@ def load_demo_pipeline(source: str, dtype: str = "float32", loras: tuple[str, ..
 
     pipe = TextToVideo.from_pretrained(source, dtype=DTYPES[dtype],
                                        vae_dtype=torch.float32)
-    for spec in loras:
-        path, _, scale = spec.partition(":")
-        pipe.load_lora(path, float(scale) if scale else 1.0)
+    if loras:
+        from t2v.lora import parse_lora_arg
+
+        for spec in loras:
+            pipe.load_lora(*parse_lora_arg(spec))
     return pipe
 
 
@@ -332,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true")
     try:
         args = parser.parse_args(argv)
+        if args.batch < 1 or args.steps < 1 or args.frames < 1:
+            raise UserError("--batch, --steps and --frames must be >= 1")
         if args.json is not None and args.json.exists() and not args.overwrite:
             raise UserError(f"{args.json}: already exists; pass --overwrite to replace it")
         unknown = [c for c in args.colours if c not in {**COLOURS, **EXTRA_COLOURS}]
@@ -349,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except NumericalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(format_table(report))
     if args.json is not None:
         from t2v.video_io import atomic_path

@@ -242,9 +242,10 @@ class TextToVideo:
             negative_prompt_embeds = self.encode_prompt(negatives)
         negative = negative_prompt_embeds.repeat_interleave(videos_per_prompt, dim=0)
         if negative.shape != context.shape:
+            prompts_shape = tuple((prompt_embeds if prompt_embeds is not None else context).shape)
             raise UserError(f"negative_prompt_embeds have shape "
                             f"{tuple(negative_prompt_embeds.shape)}, the prompt embeddings "
-                            f"{tuple(context.shape[:1])} after repeats; they must match")
+                            f"{prompts_shape}; they must match")
         return torch.cat([negative.to(context), context])
 
     @staticmethod
@@ -289,7 +290,7 @@ class TextToVideo:
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
             model_input = torch.cat([x, x]) if guided else x
-            eps = self.unet(model_input, t, context, frame_chunk=frame_chunk)
+            eps = self.unet(model_input, t, context, frame_chunk=frame_chunk or 0)  # 0: none
             if not guided:
                 return eps
             uncond, cond = eps.chunk(2)
@@ -510,7 +511,8 @@ def load_pipeline(source: str | None, model: ModelConfig | None = None, *,
 def video_argument(video) -> torch.Tensor:
     """diffusers' `video=` input -> init_video (B, 3, F, H, W) in [-1, 1]. Accepted: a list of
     PIL images or of (H, W, 3) arrays, an array (F, H, W, 3), a tensor (F, 3, H, W) or
-    (B, F, 3, H, W); floats in [0, 1] or uint8 (0-255)."""
+    (B, F, 3, H, W); floats in [0, 1] (or [-1, 1] when any value is negative, as diffusers'
+    VideoProcessor reads them) or uint8 (0-255)."""
     if isinstance(video, (list, tuple)):
         video = np.stack([np.asarray(frame) for frame in video])
     if isinstance(video, np.ndarray):
@@ -525,8 +527,11 @@ def video_argument(video) -> torch.Tensor:
     if video.ndim != 5 or video.shape[2] != 3:
         raise UserError(f"video: expected (F, 3, H, W) or (B, F, 3, H, W), got "
                         f"{tuple(video.shape)}")
-    video = video.float() / 255.0 if video.dtype == torch.uint8 else video.float()
-    return (video * 2 - 1).permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W) in [-1, 1]
+    if video.dtype == torch.uint8:
+        video = video.float() / 255.0
+    elif video.min() < 0:  # as diffusers' VideoProcessor: negative values mean [-1, 1] already
+        return video.float().permute(0, 2, 1, 3, 4)
+    return (video.float() * 2 - 1).permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W) in [-1, 1]
 
 
 def frames_to_video_tensor(frames: np.ndarray, height: int | None = None,

@@ -241,7 +241,7 @@ def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offl
 
     from t2v.pipeline import auto_frame_chunk
 
-    baseline = resident_bytes()
+    baseline = resident_bytes() if device.type == "cpu" else 0  # host memory: CPU runs only
 
     def estimate(**change):
         window = change.get("window", s.window)

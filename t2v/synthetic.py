@@ -30,7 +30,6 @@ so short prompts work too; the evaluation always uses the full caption.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from dataclasses import dataclass
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from t2v.errors import OneLineParser, UserError
 
 COLOURS = {"red": (225, 35, 35), "green": (35, 190, 60), "blue": (45, 80, 235),
            "yellow": (240, 215, 30), "purple": (150, 50, 210)}
@@ -130,8 +131,10 @@ def render(attributes: Attributes, rng: np.random.Generator, num_frames: int = 8
     extent = rng.uniform(*SIZE_RANGE) * scale
     speed = rng.uniform(*SPEED_RANGE) * scale
     dy, dx = MOTIONS[attributes.motion]
-    travel = speed * (num_frames - 1)
     low, high = extent / 2 + 1, size - extent / 2 - 1  # centre range: 1 px clear of the edge
+    # Long clips move slower, so that the object stays in view (8 frames: never capped).
+    speed = min(speed, (high - low) / max(num_frames - 1, 1))
+    travel = speed * (num_frames - 1)
     along = rng.uniform(low, high - travel)  # start on the motion axis, measured forwards
     across = rng.uniform(low, high)
     # Pixel centres on a supersampled grid, in pixel units.
@@ -213,15 +216,19 @@ def combinations_named(colours: tuple[str, ...] = (), split: str = "trained"
 def main(argv: list[str] | None = None) -> int:
     from t2v.video_io import write_mp4
 
-    parser = argparse.ArgumentParser(prog="python -m t2v.synthetic",
-                                     description="Write procedural clips as MP4 + .txt captions.")
+    parser = OneLineParser(prog="python -m t2v.synthetic",
+                           description="Write procedural clips as MP4 + .txt captions.")
     parser.add_argument("folder", type=Path)
     parser.add_argument("--count", type=int, default=120)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--split", default="trained", choices=("trained", "heldout", "all"))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.folder.exists() and any(args.folder.iterdir()):
         print(f"error: {args.folder} is not empty; choose a new folder", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ of the clips as single images, with the loss of Stable Diffusion's KL autoencode
 perceptual and adversarial terms:
 
     posterior = VAE.encode(x); x_rec = VAE.decode(posterior.sample())
-    loss = sum |x - x_rec| / N + train.kl_weight * sum KL(posterior || N(0, I)) / N
+    loss = sum(|x - x_rec| + (x - x_rec)^2) / N + train.kl_weight * sum KL(posterior || N(0, I)) / N
 
 (sums over pixels and latent elements, N frames). The saved model's vae.scaling_factor is
 1 / std of posterior samples of the first clips, so that scaled latents have unit variance.
@@ -65,8 +65,8 @@ CHECKPOINTS = "checkpoints"
 
 def vae_loss(vae, frames: torch.Tensor, noise: torch.Tensor, kl_weight: float,
              autocast=nullcontext) -> torch.Tensor:
-    """Reconstruction (L1, summed per frame) + kl_weight x KL to N(0, I), averaged over frames
-    (N, 3, H, W); `noise` draws the posterior sample."""
+    """Reconstruction (L1 + L2, summed per frame) + kl_weight x KL to N(0, I), averaged over
+    frames (N, 3, H, W); `noise` draws the posterior sample."""
     with autocast():
         reconstruction, posterior = vae(frames, noise=noise)
     n = len(frames)
@@ -87,7 +87,7 @@ def latent_scaling_factor(vae, clips, count: int = 64) -> float:
     for index in range(min(count, len(clips))):
         video, _ = clips.load(index, None)
         posterior = vae.encode(video.transpose(0, 1).to(device, vae.dtype))
-        samples.append(posterior.sample(g if device.type == "cpu" else None).float().cpu())
+        samples.append(posterior.sample(g).float().cpu())
     return float(f"{1.0 / torch.cat(samples).std().item():.4g}")
 
 

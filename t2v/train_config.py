@@ -51,6 +51,9 @@ class DataConfig:
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 
     def __post_init__(self):
+        _check(not (self.synthetic.enabled and self.cache_latents),
+               "data.cache_latents caches video files' latents; procedural clips "
+               "(data.synthetic.enabled) are rendered each step: set data.cache_latents=null")
         _check(not self.synthetic.enabled or self.height == self.width,
                f"data.synthetic renders square clips: data.height ({self.height}) must equal "
                f"data.width ({self.width})")

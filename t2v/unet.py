@@ -430,8 +430,9 @@ class UNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float,
                 context: torch.Tensor, frame_chunk: int | None = None) -> torch.Tensor:
-        """`frame_chunk` for this call (else the `frame_chunk` attribute): per-frame layers
-        run on at most this many frames of a sample at a time; results are unchanged."""
+        """`frame_chunk` for this call (None: the `frame_chunk` attribute; 0: no chunks):
+        per-frame layers run on at most this many frames of a sample at a time; results are
+        unchanged."""
         if x.ndim != 5 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"UNet3D: x must be (batch, {self.cfg.in_channels}, frames, height, "
                              f"width), got {tuple(x.shape)}")
@@ -458,7 +459,7 @@ class UNet3D(nn.Module):
         x = rearrange(x, "b c f h w -> (b f) c h w")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        chunk = frame_chunk if frame_chunk is not None else self.frame_chunk
+        chunk = self.frame_chunk if frame_chunk is None else (frame_chunk or None)
         x = self.transformer_in(self.conv_in(x), num_frames, chunk)
         skips = [x]
         for block in self.down_blocks:

@@ -120,15 +120,15 @@ def test_vae_training_mode(tmp_path):
     """train.model=vae lowers the reconstruction + KL loss and writes a native folder whose
     scaling factor gives unit-variance latents."""
     cfg = load_config(CONFIGS / "demo_vae.yaml", [
-        f"train.output_dir={tmp_path / 'vae'}", "train.steps=30", "train.batch_size=2",
-        "train.warmup_steps=5", "model.vae.channels=[16,32,32]", "model.unet.channels=[32,32,32]",
-        "data.synthetic.clips=40"], schema=TrainRunConfig)
+        f"train.output_dir={tmp_path / 'vae'}", "train.steps=60", "train.batch_size=4",
+        "train.warmup_steps=5", "train.lr_schedule=constant", "train.lr=2e-3",
+        "model.unet.channels=[32,32,32]", "data.synthetic.clips=40"], schema=TrainRunConfig)
     trainer = Trainer(cfg)
     assert set(trainer.trained) == {n for n, _ in trainer.vae.named_parameters()}
     history = trainer.run(progress=False)
     first = np.mean([h["loss"] for h in history[:5]])
     last = np.mean([h["loss"] for h in history[-5:]])
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.5 * first, (first, last)  # measured 7038 -> 1328
     model = tmp_path / "vae" / "model"
     written = load_config(None, []).model  # defaults, to compare the folder's config with
     from t2v.weights import read_checkpoint
@@ -152,7 +152,8 @@ def test_vae_loss_matches_its_definition():
     posterior = vae.encode(frames)
     rec = vae.decode(posterior.mean + posterior.std * noise)
     kl = 0.5 * (posterior.mean ** 2 + posterior.std ** 2 - 1 - posterior.logvar)
-    expected = (frames - rec).abs().sum() / 3 + 0.01 * kl.sum() / 3
+    error = frames - rec
+    expected = (error.abs() + error ** 2).sum() / 3 + 0.01 * kl.sum() / 3
     torch.testing.assert_close(vae_loss(vae, frames, noise, 0.01), expected)
 
 

@@ -346,15 +346,19 @@ def test_diffusers_arguments(components):
     with pytest.raises(UserError, match="disagree"):
         ours("a dog", steps=3, num_inference_steps=4, num_frames=2, height=32, width=32)
     assert ours.to(torch.float32) is ours
-    seen = []
+    seen, plain = [], []
 
     def on_step_end(pipe, i, t, tensors):
-        seen.append((i, t, tensors["latents"].shape))
-        return {"latents": torch.zeros_like(tensors["latents"])}
+        seen.append(tensors["latents"].clone())
+        return {"latents": torch.zeros_like(tensors["latents"])} if i == 0 else None
 
-    zeroed = ours("a dog", seed=3, output="latents", callback_on_step_end=on_step_end,
-                  num_frames=2, height=32, width=32, steps=1, progress=False).frames
-    assert len(seen) == 1 and torch.equal(zeroed, torch.zeros_like(zeroed))
+    run = dict(seed=3, output="latents", num_frames=2, height=32, width=32, steps=2,
+               progress=False)
+    zeroed = ours("a dog", callback_on_step_end=on_step_end, **run).frames
+    ours("a dog", callback=lambda i, t, x, x0: plain.append(x.clone()), **run)
+    assert len(seen) == 2 and torch.equal(seen[0], plain[0])
+    # Step 2 continued from the zeros the callback returned, not from the sampler's latents.
+    assert not torch.equal(seen[1], plain[1]) and torch.equal(zeroed, seen[1])
     video = np.random.default_rng(0).random((2, 32, 32, 3)).astype(np.float32)
     from_video = ours("a dog", video=video, seed=4, strength=0.5, **kwargs).frames
     init = torch.from_numpy(video).permute(3, 0, 1, 2)[None] * 2 - 1

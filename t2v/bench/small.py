@@ -106,14 +106,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json")
     args = parser.parse_args()
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        parser.error(f"{args.json} already exists; pass --overwrite to replace it")
     results = {"text_encoding_2_prompts": bench_text(args.repeat),
                "vae_decode_16_frames_256px": bench_vae_decode(max(2, args.repeat // 2)),
                "tiny_pipeline_8_frames_64px_10_steps": bench_tiny_pipeline(args.repeat)}
     for name, seconds in results.items():
         print(report_line(name, seconds))
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        from t2v.video_io import atomic_path
+        with atomic_path(Path(args.json), overwrite=args.overwrite) as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

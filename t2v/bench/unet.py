@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
@@ -129,12 +130,18 @@ def main() -> None:
     parser.add_argument("--flush-denormal", action="store_true",
                         help="run with the CPU's flush-to-zero mode on (recorded in the report)")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json")
     args = parser.parse_args()
+    if args.json and os.path.exists(args.json) and not args.overwrite:
+        parser.error(f"{args.json} already exists; pass --overwrite to replace it")
     results = run(list(CASES) if args.case == "all" else [args.case], args.repeat,
                   args.compiled, args.flush_denormal)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        from pathlib import Path
+
+        from t2v.video_io import atomic_path
+        with atomic_path(Path(args.json), overwrite=args.overwrite) as tmp:
+            tmp.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
