@@ -166,13 +166,15 @@ def test_demo_source_is_the_package_folder():
 
 
 DEMO_TEST_STEPS = 10  # DPM-Solver++, guidance 5: a few seconds for 2 x 20 videos
-# Accuracy floors on the 20 trained cases below (every fifth of the evaluation's list). The
-# shipped model scores COLOUR_MEASURED / DIRECTION_MEASURED on them at these settings; chance
-# is 20% (colour) and 25% (direction). A floor sits between the two, so the test fails when
-# the stack breaks (guidance sign, sampler, weights, text encoder) without failing on the
-# model's own mistakes; the control below shows it can fail.
-COLOUR_MEASURED, DIRECTION_MEASURED = None, None
-MIN_COLOUR, MIN_DIRECTION = None, None
+# Accuracy floors on the 20 trained cases below (every fifth of the evaluation's list). Measured
+# on the shipped model at these settings: colour 55%, background 90% (direction 20%: this
+# model has not learned motion yet, docs/quality.md, so direction gets no floor). Videos made
+# from the wrong prompts score colour 0% (background 70%: half the neighbours share it); chance
+# is 20% and 50%. The floors sit between, so the test fails when the stack breaks (guidance
+# sign, sampler, weights, text encoder) without failing on the model's own mistakes; the
+# control shows it can fail.
+MIN_COLOUR = 35.0
+MIN_BACKGROUND = 75.0
 
 
 def demo_test_report(pipe, prompts_of=None) -> dict:
@@ -190,13 +192,13 @@ def demo_test_report(pipe, prompts_of=None) -> dict:
 
 def test_demo_model_follows_prompts():
     """The shipped model, end to end (weights, text encoder, guidance, sampler, VAE): colour
-    and direction accuracy above the floors on 20 trained prompts; videos made from the
-    wrong prompts (each case's neighbour's) fall below them."""
+    and background accuracy above the floors on 20 trained prompts; videos made from the
+    wrong prompts (each case's seventh neighbour's) fall below them."""
     pipe = load_demo_pipeline(DEMO_SOURCE)
     scores = demo_test_report(pipe)
-    assert scores["colour"] >= MIN_COLOUR and scores["direction"] >= MIN_DIRECTION, scores
+    assert scores["colour"] >= MIN_COLOUR and scores["background"] >= MIN_BACKGROUND, scores
     wrong = demo_test_report(pipe, lambda i, listed: listed[(i + 7) % len(listed)])
-    assert wrong["colour"] < MIN_COLOUR or wrong["direction"] < MIN_DIRECTION, wrong
+    assert wrong["colour"] < MIN_COLOUR, wrong  # measured 0%
 
 
 def test_readme_demo_command(tmp_path):

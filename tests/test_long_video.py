@@ -42,16 +42,19 @@ def test_frame_chunked_unet_equals_the_plain_unet(chunk):
     assert_parity(chunked, plain, CHUNK_TOL, f"UNet frame_chunk={chunk} vs all frames")
 
 
-def test_pipeline_chunks_long_runs_and_restores_the_unet():
+def test_pipeline_chunks_long_runs_per_call():
     cfg = load_config(TINY)
     pipe = TextToVideo.from_config(cfg.model, seed=0)
     seen = []
     forward = pipe.unet.forward
-    pipe.unet.forward = lambda *a, **k: (seen.append(pipe.unet.frame_chunk), forward(*a, **k))[1]
+    pipe.unet.forward = lambda *a, **k: (seen.append(k.get("frame_chunk")), forward(*a, **k))[1]
     kwargs = dict(num_frames=26, height=32, width=32, steps=1, seed=0, progress=False)
     auto = pipe("x", **kwargs).frames
-    assert seen == [8] and pipe.unet.frame_chunk is None
+    assert seen == [8] and pipe.unet.frame_chunk is None  # per call: the module is untouched
+    pipe.unet.frame_chunk = 4  # frame_chunk=None means no chunks, whatever the attribute
     plain = pipe("x", frame_chunk=None, **kwargs).frames
+    assert seen == [8, 0]
+    pipe.unet.frame_chunk = None
     assert (auto.int() - plain.int()).abs().max() <= 1  # uint8 frames: at most one level
 
 
