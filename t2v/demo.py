@@ -25,8 +25,7 @@ from pathlib import Path
 import torch
 
 from t2v.config import load_config
-from t2v.errors import ConfigError, OneLineParser, UserError
-from t2v.pipeline import NumericalError
+from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.train import Trainer
 from t2v.train_config import TrainRunConfig
 from t2v.video_io import atomic_path
@@ -138,12 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                              unet_restart_to=args.unet_restart_to or None)
         if args.ship:
             export(args.out / "unet" / "model", DEMO_FOLDER, overwrite=True)
-    except (UserError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NumericalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (UserError, NumericalError) as exc:
+        return fail(exc)
     print(f"demo model in {args.out / 'model'}: VAE {timings['vae_seconds']} s, UNet "
           f"{timings['unet_seconds']} s, total {timings['total_seconds']} s")
     return 0

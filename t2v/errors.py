@@ -1,6 +1,7 @@
 """Errors caused by user input. The CLIs print their message as one line and exit non-zero."""
 
 import argparse
+import sys
 
 
 class UserError(Exception):
@@ -17,3 +18,14 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{message} (see --help)")
+
+
+class NumericalError(RuntimeError):
+    """The latents stopped being finite (t2v.pipeline raises it)."""
+
+
+def fail(exc: Exception) -> int:
+    """A CLI's ending for `exc`: its message as one line on stderr, and the exit code: 2 for a
+    user mistake (UserError, ConfigError), 1 for a run that failed (NumericalError)."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2 if isinstance(exc, UserError) else 1

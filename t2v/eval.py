@@ -39,9 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2v.errors import OneLineParser, UserError
+from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.noise import randn
-from t2v.pipeline import NumericalError
 from t2v.synthetic import (BACKGROUNDS, COLOURS, EXTRA_COLOURS, HELDOUT, TRAINED, Attributes,
                            all_combinations)
 
@@ -351,12 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                     "negative_prompt": args.negative_prompt, "lora": list(args.lora)}
         seeds = {"trained": args.seeds, "heldout": args.seeds} if args.seeds else None
         report = evaluate(pipe, settings, cases(seeds, tuple(args.colours), args.split), args.batch)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NumericalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (UserError, NumericalError) as exc:
+        return fail(exc)
     print(format_table(report))
     if args.json is not None:
         from t2v.video_io import atomic_path

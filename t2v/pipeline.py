@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from t2v.config import ModelConfig
-from t2v.errors import UserError
+from t2v.errors import NumericalError, UserError  # noqa: F401 (NumericalError: public here too)
 from t2v.noise import randn
 from t2v.samplers import SAMPLERS, first_timestep
 from t2v.schedule import add_noise, noise_schedule
@@ -66,10 +66,6 @@ def resolve_steps(steps: int | None, num_inference_steps: int | None) -> int:
         raise UserError(f"steps ({steps}) and num_inference_steps ({num_inference_steps}) "
                         "disagree; give one")
     return steps if steps is not None else (num_inference_steps or DEFAULT_STEPS)
-
-
-class NumericalError(RuntimeError):
-    """The latents stopped being finite."""
 
 
 @dataclass

@@ -28,8 +28,8 @@ import torch
 from t2v import __version__
 from t2v.config import (Config, apply_overrides, config_from_dict, config_to_dict,
                         load_config)
-from t2v.errors import ConfigError, OneLineParser, UserError
-from t2v.pipeline import NumericalError, TextToVideo, frames_to_video_tensor, load_pipeline
+from t2v.errors import ConfigError, NumericalError, OneLineParser, UserError, fail
+from t2v.pipeline import TextToVideo, frames_to_video_tensor, load_pipeline
 from t2v.samplers import SAMPLERS
 from t2v.video_io import atomic_path, read_video, write_gif, write_mp4, write_png_frames
 
@@ -376,12 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         run(sys.argv[1:] if argv is None else argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except NumericalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (UserError, NumericalError) as exc:
+        return fail(exc)
     return 0
 
 
