@@ -93,14 +93,23 @@ def latent_scaling_factor(vae, clips, count: int = 64) -> float:
 
 def diffusion_loss(unet, x0: torch.Tensor, context: torch.Tensor, t: torch.Tensor,
                    noise: torch.Tensor, alphas_cumprod: torch.Tensor, target: str,
-                   autocast=nullcontext) -> torch.Tensor:
-    """MSE between the UNet's prediction at x_t and the eps (or v) target, in float32."""
+                   autocast=nullcontext, snr_gamma: float | None = None) -> torch.Tensor:
+    """MSE between the UNet's prediction at x_t and the eps (or v) target, in float32.
+
+    snr_gamma: Min-SNR-gamma weighting (Hang et al., arXiv 2303.09556), as diffusers' training
+    scripts compute it: each clip's MSE times min(SNR_t, gamma) / SNR_t for an epsilon target,
+    min(SNR_t, gamma) / (SNR_t + 1) for v, with SNR_t = a_t / (1 - a_t). None: plain MSE."""
     a = alphas_cumprod.to(x0.device)[t].view(-1, 1, 1, 1, 1)
     x_t = add_noise(x0, noise, a)
     with autocast():
         prediction = unet(x_t, t, context)
     goal = noise if target == "epsilon" else velocity(x0, noise, a)
-    return torch.nn.functional.mse_loss(prediction.float(), goal.float())
+    if snr_gamma is None:
+        return torch.nn.functional.mse_loss(prediction.float(), goal.float())
+    per_clip = (prediction.float() - goal.float()).pow(2).mean(dim=(1, 2, 3, 4))
+    snr = (a / (1 - a)).flatten().float()
+    weight = snr.clamp(max=snr_gamma) / (snr if target == "epsilon" else snr + 1)
+    return (per_clip * weight).mean()
 
 
 def global_seed(seed: int, rank: int) -> int:
@@ -339,7 +348,7 @@ class Trainer:
                     x0, context, t, noise = self.micro_batch(micro)
                     loss = diffusion_loss(self.model, x0, context, t, noise,
                                           self.schedule.alphas_cumprod, self.target,
-                                          self._autocast)
+                                          self._autocast, tc.snr_gamma)
                 scaled = loss / tc.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             losses.append(loss.item())

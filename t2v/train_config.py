@@ -91,6 +91,8 @@ class OptimConfig:
     trainable: tuple[str, ...] = ("temporal",)
     text_dropout: float = 0.1  # probability of training a clip with the empty caption
     target: str | None = None  # epsilon / v_prediction; null: model.schedule.prediction_type
+    # Min-SNR-gamma loss weighting (diffusers' --snr_gamma; 5.0 is the paper's choice); null: off
+    snr_gamma: float | None = None
     ema_decay: float | None = None  # null: no EMA; e.g. 0.9999
     gradient_checkpointing: bool = True
     mixed_precision: str = "no"  # bf16 (CPU or GPU) or fp16 (CUDA, with loss scaling)
@@ -121,6 +123,8 @@ class OptimConfig:
                f"train.text_dropout must be between 0 and 1, got {self.text_dropout}")
         _check(self.target is None or self.target in TARGETS,
                f"train.target must be null or one of {TARGETS}, got {self.target!r}")
+        _check(self.snr_gamma is None or self.snr_gamma > 0,
+               f"train.snr_gamma must be null or > 0, got {self.snr_gamma}")
         _check(self.mixed_precision in MIXED_PRECISION,
                f"train.mixed_precision must be one of {MIXED_PRECISION}, "
                f"got {self.mixed_precision!r}")

@@ -313,6 +313,32 @@ def test_v_prediction_target_is_the_velocity():
                           noise.square().mean())
 
 
+@pytest.mark.parametrize("target", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_matches_diffusers_training_scripts(target):
+    """train.snr_gamma: the weighting of diffusers' train_text_to_image.py (compute_snr from
+    diffusers.training_utils, min(snr, gamma) / snr or / (snr + 1)), clip by clip."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 4, 2, 4, 4, generator=g), torch.randn(3, 4, 2, 4, 4, generator=g)
+    t = torch.tensor([5, 400, 990])
+    prediction = torch.randn(3, 4, 2, 4, 4, generator=g)
+    model = lambda x, t, c: prediction  # noqa: E731
+    alphas = scheduler.alphas_cumprod
+    goal = noise if target == "epsilon" else scheduler.get_velocity(x0, noise, t)
+    snr = compute_snr(scheduler, t)
+    weights = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    weights = weights / snr if target == "epsilon" else weights / (snr + 1)
+    expected = ((prediction - goal) ** 2).mean(dim=(1, 2, 3, 4)) * weights
+    ours = diffusion_loss(model, x0, None, t, noise, alphas, target, snr_gamma=5.0)
+    assert torch.allclose(ours, expected.mean(), rtol=1e-5)
+    plain = diffusion_loss(model, x0, None, t, noise, alphas, target)
+    assert not torch.allclose(ours, plain, rtol=1e-2)  # the weighting changes the loss
+
+
 def test_text_dropout_one_trains_on_the_empty_caption(squares, tmp_path):
     trainer = Trainer(run_config(squares, tmp_path, "train.text_dropout=1.0",
                                  "train.batch_size=2"))
