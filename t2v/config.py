@@ -23,7 +23,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from t2v.errors import ConfigError
+from t2v.errors import ConfigError, UserError
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -118,6 +118,9 @@ class ScheduleConfig:
     # The spacing a scheduler config file sets explicitly; null (the hub's ms-1.7b config sets
     # none) leaves each sampler its own default. `sample.timestep_spacing` overrides both.
     timestep_spacing: str | None = None
+    # Zero terminal SNR (Lin et al. 2023, arXiv:2305.08891; diffusers' rescale_betas_zero_snr):
+    # for models trained on the rescaled schedule, usually with v_prediction and "trailing".
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self):
         _check(self.timestep_spacing is None or self.timestep_spacing in TIMESTEP_SPACINGS,
@@ -140,6 +143,28 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class FreeInitConfig:
+    """FreeInit's settings, diffusers' enable_free_init names and defaults; num_iters 0: off."""
+
+    num_iters: int = 0
+    use_fast_sampling: bool = False
+    method: str = "butterworth"  # butterworth / gaussian / ideal
+    order: int = 4
+    spatial_stop_frequency: float = 0.25
+    temporal_stop_frequency: float = 0.25
+
+    def __post_init__(self):
+        _check(self.num_iters >= 0,
+               f"sample.free_init.num_iters must be >= 0, got {self.num_iters}")
+        _check(self.method in ("butterworth", "gaussian", "ideal"),
+               "sample.free_init.method must be one of ('butterworth', 'gaussian', 'ideal'), "
+               f"got {self.method!r}")
+        for name in ("spatial_stop_frequency", "temporal_stop_frequency"):
+            _check(0.0 <= getattr(self, name) <= 1.0, f"sample.free_init.{name} must be "
+                   f"between 0 and 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class SampleConfig:
     """Generation settings; the CLI flags override these."""
 
@@ -157,7 +182,12 @@ class SampleConfig:
     # None: the spacing the model's scheduler config sets, else each sampler's diffusers
     # default ("leading" for DDIM, "linspace" for DPM-Solver built from the DDIM config).
     timestep_spacing: str | None = None
-    solver_order: int = 2  # DPM-Solver samplers: 1, 2 or 3
+    solver_order: int = 2  # DPM-Solver and UniPC samplers: 1, 2 or 3
+    # Dynamic thresholding of the x0 predictions (diffusers' thresholding=True; samplers
+    # t2v.samplers.THRESHOLDING_SAMPLERS): per frame s = clamp(quantile(|x0|, ratio), 1, max).
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     init_video: str | None = None  # video-to-video input (SDEdit)
     strength: float = 0.6  # video-to-video: share of the steps that run (diffusers' default)
     # Windowed sampling for long videos (t2v/windows.py): null = the UNet sees all frames.
@@ -165,11 +195,26 @@ class SampleConfig:
     window_overlap: int = 4
     loop: bool = False  # windows wrap around the frame axis: a seamless loop
     freenoise: bool = True  # FreeNoise's noise rescheduling when windowed
+    # Prompt tools (docs/sampling-tools.md): A1111's weighting syntax, (word:1.3), and prompts
+    # past 77 tokens (t2v/prompt_weighting.py); a per-frame prompt schedule for windowed runs,
+    # "0: a red ball | 32: a blue ball", in place of the prompt (t2v/prompt_travel.py).
+    prompt_weighting: bool = False
+    prompt_schedule: str | None = None
+    # Guidance rescale (t2v/guidance.py; 0: off), FreeU's [b1, b2, s1, s2] (t2v/freeu.py;
+    # null: off; ms-1.7b and zeroscope: [1.2, 1.4, 0.9, 0.2]) and FreeInit (t2v/freeinit.py).
+    guidance_rescale: float = 0.0
+    freeu: tuple[float, ...] | None = None
+    free_init: FreeInitConfig = field(default_factory=lambda: FreeInitConfig())
 
     def __post_init__(self):
         _check(self.num_frames >= 1, f"sample.num_frames must be >= 1, got {self.num_frames}")
+        _check(0.0 <= self.guidance_rescale <= 1.0,
+               f"sample.guidance_rescale must be between 0 and 1, got {self.guidance_rescale}")
+        _check(self.freeu is None or (len(self.freeu) == 4 and min(self.freeu) > 0),
+               f"sample.freeu must be null or 4 numbers > 0 [b1, b2, s1, s2], got {self.freeu}")
         _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
-        from t2v.samplers import SAMPLERS  # the one list of names (samplers import config)
+        # the one list of names and option rules (samplers import config)
+        from t2v.samplers import SAMPLERS, sampler_options
 
         _check(self.sampler in SAMPLERS,
                f"sample.sampler must be one of {tuple(SAMPLERS)}, got {self.sampler!r}")
@@ -181,6 +226,12 @@ class SampleConfig:
         _check(self.eta >= 0, f"sample.eta must be >= 0, got {self.eta}")
         _check(self.solver_order in (1, 2, 3),
                f"sample.solver_order must be 1, 2 or 3, got {self.solver_order}")
+        try:
+            sampler_options(self.sampler, thresholding=self.thresholding,
+                            dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
+                            sample_max_value=self.sample_max_value)
+        except ConfigError as exc:
+            raise ConfigError(f"sample.{exc}") from None
         _check(0.0 <= self.strength <= 1.0,
                f"sample.strength must be between 0 and 1, got {self.strength}")
         _check(self.window is None or 0 <= self.window_overlap < self.window,
@@ -189,6 +240,20 @@ class SampleConfig:
         _check(self.timestep_spacing is None or self.timestep_spacing in TIMESTEP_SPACINGS,
                f"sample.timestep_spacing must be null or one of {TIMESTEP_SPACINGS}, "
                f"got {self.timestep_spacing!r}")
+        if self.prompt_schedule is not None:
+            self._check_prompt_schedule()
+
+    def _check_prompt_schedule(self) -> None:
+        from t2v.prompt_travel import resolve_schedule
+
+        try:
+            resolve_schedule(self.prompt_schedule, self.num_frames)
+        except UserError as exc:
+            raise ConfigError(str(exc)) from None
+        _check(self.window is not None, "sample.prompt_schedule needs windowed sampling: set "
+               "sample.window (e.g. --window 16)")
+        _check(not self.prompt, "sample.prompt_schedule takes the place of sample.prompt: "
+               "give one of them")
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,13 @@ from tqdm.auto import tqdm
 
 from t2v.config import ModelConfig
 from t2v.errors import NumericalError, UserError  # noqa: F401 (NumericalError: public here too)
+from t2v.freeinit import FreeInit, reinitialize
+from t2v.freeu import FreeU
+from t2v.guidance import guide
 from t2v.noise import randn
-from t2v.samplers import SAMPLERS, first_timestep
+from t2v.prompt_travel import resolve_schedule, schedule_embedding, window_centre
+from t2v.prompt_weighting import count_chunks, encode_weighted
+from t2v.samplers import SAMPLERS, first_alpha_cumprod, sampler_options
 from t2v.schedule import add_noise, noise_schedule
 from t2v.text_encoder import TextEncoder
 from t2v.tokenizer import Tokenizer
@@ -95,6 +100,28 @@ class TextToVideo:
         self.tokenizer = tokenizer or Tokenizer(context_length=config.text_encoder.context_length)
         self.schedule = noise_schedule(config.schedule)
         self.offload_to = torch.device(offload_to) if offload_to is not None else None
+        # Defaults of the `freeu` / `free_init` call arguments, set as diffusers users do:
+        # enable_freeu(...), enable_free_init(...).
+        self.freeu: FreeU | None = None
+        self.free_init: FreeInit | None = None
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """diffusers' FreeU switch (t2v.freeu; ms-1.7b: b1=1.2, b2=1.4, s1=0.9, s2=0.2)."""
+        self.freeu = FreeU(b1=b1, b2=b2, s1=s1, s2=s2)
+
+    def disable_freeu(self) -> None:
+        self.freeu = None
+
+    def enable_free_init(self, num_iters: int = 3, use_fast_sampling: bool = False,
+                         method: str = "butterworth", order: int = 4,
+                         spatial_stop_frequency: float = 0.25,
+                         temporal_stop_frequency: float = 0.25) -> None:
+        """diffusers' FreeInit switch, same names and defaults (t2v.freeinit)."""
+        self.free_init = FreeInit(num_iters, use_fast_sampling, method, order,
+                                  spatial_stop_frequency, temporal_stop_frequency)
+
+    def disable_free_init(self) -> None:
+        self.free_init = None
 
     @contextmanager
     def _stage(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -162,9 +189,15 @@ class TextToVideo:
         return self.unet.conv_in.weight.dtype
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Prompts -> (B, 77, width) text embeddings in the UNet's dtype."""
+    def encode_prompt(self, prompts: list[str], weighted: bool = False,
+                      min_chunks: int = 1) -> torch.Tensor:
+        """Prompts -> (B, 77, width) text embeddings in the UNet's dtype. `weighted`: prompts
+        in A1111's weighting syntax and of any length -> (B, 77 n, width), n chunks, at least
+        `min_chunks` (t2v.prompt_weighting.encode_weighted)."""
         with self._stage(self.text_encoder) as text_encoder:
+            if weighted:
+                return encode_weighted(text_encoder, self.tokenizer, prompts,
+                                       min_chunks).to(self.device, self.dtype)
             ids = self.tokenizer(prompts).to(text_encoder.final_layer_norm.weight.device)
             return text_encoder(ids).to(self.device, self.dtype)
 
@@ -203,12 +236,16 @@ class TextToVideo:
 
     def check_inputs(self, *, sampler: str, eta: float, window: int | None,
                      window_overlap: int, loop: bool, height: int, width: int,
-                     num_frames: int, steps: int, num_videos_per_prompt: int) -> None:
+                     num_frames: int, steps: int, num_videos_per_prompt: int,
+                     thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                     sample_max_value: float = 1.0) -> None:
         """Everything about the arguments that can be wrong, before any model runs."""
         if sampler not in SAMPLERS:
             raise UserError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-        if sampler != "ddim" and eta > 0:
-            raise UserError(f"eta applies to the ddim sampler only (sampler is {sampler})")
+        # eta and thresholding only where the sampler has them (ConfigError is a UserError)
+        sampler_options(sampler, eta=eta, thresholding=thresholding,
+                        dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                        sample_max_value=sample_max_value)
         if loop and window is None:
             raise UserError("loop needs windowed sampling: give a window (e.g. --window 16)")
         if window is not None and not (window >= 1 and 0 <= window_overlap < window):
@@ -221,21 +258,32 @@ class TextToVideo:
     def prompt_context(self, prompts: list[str], negative_prompt: str | list[str],
                        guidance_scale: float, videos_per_prompt: int = 1,
                        prompt_embeds: torch.Tensor | None = None,
-                       negative_prompt_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                       negative_prompt_embeds: torch.Tensor | None = None,
+                       prompt_weighting: bool = False) -> torch.Tensor:
         """The UNet's text context: (B, L, D), or [uncond; cond] (2B, L, D) when guided, as
-        diffusers batches them; each prompt repeated `videos_per_prompt` times."""
-        context = prompt_embeds if prompt_embeds is not None else self.encode_prompt(prompts)
-        context = context.repeat_interleave(videos_per_prompt, dim=0)
-        if guidance_scale <= 1.0:
-            return context
-        if negative_prompt_embeds is None:
+        diffusers batches them; each prompt repeated `videos_per_prompt` times.
+        `prompt_weighting`: prompts (and negative prompts) in A1111's syntax, any length
+        (t2v.prompt_weighting), all padded to the same number of chunks."""
+        guided = guidance_scale > 1.0
+        negatives = []
+        if guided and negative_prompt_embeds is None:
             count = len(prompts) if prompt_embeds is None else prompt_embeds.shape[0]
             negatives = [negative_prompt] * count if isinstance(negative_prompt, str) \
                 else list(negative_prompt)
             if len(negatives) != count:  # as diffusers: a list must match the prompts
                 raise UserError(f"{len(negatives)} negative prompts for {count} prompts; "
                                 "give one string, or a list with one per prompt")
-            negative_prompt_embeds = self.encode_prompt(negatives)
+        chunks = 1
+        if prompt_weighting:
+            chunks = count_chunks(self.tokenizer,
+                                  (prompts if prompt_embeds is None else []) + negatives)
+        context = prompt_embeds if prompt_embeds is not None else \
+            self.encode_prompt(prompts, prompt_weighting, chunks)
+        context = context.repeat_interleave(videos_per_prompt, dim=0)
+        if not guided:
+            return context
+        if negative_prompt_embeds is None:
+            negative_prompt_embeds = self.encode_prompt(negatives, prompt_weighting, chunks)
         negative = negative_prompt_embeds.repeat_interleave(videos_per_prompt, dim=0)
         if negative.shape != context.shape:
             prompts_shape = tuple((prompt_embeds if prompt_embeds is not None else context).shape)
@@ -280,8 +328,10 @@ class TextToVideo:
         return latents.to(self.device, self.dtype)
 
     def guided_denoiser(self, context: torch.Tensor, guidance_scale: float,
-                        frame_chunk: int | None) -> Callable[[torch.Tensor, int], torch.Tensor]:
-        """eps(x, t) = u + g (c - u) from one UNet call on [x, x] (g > 1), else the UNet."""
+                        frame_chunk: int | None, guidance_rescale: float = 0.0
+                        ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """eps(x, t) = u + g (c - u) from one UNet call on [x, x] (g > 1), rescaled by
+        t2v.guidance.guide if guidance_rescale > 0; else the UNet."""
         guided = guidance_scale > 1.0
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -290,7 +340,7 @@ class TextToVideo:
             if not guided:
                 return eps
             uncond, cond = eps.chunk(2)
-            return uncond + guidance_scale * (cond - uncond)
+            return guide(uncond, cond, guidance_scale, guidance_rescale)
 
         return denoise
 
@@ -306,8 +356,13 @@ class TextToVideo:
                  num_videos_per_prompt: int = 1,
                  init_video: torch.Tensor | None = None, video=None, strength: float = 0.6,
                  timestep_spacing: str | None = None, solver_order: int = 2,
+                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
+                 sample_max_value: float = 1.0,
                  window: int | None = None, window_overlap: int = 4, loop: bool = False,
-                 freenoise: bool = True,
+                 freenoise: bool = True, guidance_rescale: float = 0.0,
+                 freeu: FreeU | tuple | dict | None = None,
+                 free_init: FreeInit | int | dict | None = None,
+                 prompt_weighting: bool = False, prompt_schedule: str | dict | None = None,
                  callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
@@ -332,6 +387,17 @@ class TextToVideo:
         `output`: "uint8" (B, F, H, W, 3), "float" (same, in [0, 1]) or "latents"; diffusers'
         `output_type` overrides it: "np", "pt" ((B, F, 3, H, W) in [0, 1]), "pil", "latent".
         `num_inference_steps` is diffusers' name for `steps` (default 50).
+        `sampler`: a name of t2v.samplers.SAMPLERS; `thresholding` with
+        `dynamic_thresholding_ratio` and `sample_max_value` is diffusers' dynamic thresholding
+        of the x0 predictions (t2v.samplers.THRESHOLDING_SAMPLERS only).
+        `prompt_weighting`: prompts in A1111's weighting syntax, (word:1.3) etc., and longer
+        than 77 tokens, in chunks (t2v.prompt_weighting). `prompt_schedule` ("0: a red ball |
+        32: a blue ball", or {frame: prompt}) conditions each window on the schedule's prompt
+        embedding at the window's centre frame (t2v.prompt_travel); it needs `window` and
+        takes the place of `prompt`.
+        `guidance_rescale` (t2v.guidance), `freeu` (b1, b2, s1, s2; t2v.freeu) and
+        `free_init` (passes or a FreeInit; t2v.freeinit) default to what
+        enable_freeu / enable_free_init set (off).
         """
         steps = resolve_steps(steps, num_inference_steps)
         kind = OUTPUT_TYPES.get(output_type, output_type) if output_type is not None else output
@@ -349,22 +415,41 @@ class TextToVideo:
         self.check_inputs(sampler=sampler, eta=eta, window=window,
                           window_overlap=window_overlap, loop=loop, height=height, width=width,
                           num_frames=num_frames, steps=steps,
-                          num_videos_per_prompt=num_videos_per_prompt)
+                          num_videos_per_prompt=num_videos_per_prompt,
+                          thresholding=thresholding,
+                          dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                          sample_max_value=sample_max_value)
+        freeu = self.freeu if freeu is None else FreeU.of(freeu or None)  # False: off
+        free_init = self.free_init if free_init is None else FreeInit.of(free_init or None)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise UserError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}")
+        if free_init is not None and init_video is not None:
+            raise UserError("free_init applies to text-to-video only, not with init_video")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        schedule = None
+        if prompt_schedule is not None:  # one video; its keyframes' prompts encoded together
+            schedule = self.check_prompt_schedule(prompt_schedule, prompts, num_frames, window,
+                                                  loop, prompt_embeds, negative_prompt_embeds)
+            prompts = list(schedule.values())
+            negative_prompt = negative_prompt if isinstance(negative_prompt, str) \
+                else one_negative_prompt(negative_prompt)
         context = self.prompt_context(prompts, negative_prompt, guidance_scale,
                                       num_videos_per_prompt, prompt_embeds,
-                                      negative_prompt_embeds)
+                                      negative_prompt_embeds, prompt_weighting)
         batch = context.shape[0] // (2 if guidance_scale > 1.0 else 1)
+        if schedule is not None:
+            batch //= len(schedule)  # every keyframe's context belongs to the one video
         generator, used_seed = self.make_generator(seed, generator, batch)
         if isinstance(generator, list) and init_video is not None:
             raise UserError("video-to-video takes one generator (or a seed), not a list")
 
         spacing = timestep_spacing or self.config.schedule.timestep_spacing
-        options = {"spacing": spacing, "generator": generator}
-        if sampler == "ddim":
-            options["eta"] = eta
-        else:
-            options["order"] = solver_order
+        options = {"spacing": spacing, "generator": generator,
+                   **sampler_options(sampler, eta=eta, solver_order=solver_order,
+                                     thresholding=thresholding,
+                                     dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+                                     sample_max_value=sample_max_value,
+                                     noise_start=init_video is None)}
         f = self.vae_scale_factor
         start = 0
         if init_video is None:
@@ -377,14 +462,73 @@ class TextToVideo:
 
         if frame_chunk == "auto":
             frame_chunk = auto_frame_chunk(min(num_frames, window or num_frames))
-        denoise = self.guided_denoiser(context, guidance_scale, frame_chunk)
-        if window is not None:
-            denoise = windowed(denoise, window, window_overlap, loop)
-        x = self.denoising_loop(denoise, x, sampler, steps, start, options, progress, callback,
-                                callback_on_step_end)
+
+        def denoiser_for(context: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
+            return self.guided_denoiser(context, guidance_scale, frame_chunk, guidance_rescale)
+
+        if schedule is None:
+            denoise = denoiser_for(context)
+            if window is not None:
+                denoise = windowed(denoise, window, window_overlap, loop)
+        else:
+            denoise = windowed(self.travel_denoiser(list(schedule), context, guidance_scale > 1,
+                                                    num_frames, loop, denoiser_for),
+                               window, window_overlap, loop, pass_frames=True)
+        previous_freeu, self.unet.freeu = self.unet.freeu, freeu
+        try:
+            initial_noise = x
+            for k in range(free_init.num_iters if free_init else 1):
+                if k > 0:  # FreeInit: the next pass starts from this result's low frequencies
+                    x = reinitialize(x, initial_noise, self.schedule.alphas_cumprod, free_init,
+                                     generator)
+                pass_steps = free_init.steps_of_pass(steps, k) if free_init else steps
+                x = self.denoising_loop(denoise, x, sampler, pass_steps, start, options,
+                                        progress, callback, callback_on_step_end)
+        finally:
+            self.unet.freeu = previous_freeu
         result = Generation(self.decode(x, kind, decode_chunk_frames, progress, output_type),
                             used_seed)
         return result if return_dict else (result.frames,)
+
+    @staticmethod
+    def check_prompt_schedule(prompt_schedule: str | dict, prompts: list[str], num_frames: int,
+                              window: int | None, loop: bool, prompt_embeds, negative_prompt_embeds
+                              ) -> dict[int, str]:
+        """The prompt schedule {frame: prompt} sorted by frame, after the checks: parsed and in
+        range (t2v.prompt_travel.resolve_schedule), a window given, no prompt or embeddings
+        besides it."""
+        schedule = resolve_schedule(prompt_schedule, num_frames)
+        if window is None:
+            raise UserError("prompt_schedule needs windowed sampling: give a window (e.g. "
+                            "--window 16)")
+        if any(prompts) or prompt_embeds is not None or negative_prompt_embeds is not None:
+            raise UserError("prompt_schedule takes the place of the prompt: give no prompt, "
+                            "prompt_embeds or negative_prompt_embeds with it")
+        if window >= num_frames and not loop:
+            log.warning("prompt_schedule: the window covers all %d frames, so the whole video "
+                        "takes the schedule's prompt at its centre frame", num_frames)
+        return schedule
+
+    def travel_denoiser(self, keyframes: list[int], context: torch.Tensor, guided: bool,
+                        num_frames: int, loop: bool,
+                        denoiser_for: Callable[[torch.Tensor], Callable]) -> Callable:
+        """Prompt travel, for windowed(..., pass_frames=True): the window of frames
+        [s, s + n) runs denoiser_for(its context), the conditional part the schedule's
+        embedding at the window's centre (t2v.prompt_travel), the unconditional part the
+        negative prompt's. `context`: prompt_context of the keyframes' prompts ([uncond;
+        cond], keyframe by keyframe, each repeated per video)."""
+        parts = context.unflatten(0, (2 if guided else 1, len(keyframes), -1))  # (., K, B, L, D)
+        denoisers = {}  # (start, size) -> denoiser: the windows are the same every step
+
+        def denoise(x: torch.Tensor, t: int, frames: torch.Tensor) -> torch.Tensor:
+            key = (int(frames[0]), len(frames))
+            if key not in denoisers:
+                cond = schedule_embedding(keyframes, parts[-1], window_centre(*key, num_frames,
+                                                                              loop))
+                denoisers[key] = denoiser_for(torch.cat([parts[0, 0], cond]) if guided else cond)
+            return denoisers[key](x, t)
+
+        return denoise
 
     def denoising_loop(self, denoise, x: torch.Tensor, sampler: str, steps: int, start: int,
                        options: dict, progress: bool, callback=None, callback_on_step_end=None
@@ -467,12 +611,12 @@ class TextToVideo:
         start = steps - min(int(steps * strength), steps)
         if start == steps:  # strength 0: nothing to denoise, the reconstruction
             return latents.to(self.dtype), start
-        t = first_timestep(sampler, steps, self.schedule, spacing, start)
+        a = first_alpha_cumprod(sampler, steps, self.schedule, spacing, start)
         b, c, f, h, w = latents.shape
         # Drawn after the posterior noise, folded ((b f), c, h, w), as diffusers draws it.
         noise = randn((b * f, c, h, w), generator, latents.device, latents.dtype)
         noise = noise.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
-        x = add_noise(latents, noise, self.schedule.alphas_cumprod[t].to(latents.device))
+        x = add_noise(latents, noise, a.to(latents.device))
         return x.to(self.dtype), start
 
 
@@ -502,6 +646,14 @@ def load_pipeline(source: str | None, model: ModelConfig | None = None, *,
     if offload:
         pipe.offload_to = torch.device(device)
     return pipe, layout
+
+
+def one_negative_prompt(negative_prompt: list[str]) -> str:
+    """A prompt schedule makes one video: a list of negative prompts must hold one."""
+    if len(negative_prompt) != 1:
+        raise UserError(f"{len(negative_prompt)} negative prompts for one prompt schedule; "
+                        "give one")
+    return negative_prompt[0]
 
 
 def video_argument(video) -> torch.Tensor:

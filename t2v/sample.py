@@ -29,6 +29,7 @@ from t2v import __version__
 from t2v.config import (Config, apply_overrides, config_from_dict, config_to_dict,
                         load_config)
 from t2v.errors import ConfigError, NumericalError, OneLineParser, UserError, fail
+from t2v.freeu import RECOMMENDED as FREEU_RECOMMENDED
 from t2v.pipeline import TextToVideo, frames_to_video_tensor, load_pipeline
 from t2v.samplers import SAMPLERS
 from t2v.video_io import atomic_path, read_video, write_gif, write_mp4, write_png_frames
@@ -36,6 +37,8 @@ from t2v.video_io import atomic_path, read_video, write_gif, write_mp4, write_pn
 log = logging.getLogger("t2v.sample")
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png": ""}
+FREEU_DEFAULT = (FREEU_RECOMMENDED.b1, FREEU_RECOMMENDED.b2, FREEU_RECOMMENDED.s1,
+                 FREEU_RECOMMENDED.s2)  # --freeu without numbers
 LONG_RUN_FRAMES = 24  # longer runs print the memory estimate first (zeroscope trains on 24)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -44,7 +47,12 @@ SAMPLE_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed"
                 "frames": "num_frames", "height": "height", "width": "width", "steps": "steps",
                 "sampler": "sampler", "guidance": "guidance_scale", "eta": "eta", "fps": "fps",
                 "init_video": "init_video", "strength": "strength", "window": "window",
-                "window_overlap": "window_overlap", "loop": "loop"}
+                "window_overlap": "window_overlap", "loop": "loop",
+                "thresholding": "thresholding",
+                "dynamic_thresholding_ratio": "dynamic_thresholding_ratio",
+                "sample_max_value": "sample_max_value",
+                "prompt_weighting": "prompt_weighting", "prompt_schedule": "prompt_schedule",
+                "guidance_rescale": "guidance_rescale", "freeu": "freeu"}
 
 
 def read_config(path: str | None, overrides: list[str]) -> Config:
@@ -81,6 +89,15 @@ def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=s.guidance_scale,
                    help="classifier-free guidance scale (1 disables the unconditional pass)")
     p.add_argument("--eta", type=float, default=s.eta, help="DDIM noise (0 = deterministic)")
+    p.add_argument("--thresholding", action=argparse.BooleanOptionalAction,
+                   default=s.thresholding,
+                   help="dynamic thresholding of the x0 predictions, per frame (diffusers' "
+                   "thresholding=True; ddim, dpmsolver++, dpmsolver, sde-dpmsolver++, unipc)")
+    p.add_argument("--dynamic-thresholding-ratio", type=float,
+                   default=s.dynamic_thresholding_ratio,
+                   help="thresholding: the quantile of |x0| taken as the threshold s")
+    p.add_argument("--sample-max-value", type=float, default=s.sample_max_value,
+                   help="thresholding: the largest threshold s (x0 is clamped to [-s, s] / s)")
     p.add_argument("--fps", type=int, default=s.fps, help="frames per second of the output")
     p.add_argument("--weights", default=cfg.weights.source,
                    help="local folder or hub repo id in any layout; unset = random weights")
@@ -118,6 +135,28 @@ def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
                    help="frames shared by neighbouring windows")
     p.add_argument("--loop", action=argparse.BooleanOptionalAction, default=s.loop,
                    help="windows wrap around: a seamless loop (needs --window)")
+    p.add_argument("--prompt-weighting", action=argparse.BooleanOptionalAction,
+                   default=s.prompt_weighting,
+                   help="read prompts in AUTOMATIC1111's syntax: (word:1.3), (word) = x1.1, "
+                   "[word] = /1.1, \\( for a literal bracket; prompts past 77 tokens in 75-token "
+                   "chunks (docs/sampling-tools.md)")
+    p.add_argument("--prompt-schedule", default=s.prompt_schedule, metavar="SCHEDULE",
+                   help="prompt travel in place of --prompt: \"0: a red ball | 32: a blue "
+                   "ball\"; each window takes the prompt interpolated at its centre frame "
+                   "(needs --window; docs/sampling-tools.md)")
+    p.add_argument("--guidance-rescale", type=float, default=s.guidance_rescale,
+                   metavar="PHI", help="rescale guided outputs toward the conditional "
+                   "output's std (0 = off, 0.7 = the paper's value; docs/sampling-tools.md)")
+    p.add_argument("--freeu", type=float, nargs="*", default=s.freeu,
+                   metavar="B1 B2 S1 S2", help="FreeU; without numbers diffusers' values for "
+                   f"this model family, {' '.join(str(v) for v in FREEU_DEFAULT)}")
+    p.add_argument("--free-init", type=int, default=s.free_init.num_iters, metavar="N",
+                   help="FreeInit: N sampling passes (0 = off)")
+    p.add_argument("--free-init-method", choices=["butterworth", "gaussian", "ideal"],
+                   default=s.free_init.method, help="FreeInit's low-pass filter")
+    p.add_argument("--free-init-fast", action=argparse.BooleanOptionalAction,
+                   default=s.free_init.use_fast_sampling,
+                   help="FreeInit's coarse-to-fine passes (fewer steps in early passes)")
     p.add_argument("--out", type=Path, default=None,
                    help="output file (one prompt) or folder (default: outputs/)")
     p.add_argument("--format", choices=list(FORMATS), default=None,
@@ -136,10 +175,16 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
     known, _ = build_parser(Config(), add_help=False).parse_known_args(argv)
     cfg = read_config(known.config, known.overrides)
     args = build_parser(cfg).parse_args(argv)
+    if args.freeu is not None and len(args.freeu) == 0:
+        args.freeu = list(FREEU_DEFAULT)
     sample = {field: getattr(args, flag) for flag, field in SAMPLE_FLAGS.items()}
+    sample["freeu"] = tuple(args.freeu) if args.freeu is not None else None
     try:
         cfg = dataclasses.replace(
-            cfg, sample=dataclasses.replace(cfg.sample, **sample),
+            cfg, sample=dataclasses.replace(
+                cfg.sample, **sample, free_init=dataclasses.replace(
+                    cfg.sample.free_init, num_iters=args.free_init, method=args.free_init_method,
+                    use_fast_sampling=args.free_init_fast)),
             weights=dataclasses.replace(cfg.weights, source=args.weights, revision=args.revision,
                                         variant=args.variant,
                                         lora=tuple(args.lora if args.lora is not None
@@ -151,6 +196,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
 
 def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:
     if args.prompts_file is not None:
+        if cfg.sample.prompt_schedule is not None:
+            raise UserError("--prompts-file and --prompt-schedule: give one of them")
         try:
             lines = args.prompts_file.read_text().splitlines()
         except OSError as exc:
@@ -159,6 +206,8 @@ def read_prompts(args: argparse.Namespace, cfg: Config) -> list[str]:
         if not prompts:
             raise UserError(f"{args.prompts_file}: no prompts in the file")
         return prompts
+    if cfg.sample.prompt_schedule is not None:
+        return [""]  # the schedule holds the prompts
     if not cfg.sample.prompt:
         raise UserError("no prompt: pass --prompt \"...\" or --prompts-file FILE")
     return [cfg.sample.prompt]
@@ -278,7 +327,7 @@ def run(argv: list[str]) -> list[Path]:
     if world > 1 and cfg.sample.seed is None:
         raise UserError("several processes need a shared --seed (each would draw its own)")
     seeds = [base_seed + i for i in range(len(prompts))]
-    paths = output_paths(args, prompts, seeds)
+    paths = output_paths(args, [p or cfg.sample.prompt_schedule or "" for p in prompts], seeds)
     fmt = args.format or {v: k for k, v in FORMATS.items() if v}.get(paths[0].suffix, "png")
     mine = [i for i in range(len(prompts)) if i % world == rank]  # this process's share
     for i in mine:
@@ -350,8 +399,15 @@ def generate(pipe: TextToVideo, s, init_video: torch.Tensor | None, progress: bo
                 width=s.width, steps=s.steps, guidance_scale=s.guidance_scale,
                 sampler=s.sampler, eta=s.eta, seed=s.seed, init_video=init_video,
                 strength=s.strength, timestep_spacing=s.timestep_spacing,
-                solver_order=s.solver_order, window=s.window, window_overlap=s.window_overlap,
-                loop=s.loop, freenoise=s.freenoise, output="latents", progress=progress).frames
+                solver_order=s.solver_order, thresholding=s.thresholding,
+                dynamic_thresholding_ratio=s.dynamic_thresholding_ratio,
+                sample_max_value=s.sample_max_value, window=s.window,
+                window_overlap=s.window_overlap,
+                loop=s.loop, freenoise=s.freenoise, prompt_weighting=s.prompt_weighting,
+                prompt_schedule=s.prompt_schedule, guidance_rescale=s.guidance_rescale,
+                freeu=s.freeu or False,
+                free_init=(dataclasses.asdict(s.free_init) if s.free_init.num_iters else False),
+                output="latents", progress=progress).frames
 
 
 def write_outputs(pipe: TextToVideo, latents: torch.Tensor, cfg: Config, path: Path, fmt: str,
@@ -367,6 +423,14 @@ def write_outputs(pipe: TextToVideo, latents: torch.Tensor, cfg: Config, path: P
               "frames": s.num_frames, "size": [s.width, s.height], "fps": s.fps,
               "weights": cfg.weights.source, "lora": list(cfg.weights.lora),
               "t2v_version": __version__}
+    if s.prompt_schedule is not None:
+        params["prompt_schedule"] = s.prompt_schedule
+    if s.guidance_rescale:
+        params["guidance_rescale"] = s.guidance_rescale
+    if s.freeu is not None:
+        params["freeu"] = dict(zip(("b1", "b2", "s1", "s2"), s.freeu))
+    if s.free_init.num_iters:
+        params["free_init"] = dataclasses.asdict(s.free_init)
     write_output(frames, path, fmt, s.fps, params, overwrite)
     with atomic_path(path.with_name(path.name + ".json"), overwrite) as tmp:
         tmp.write_text(json.dumps(sidecar, indent=2) + "\n")

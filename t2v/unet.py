@@ -25,6 +25,8 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from t2v.config import UNetConfig
+from t2v.freeu import FreeU
+from t2v.freeu import apply as freeu_apply
 from t2v.layers import attention, geglu, linear
 
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm at the entry of spatial and temporal transformers
@@ -333,14 +335,17 @@ class UpBlock(Level):
     """Each layer first concatenates [x, skip] on channels, taking skips from the end."""
 
     def __init__(self, prev_ch: int, out_ch: int, skip_channels: list[int], has_attention: bool,
-                 upsample: bool, cfg: UNetConfig):
+                 upsample: bool, cfg: UNetConfig, stage: int = 0):
         in_channels = [(prev_ch if i == 0 else out_ch) + s for i, s in enumerate(skip_channels)]
         super().__init__(in_channels, out_ch, has_attention, cfg)
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
+        self.stage = stage  # 0 = the lowest resolution (FreeU's stage numbering)
 
-    def forward(self, x, skips, emb, context, num_frames, upsample_size=None, chunk=None):
+    def forward(self, x, skips, emb, context, num_frames, upsample_size=None, chunk=None,
+                freeu: FreeU | None = None):
         for i in range(len(self.resnets)):
-            x = torch.cat([x, skips[-1 - i]], dim=1)  # not pop(): checkpointing reruns this
+            x, skip = freeu_apply(freeu, self.stage, x, skips[-1 - i])
+            x = torch.cat([x, skip], dim=1)  # not pop(): checkpointing reruns this
             x = self.layer(i, x, emb, context, num_frames, chunk)
         if self.upsamplers is not None:
             size = upsample_size if upsample_size is not None else (2 * x.shape[-2],
@@ -394,6 +399,8 @@ class UNet3D(nn.Module):
         # per full-size step; all copies together are 2.3% of the default workload's time).
         # False: plain NCHW activations (same maths).
         self.channels_last = True
+        # FreeU's factors (t2v.freeu), applied in the two lowest-resolution up blocks; None: off.
+        self.freeu: FreeU | None = None
 
         self.time_embedding = TimestepMLP(ch[0], cfg.time_embed_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
@@ -417,7 +424,8 @@ class UNet3D(nn.Module):
             n = cfg.layers_per_block + 1
             skips, skip_channels = skip_channels[-n:], skip_channels[:-n]
             self.up_blocks.append(UpBlock(prev_ch, ch[level], skips[::-1], cfg.attention[level],
-                                          upsample=level > 0, cfg=cfg))
+                                          upsample=level > 0, cfg=cfg,
+                                          stage=len(self.up_blocks)))
             prev_ch = ch[level]
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
@@ -471,6 +479,7 @@ class UNet3D(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size: latent sizes need not be multiples of 2^levels.
             size = tuple(skips[-1].shape[-2:]) if skips else None
-            x = self._run(block, x, block_skips, emb, context, num_frames, size, chunk)
+            x = self._run(block, x, block_skips, emb, context, num_frames, size, chunk,
+                          freeu=self.freeu)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
         return rearrange(x, "(b f) c h w -> b c f h w", b=b).contiguous()

@@ -256,3 +256,39 @@ def test_torchrun_splits_prompts_across_processes(tmp_path):
     assert videos == ["0-a-red-ball-5.mp4", "1-a-blue-cube-6.mp4", "2-a-green-cone-7.mp4"]
     assert len(list(out.glob("*.mp4.json"))) == 3
     assert all(probe(out / v)["frames"] == 4 for v in videos)
+
+
+@pytest.mark.parametrize("flags, overrides", [
+    (["--freeu"], {"freeu": (1.2, 1.4, 0.9, 0.2)}),
+    (["--freeu", "1.5", "1.6", "0.9", "0.2", "--guidance-rescale", "0.7"],
+     {"freeu": (1.5, 1.6, 0.9, 0.2), "guidance_rescale": 0.7}),
+    (["--free-init", "2", "--free-init-method", "gaussian", "--free-init-fast"],
+     {"free_init": {"num_iters": 2, "method": "gaussian", "use_fast_sampling": True}}),
+])
+def test_sampling_tool_flags(cli, tmp_path, flags, overrides):
+    """The CLI flags reach the pipeline: PNG frames equal the Python call's, and the sidecar
+    records the tools."""
+    out = tmp_path / "v"
+    code, stdout, err = cli("--config", TINY, "--prompt", "a red ball", "--seed", 5, "--out",
+                            out, "--format", "png", "--no-progress", *flags)
+    assert code == 0, err
+    from PIL import Image
+
+    frames = Path(stdout[0])
+    written = np.stack([np.asarray(Image.open(p).convert("RGB"))
+                        for p in sorted(frames.glob("*.png"))])
+    assert np.array_equal(written, expected_frames(5, **overrides))
+    assert not np.array_equal(written, expected_frames(5))
+    (sidecar,) = out.glob("*.json")
+    recorded = json.loads(sidecar.read_text())["config"]["sample"]
+    for key, value in overrides.items():
+        expected = value if not isinstance(value, dict) else {**recorded[key], **value}
+        assert recorded[key] == (list(value) if isinstance(value, tuple) else expected), key
+
+
+def test_sampling_tool_flags_bad_values(cli, tmp_path):
+    code, _, err = cli("--config", TINY, "--freeu", "1.2", "1.4", "--out", tmp_path / "x.mp4")
+    assert code == 2 and len(err) == 1 and "sample.freeu must be null or 4 numbers" in err[0]
+    code, _, err = cli("--config", TINY, "--guidance-rescale", "2", "--out", tmp_path / "x.mp4")
+    assert code == 2 and "guidance_rescale must be between 0 and 1" in err[0]
+    assert not list(tmp_path.iterdir())

@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.pipelines.deprecated.text_to_video_synthesis import (TextToVideoSDPipeline,
                                                                     VideoToVideoSDPipeline)
 from transformers import CLIPTokenizer
 
 from layouts import (DIFF_TEXT, DIFF_UNET, DIFF_VAE, HUB_SCHEDULER, MS_UNET, MS_VAE,
                      diffusers_models, modelscope_models)
-from helpers import assert_parity
+from helpers import assert_parity, diffusers_scheduler
 from reference import modelscope_module
 from t2v.config import ModelConfig
 from t2v.errors import UserError
@@ -28,6 +27,11 @@ from weights_convert.modelscope import unet_from_modelscope, vae_from_modelscope
 
 FRAME_TOL = 1 / 255  # frames in [0, 1]: at most one 8-bit level apart
 LATENT_TOL = 1e-5  # final latents, max |diff| relative to max |reference|
+# Thresholded runs: clamping x0 decouples it from the noise estimate, so the UNets' float32
+# differences (x9 by guidance) stop cancelling in the DDIM/DPM update (measured 9.7e-5 for
+# DDIM, 3.7e-5 for DPM-Solver++ against 3.0e-6 / 4.7e-6 without; the samplers themselves are
+# bit-identical with diffusers', tests/test_samplers_more.py).
+THRESHOLDED_LATENT_TOL = 3e-4
 PROMPTS = ["a red panda eating bamboo", "waves at sunset"]
 
 
@@ -47,11 +51,9 @@ def components():
     return ours, (text, unet, vae, tokenizer)
 
 
-def diffusers_pipeline(kind, reference, sampler):
+def diffusers_pipeline(kind, reference, sampler, **scheduler_options):
     text, unet, vae, tokenizer = reference
-    scheduler = DDIMScheduler.from_config(HUB_SCHEDULER)
-    if sampler == "dpmsolver++":
-        scheduler = DPMSolverMultistepScheduler.from_config(scheduler.config)
+    scheduler = diffusers_scheduler(sampler, **scheduler_options)  # from the hub's DDIM config
     pipe = kind(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -85,6 +87,41 @@ def test_frames_match_diffusers_text_to_video(components, sampler, steps, negati
                           progress=False).frames
     assert_parity(actual_latents, expected_latents, LATENT_TOL,
                   f"pipeline final latents vs diffusers ({sampler})")
+
+
+@pytest.mark.parametrize("sampler", ["unipc", "euler", "euler_a", "sde-dpmsolver++"])
+def test_more_samplers_match_diffusers_text_to_video(components, sampler):
+    """t2v.unipc, t2v.samplers_sigma and the SDE solver in the whole pipeline; the same
+    generator gives the stochastic ones diffusers' step noise."""
+    ours, reference = components
+    latents = noise((2, 4, 3, 8, 8), seed=5)
+    pipe = diffusers_pipeline(TextToVideoSDPipeline, reference, sampler)
+    expected = pipe(PROMPTS, num_frames=3, height=32, width=32, num_inference_steps=6,
+                    guidance_scale=9.0, latents=latents.clone(), output_type="latent",
+                    generator=torch.Generator().manual_seed(9)).frames
+    actual = ours(PROMPTS, num_frames=3, height=32, width=32, steps=6, sampler=sampler,
+                  latents=latents.clone(), generator=torch.Generator().manual_seed(9),
+                  output="latents", progress=False).frames
+    assert_parity(actual, expected, LATENT_TOL, f"pipeline final latents vs diffusers ({sampler})")
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+def test_thresholding_matches_diffusers_text_to_video(components, sampler):
+    """thresholding=True on both sides (diffusers: in the scheduler config); the threshold
+    s = clamp(quantile(|x0|, 0.9), 1, 1.5) per frame engages on these latents."""
+    ours, reference = components
+    latents = noise((2, 4, 3, 8, 8), seed=6)
+    options = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
+    pipe = diffusers_pipeline(TextToVideoSDPipeline, reference, sampler, **options)
+    expected = pipe(PROMPTS, num_frames=3, height=32, width=32, num_inference_steps=6,
+                    guidance_scale=9.0, latents=latents.clone(), output_type="latent").frames
+    kwargs = dict(num_frames=3, height=32, width=32, steps=6, sampler=sampler, output="latents",
+                  progress=False)
+    actual = ours(PROMPTS, latents=latents.clone(), **options, **kwargs).frames
+    assert_parity(actual, expected, THRESHOLDED_LATENT_TOL,
+                  f"thresholded latents vs diffusers ({sampler})")
+    plain = ours(PROMPTS, latents=latents.clone(), **kwargs).frames
+    assert not torch.allclose(plain, actual)
 
 
 def test_frames_match_modelscope_sampling_loop():
@@ -169,7 +206,7 @@ def test_nan_latents_stop_the_run_with_the_step(components):
     (dict(height=30), "height must be a positive multiple of 4"),
     (dict(num_frames=0), "num_frames"),
     (dict(steps=0), "steps"),
-    (dict(sampler="euler"), "sampler"),
+    (dict(sampler="heun"), "sampler"),
     (dict(sampler="dpmsolver++", eta=0.5), "eta applies to the ddim sampler only"),
     (dict(prompt=["a dog", "a cat"], negative_prompt=["blurry"]),
      "1 negative prompts for 2 prompts"),
@@ -207,7 +244,8 @@ def test_video_to_video_strength_zero_is_the_reconstruction(components):
     assert torch.equal(result.frames, expected)
 
 
-@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "unipc", "euler", "euler_a",
+                                     "sde-dpmsolver++"])
 def test_video_to_video_matches_diffusers(components, sampler):
     ours, reference = components
     video = noise((1, 3, 3, 32, 32), 6).clamp(-1, 1)
@@ -364,3 +402,92 @@ def test_diffusers_arguments(components):
     init = torch.from_numpy(video).permute(3, 0, 1, 2)[None] * 2 - 1
     from_init = ours("a dog", init_video=init, seed=4, strength=0.5, **kwargs).frames
     assert torch.equal(from_video, from_init)
+
+
+def test_freeu_matches_diffusers(components):
+    """FreeU with diffusers' recommended values for this model family, whole pipeline."""
+    ours, reference = components
+    latents = noise((2, 4, 3, 8, 8), seed=4)
+    pipe = diffusers_pipeline(TextToVideoSDPipeline, reference, "ddim")
+    pipe.enable_freeu(b1=1.2, b2=1.4, s1=0.9, s2=0.2)
+    try:
+        expected = pipe(PROMPTS, num_frames=3, height=32, width=32, num_inference_steps=6,
+                        guidance_scale=9.0, latents=latents.clone(), output_type="latent").frames
+    finally:
+        pipe.disable_freeu()
+    actual = ours(PROMPTS, num_frames=3, height=32, width=32, steps=6, latents=latents.clone(),
+                  freeu=(1.2, 1.4, 0.9, 0.2), output="latents", progress=False).frames
+    assert_parity(actual, expected, LATENT_TOL, "pipeline with FreeU vs diffusers")
+    ours.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)  # diffusers' switch: the same run
+    try:
+        switched = ours(PROMPTS, num_frames=3, height=32, width=32, steps=6,
+                        latents=latents.clone(), output="latents", progress=False).frames
+        off = ours(PROMPTS, num_frames=3, height=32, width=32, steps=6, latents=latents.clone(),
+                   freeu=False, output="latents", progress=False).frames
+    finally:
+        ours.disable_freeu()
+    assert torch.equal(switched, actual)
+    assert ours.unet.freeu is None  # restored after each call
+    plain = ours(PROMPTS, num_frames=3, height=32, width=32, steps=6, latents=latents.clone(),
+                 output="latents", progress=False).frames
+    assert torch.equal(off, plain) and not torch.allclose(plain, actual)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_free_init_runs_the_written_passes(components, fast):
+    """free_init=FreeInit(3) equals three runs by hand: pass k > 0 starts from
+    t2v.freeinit.reinitialize(previous result, the initial noise), drawing from the same
+    generator (DDIM with eta > 0, so the sampler draws too and the order of draws matters)."""
+    from t2v.freeinit import FreeInit, reinitialize
+
+    ours, _ = components
+    free_init = FreeInit(num_iters=3, use_fast_sampling=fast)
+    kwargs = dict(num_frames=3, height=32, width=32, eta=0.5, output="latents", progress=False)
+    actual = ours(PROMPTS, steps=6, seed=11, free_init=free_init, **kwargs).frames
+    g = torch.Generator().manual_seed(11)
+    initial = torch.randn((2, 4, 3, 8, 8), generator=g)
+    x = initial
+    for k in range(3):
+        if k:
+            x = reinitialize(x, initial, ours.schedule.alphas_cumprod, free_init, g)
+        x = ours(PROMPTS, steps=free_init.steps_of_pass(6, k), latents=x, generator=g,
+                 **kwargs).frames
+    assert torch.equal(actual, x)
+    single = ours(PROMPTS, steps=6, seed=11, **kwargs).frames
+    assert not torch.allclose(actual, single)
+
+
+def test_guidance_rescale_reaches_the_sampler(components):
+    """guidance_rescale=0 is the plain run bit for bit; > 0 rescales each step's guided
+    output (t2v.guidance.guide, tested against diffusers' rescale_noise_cfg)."""
+    from t2v.guidance import guide
+
+    ours, _ = components
+    latents = noise((2, 4, 3, 8, 8), seed=2)
+    kwargs = dict(num_frames=3, height=32, width=32, steps=4, output="latents", progress=False)
+    plain = ours(PROMPTS, latents=latents.clone(), **kwargs).frames
+    assert torch.equal(ours(PROMPTS, latents=latents.clone(), guidance_rescale=0.0,
+                            **kwargs).frames, plain)
+    calls = []
+    original = ours.unet.forward
+
+    def spy(x, t, context, frame_chunk=None):
+        out = original(x, t, context, frame_chunk)
+        calls.append(guide(*out.chunk(2), 9.0, 0.7))
+        return out
+
+    ours.unet.forward = spy
+    try:
+        rescaled = ours(PROMPTS, latents=latents.clone(), guidance_rescale=0.7,
+                        callback=lambda i, t, x, x0: calls.append((t, x0)), **kwargs).frames
+    finally:
+        del ours.unet.forward
+    # DDIM: x0 of step 0 follows from the rescaled guided eps at the first timestep
+    from t2v.schedule import eps_to_x0
+
+    t, x0 = calls[1]
+    assert torch.allclose(x0, eps_to_x0(latents, calls[0], ours.schedule.alphas_cumprod[t]),
+                          atol=1e-5)
+    assert not torch.allclose(rescaled, plain)
+    with pytest.raises(UserError, match="guidance_rescale must be between 0 and 1"):
+        ours(PROMPTS, guidance_rescale=1.5, **kwargs)
