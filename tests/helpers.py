@@ -89,3 +89,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- the diffusers scheduler of each t2v sampler ---------------------------------------------
+
+def diffusers_scheduler(sampler: str, **overrides):
+    """The diffusers scheduler that t2v's `sampler` reproduces, built as users build it:
+    `from_config` of the hub's DDIM scheduler config (keys the hub file leaves unset take the
+    new class's own defaults, e.g. linspace spacing), then `overrides`."""
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler,
+                           EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                           UniPCMultistepScheduler)
+
+    from layouts import HUB_SCHEDULER
+
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(HUB_SCHEDULER, **overrides)
+    ddim_config = DDIMScheduler.from_config(HUB_SCHEDULER).config
+    if sampler in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"):
+        final = "sigma_min" if sampler == "dpmsolver" else "zero"
+        overrides = {"algorithm_type": sampler, "final_sigmas_type": final, **overrides}
+        return DPMSolverMultistepScheduler.from_config(ddim_config, **overrides)
+    kind = {"unipc": UniPCMultistepScheduler, "euler": EulerDiscreteScheduler,
+            "euler_a": EulerAncestralDiscreteScheduler}[sampler]
+    return kind.from_config(ddim_config, **overrides)

@@ -229,8 +229,9 @@ def vae_from_diffusers(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 SCHEDULER_CLASSES = ("DDIMScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler",
                      "EulerDiscreteScheduler", "DDPMScheduler")
 # Settings that change the numerics and that t2v does not implement, with the inert value.
+# (Dynamic thresholding is a generation setting in t2v: sample.thresholding.)
 SCHEDULER_FIXED_KEYS = {"clip_sample": False, "thresholding": False, "trained_betas": None,
-                        "rescale_betas_zero_snr": False, "timestep_type": "discrete"}
+                        "timestep_type": "discrete"}
 
 
 def schedule_config(scheduler_config: Mapping) -> ScheduleConfig:
@@ -255,6 +256,7 @@ def schedule_config(scheduler_config: Mapping) -> ScheduleConfig:
         steps_offset=int(c.get("steps_offset", 0)),
         set_alpha_to_one=bool(c.get("set_alpha_to_one", True)),
         timestep_spacing=c.get("timestep_spacing"),
+        rescale_betas_zero_snr=bool(c.get("rescale_betas_zero_snr", False)),
     )
 
 
@@ -268,6 +270,8 @@ def diffusers_scheduler_config(cfg: ScheduleConfig) -> dict:
               "steps_offset": cfg.steps_offset, "thresholding": False}
     if cfg.timestep_spacing is not None:
         config["timestep_spacing"] = cfg.timestep_spacing
+    if cfg.rescale_betas_zero_snr:
+        config["rescale_betas_zero_snr"] = True
     return config
 
 
