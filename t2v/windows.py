@@ -45,11 +45,14 @@ def frame_weights(window: int) -> torch.Tensor:
     return 1 - distance / (centre + 1)
 
 
-def windowed(model: Denoiser, window: int, overlap: int, loop: bool = False) -> Denoiser:
+def windowed(model: Callable, window: int, overlap: int, loop: bool = False,
+             pass_frames: bool = False) -> Denoiser:
     """Wrap a denoiser over (B, C, F, H, W) so that it only ever sees `window` frames at once.
 
     With `window >= F` (and no loop) it calls `model` once on everything: exactly the plain
-    sampler.
+    sampler. With `pass_frames`, `model` is called as `model(x_window, t, frames)`, `frames`
+    the window's frame indices (a LongTensor, the window's first frame first; they wrap
+    around when looping), so that it can condition each window differently (prompt travel).
     """
     if window < 1 or not 0 <= overlap < window:
         raise ValueError(f"need window >= 1 and 0 <= overlap < window, got {window}, {overlap}")
@@ -57,14 +60,16 @@ def windowed(model: Denoiser, window: int, overlap: int, loop: bool = False) -> 
     def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
         frames = x.shape[2]
         if frames <= window and not loop:
-            return model(x, t)
+            return model(x, t, torch.arange(frames, device=x.device)) if pass_frames \
+                else model(x, t)
         size = min(window, frames)
         weights = frame_weights(size).to(x.device, torch.float32)
         total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         norm = torch.zeros(frames, dtype=torch.float32, device=x.device)
         for start in window_starts(frames, size, size - min(overlap, size - 1), loop):
             index = torch.arange(start, start + size, device=x.device) % frames
-            prediction = model(x[:, :, index], t).float()
+            prediction = (model(x[:, :, index], t, index) if pass_frames
+                          else model(x[:, :, index], t)).float()
             total.index_add_(2, index, prediction * weights[None, None, :, None, None])
             norm.index_add_(0, index, weights)
         return (total / norm[None, None, :, None, None]).to(x.dtype)
