@@ -147,10 +147,21 @@ def classify(video: np.ndarray) -> Prediction:
                       jitter, fill, travel)
 
 
+def window_predictions(video: np.ndarray, window: int, stride: int) -> list[Prediction]:
+    """classify() of each `window`-frame segment (segments `stride` apart)."""
+    starts = range(0, max(len(video) - window, 0) + 1, stride)
+    return [classify(video[s:s + window]) for s in starts]
+
+
 def window_directions(video: np.ndarray, window: int, stride: int) -> list[str]:
     """The direction of each `window`-frame segment (segments `stride` apart)."""
-    starts = range(0, max(len(video) - window, 0) + 1, stride)
-    return [classify(video[s:s + window]).direction for s in starts]
+    return [p.direction for p in window_predictions(video, window, stride)]
+
+
+def window_colours(video: np.ndarray, window: int, stride: int) -> list[str]:
+    """The colour of each `window`-frame segment: where a prompt schedule
+    (t2v.prompt_travel) changes the colour."""
+    return [p.colour for p in window_predictions(video, window, stride)]
 
 
 @dataclass(frozen=True)

@@ -236,3 +236,15 @@ def test_cli_bad_schedules_exit_2_with_one_line(tmp_path, capsys, args, needle):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and needle in errors[0], errors
     assert not any(tmp_path.iterdir())
+
+
+def test_window_colours_find_where_the_colour_changes():
+    """The helper for measuring prompt travel on the demo model (t2v.eval)."""
+    from t2v.eval import window_colours
+    from t2v.synthetic import Attributes, render
+
+    rng = np.random.default_rng(0)
+    red = render(Attributes("red", "circle", "right", "black"), rng, num_frames=8)
+    blue = render(Attributes("blue", "circle", "right", "black"), rng, num_frames=8)
+    colours = window_colours(np.concatenate([red, blue]), window=4, stride=4)
+    assert colours == ["red", "red", "blue", "blue"]
