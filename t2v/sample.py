@@ -352,7 +352,8 @@ def run(argv: list[str]) -> list[Path]:
     for i in mine:
         run_cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
             cfg.sample, prompt=prompts[i], seed=seeds[i]))
-        log.info("[%d/%d] %s (seed %d)", i + 1, len(prompts), prompts[i], seeds[i])
+        log.info("[%d/%d] %s (seed %d)", i + 1, len(prompts),
+                 prompts[i] or cfg.sample.prompt_schedule, seeds[i])
         latents = generate(pipe, run_cfg.sample, init_video, progress=not args.no_progress)
         sidecar = {"t2v_version": __version__, "output": str(paths[i]), "format": fmt,
                    "weights": {"source": cfg.weights.source, "revision": cfg.weights.revision,
