@@ -9,9 +9,9 @@ from helpers import max_rel_diff
 from reference import modelscope_module
 from t2v.config import TIMESTEP_SPACINGS, ScheduleConfig
 from t2v.errors import ConfigError
-from t2v.samplers import SAMPLERS, ddim, dpm_solver, first_timestep
+from t2v.samplers import SAMPLERS, ddim, dpm_solver, first_alpha_cumprod, first_timestep
 from t2v.schedule import (add_noise, ddim_timesteps, dpm_timesteps, eps_to_x0,
-                          noise_schedule, v_to_eps, v_to_x0, velocity, x0_to_eps)
+                          noise_schedule, sigmas_at, v_to_eps, v_to_x0, velocity, x0_to_eps)
 
 STATE_TOL = 1e-6  # every intermediate sample vs diffusers, relative to its max magnitude
 # ModelScope keeps the schedule in float64, diffusers and t2v in float32 (docs/architecture.md).
@@ -200,9 +200,11 @@ def test_ddim_matches_modelscope_ddim_sample_loop():
 
 
 def analytic_model(x0_star, schedule, prediction):
-    """The exact denoiser when the data is the single point x0*."""
+    """The exact denoiser when the data is the single point x0*; at Euler's fractional
+    timesteps a = 1 / (sigma^2 + 1) with the interpolated sigma."""
     def model(x, t):
-        a = schedule.alphas_cumprod[t]
+        a = schedule.alphas_cumprod[t] if isinstance(t, int) else \
+            1 / (sigmas_at(schedule, [t])[0] ** 2 + 1)
         eps = x0_to_eps(x, x0_star, a)
         return eps if prediction == "epsilon" else velocity(x0_star, eps, a)
     return model
@@ -213,21 +215,26 @@ def analytic_model(x0_star, schedule, prediction):
 @pytest.mark.parametrize("sampler, options", [
     ("ddim", {}), ("ddim", {"eta": 1.0}), ("dpmsolver++", {"order": 1}),
     ("dpmsolver++", {"order": 2}), ("dpmsolver++", {"order": 3}), ("dpmsolver", {"order": 2}),
-    ("dpmsolver", {"order": 3}),
-], ids=["ddim", "ddim-eta1", "dpmpp-1", "dpmpp-2", "dpmpp-3", "dpm-2", "dpm-3"])
+    ("dpmsolver", {"order": 3}), ("unipc", {"order": 1}), ("unipc", {"order": 2}),
+    ("unipc", {"order": 3}), ("euler", {}), ("euler", {"spacing": "trailing"}), ("euler_a", {}),
+    ("sde-dpmsolver++", {"order": 2}), ("sde-dpmsolver++", {"order": 3}),
+], ids=["ddim", "ddim-eta1", "dpmpp-1", "dpmpp-2", "dpmpp-3", "dpm-2", "dpm-3", "unipc-1",
+        "unipc-2", "unipc-3", "euler", "euler-trailing", "euler_a", "sde-2", "sde-3"])
 def test_exact_on_analytic_denoiser(sampler, options, steps, prediction):
     """Every prediction of x0 is x0*, and the sampler ends on x0* when its last noise level is 0
-    (DDIM with set_alpha_to_one, DPM-Solver++), else on the analytic state at sigma_min."""
+    (DDIM with set_alpha_to_one, DPM-Solver++ (ODE and SDE: whatever noise it draws), UniPC,
+    Euler (ancestral)), else on the analytic state at sigma_min."""
     g = torch.Generator().manual_seed(1)
     x0_star = torch.randn(1, 4, 2, 3, 3, generator=g)
     z = torch.randn(1, 4, 2, 3, 3, generator=g)
     schedule = noise_schedule(ScheduleConfig(prediction_type=prediction,
                                              set_alpha_to_one=sampler == "ddim"))
-    first = first_timestep(sampler, steps, schedule)
-    x_start = add_noise(x0_star, z, schedule.alphas_cumprod[first])
+    spacing = options.pop("spacing", None)
+    x_start = add_noise(x0_star, z, first_alpha_cumprod(sampler, steps, schedule, spacing))
     predictions = []
     final = SAMPLERS[sampler](analytic_model(x0_star, schedule, prediction), x_start, schedule,
-                              steps, callback=lambda i, t, x, x0: predictions.append(x0),
+                              steps, spacing=spacing,
+                              callback=lambda i, t, x, x0: predictions.append(x0),
                               generator=torch.Generator().manual_seed(2), **options)
     assert len(predictions) == steps
     assert max(max_rel_diff(p, x0_star) for p in predictions) <= ANALYTIC_TOL
