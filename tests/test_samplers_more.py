@@ -324,3 +324,22 @@ def test_cli_flags_reach_the_sample_config(capsys):
     assert main(["--sampler", "euler", "--thresholding", "--prompt", "a dog"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sample.thresholding applies to" in err[0]
+
+
+def test_pipeline_refuses_options_the_sampler_has_not():
+    """Before any model runs, one line each (ConfigError is a UserError)."""
+    from pathlib import Path
+
+    from t2v.config import load_config
+    from t2v.errors import UserError
+    from t2v.pipeline import TextToVideo
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    pipe = TextToVideo.from_config(load_config(tiny).model, seed=0)
+    kwargs = dict(num_frames=1, height=32, width=32, steps=2, progress=False)
+    with pytest.raises(UserError, match=r"thresholding applies to .* \(sampler is euler_a\)"):
+        pipe("a dog", sampler="euler_a", thresholding=True, **kwargs)
+    with pytest.raises(UserError, match=r"eta applies to the ddim sampler only"):
+        pipe("a dog", sampler="sde-dpmsolver++", eta=0.5, **kwargs)
+    with pytest.raises(UserError, match="sample_max_value must be >= 1"):
+        pipe("a dog", sampler="unipc", thresholding=True, sample_max_value=0.0, **kwargs)
