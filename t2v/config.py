@@ -189,6 +189,14 @@ class SampleConfig:
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
     init_video: str | None = None  # video-to-video input (SDEdit)
+    # First-frame conditioning (t2v/first_frames.py): an image kept in the first init_frames
+    # frames (weights 1 - f/K unless init_weights), or the last continue_frames frames of a
+    # video continued.
+    init_image: str | None = None
+    init_frames: int = 4
+    init_weights: tuple[float, ...] | None = None
+    continue_from: str | None = None
+    continue_frames: int = 4
     strength: float = 0.6  # video-to-video: share of the steps that run (diffusers' default)
     # Windowed sampling for long videos (t2v/windows.py): null = the UNet sees all frames.
     window: int | None = None
@@ -208,6 +216,16 @@ class SampleConfig:
 
     def __post_init__(self):
         _check(self.num_frames >= 1, f"sample.num_frames must be >= 1, got {self.num_frames}")
+        _check(not (self.init_image and self.continue_from),
+               "sample.init_image and sample.continue_from: give one, not both")
+        _check(not ((self.init_image or self.continue_from) and self.init_video),
+               "sample.init_image / sample.continue_from do not combine with sample.init_video")
+        for name in ("init_frames", "continue_frames"):
+            _check(1 <= getattr(self, name) <= self.num_frames, f"sample.{name} must be "
+                   f"between 1 and sample.num_frames ({self.num_frames}), got "
+                   f"{getattr(self, name)}")
+        _check(self.init_weights is None or all(0 <= w <= 1 for w in self.init_weights),
+               f"sample.init_weights must be numbers between 0 and 1, got {self.init_weights}")
         _check(0.0 <= self.guidance_rescale <= 1.0,
                f"sample.guidance_rescale must be between 0 and 1, got {self.guidance_rescale}")
         _check(self.freeu is None or (len(self.freeu) == 4 and min(self.freeu) > 0),

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from t2v.config import ModelConfig
 from t2v.errors import NumericalError, UserError  # noqa: F401 (NumericalError: public here too)
 from t2v.freeinit import FreeInit, reinitialize
+from t2v.first_frames import FirstFrames, check_weights, fading_weights
 from t2v.freeu import FreeU
 from t2v.guidance import guide
 from t2v.noise import randn
@@ -362,6 +363,9 @@ class TextToVideo:
                  freenoise: bool = True, guidance_rescale: float = 0.0,
                  freeu: FreeU | tuple | dict | None = None,
                  free_init: FreeInit | int | dict | None = None,
+                 init_image=None, init_frames: int = 4,
+                 init_weights: tuple[float, ...] | list[float] | None = None,
+                 continue_from=None, continue_frames: int = 4,
                  prompt_weighting: bool = False, prompt_schedule: str | dict | None = None,
                  callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
                  callback_on_step_end: Callable | None = None,
@@ -423,6 +427,9 @@ class TextToVideo:
         free_init = self.free_init if free_init is None else FreeInit.of(free_init or None)
         if not 0.0 <= guidance_rescale <= 1.0:
             raise UserError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}")
+        if init_video is not None and (init_image is not None or continue_from is not None):
+            raise UserError("init_image / continue_from start a new clip; they do not combine "
+                            "with init_video (video-to-video)")
         if free_init is not None and init_video is not None:
             raise UserError("free_init applies to text-to-video only, not with init_video")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -460,6 +467,8 @@ class TextToVideo:
             x, start = self._video_to_video_start(init_video, batch, steps, strength, sampler,
                                                   spacing, generator, decode_chunk_frames)
 
+        anchor = self._first_frames(init_image, init_frames, init_weights, continue_from,
+                                    continue_frames, x.shape, generator, decode_chunk_frames)
         if frame_chunk == "auto":
             frame_chunk = auto_frame_chunk(min(num_frames, window or num_frames))
 
@@ -482,8 +491,12 @@ class TextToVideo:
                     x = reinitialize(x, initial_noise, self.schedule.alphas_cumprod, free_init,
                                      generator)
                 pass_steps = free_init.steps_of_pass(steps, k) if free_init else steps
+                on_step = callback
+                if anchor is not None:
+                    x, on_step = self._anchored(anchor, x, sampler, pass_steps, spacing,
+                                                callback)
                 x = self.denoising_loop(denoise, x, sampler, pass_steps, start, options,
-                                        progress, callback, callback_on_step_end)
+                                        progress, on_step, callback_on_step_end)
         finally:
             self.unet.freeu = previous_freeu
         result = Generation(self.decode(x, kind, decode_chunk_frames, progress, output_type),
@@ -529,6 +542,60 @@ class TextToVideo:
             return denoisers[key](x, t)
 
         return denoise
+
+    def _first_frames(self, init_image, init_frames: int, init_weights, continue_from,
+                      continue_frames: int, shape, generator, chunk) -> FirstFrames | None:
+        """The conditioning of t2v.first_frames: (latents, weights, noise) or None."""
+        if init_image is not None and continue_from is not None:
+            raise UserError("pass init_image or continue_from, not both")
+        if init_image is None and continue_from is None:
+            return None
+        batch, _, num_frames, h, w = shape
+        if init_image is not None:
+            k, what = init_frames, "init_image"
+            weights = (fading_weights(k) if init_weights is None
+                       else check_weights(init_weights, k, "init_weights"))
+            frames = image_argument(init_image)  # (B, 3, 1, H, W)
+        else:
+            k, what = continue_frames, "continue_from"
+            weights = (1.0,) * k if init_weights is None else check_weights(init_weights, k,
+                                                                            "init_weights")
+            frames = video_argument(continue_from)
+            if frames.shape[2] < k:
+                raise UserError(f"continue_from has {frames.shape[2]} frames; continue_frames "
+                                f"is {k}")
+            frames = frames[:, :, -k:]
+        if not 1 <= k <= num_frames:
+            raise UserError(f"{what}: between 1 and num_frames ({num_frames}) conditioning "
+                            f"frames, got {k}")
+        f = self.vae_scale_factor
+        if tuple(frames.shape[-2:]) != (h * f, w * f):
+            raise UserError(f"{what} is {frames.shape[-1]}x{frames.shape[-2]} pixels, the video "
+                            f"{w * f}x{h * f}; resize it (the CLI does)")
+        if frames.shape[0] not in (1, batch):
+            raise UserError(f"{what} has batch {frames.shape[0]}, the run {batch} videos")
+        frames = frames.expand(batch, 3, k, h * f, w * f)  # an image repeats K times
+        with self._stage(self.vae) as vae:
+            latents = vae.encode_video(frames.to(self.device, self.vae.dtype),
+                                       generator=generator, chunk_frames=chunk)
+        noise = randn(latents.shape, generator, self.device, torch.float32)
+        return FirstFrames(latents.float(), torch.tensor(weights), noise)
+
+    def _anchored(self, anchor: FirstFrames, x: torch.Tensor, sampler: str, steps: int,
+                  spacing: str | None, callback):
+        """x with the conditioning frames at the first step's noise level, and the step
+        callback that re-imposes them at each next level (t2v.first_frames)."""
+        levels = [first_alpha_cumprod(sampler, steps, self.schedule, spacing, i)
+                  for i in range(steps)] + [None]
+        x = x.clone()
+        anchor.replace_(x, levels[0])
+
+        def on_step(i, t, x, x0):
+            anchor.replace_(x, levels[i + 1])
+            if callback is not None:
+                callback(i, t, x, x0)
+
+        return x, on_step
 
     def denoising_loop(self, denoise, x: torch.Tensor, sampler: str, steps: int, start: int,
                        options: dict, progress: bool, callback=None, callback_on_step_end=None
@@ -680,6 +747,20 @@ def video_argument(video) -> torch.Tensor:
     elif video.min() < 0:  # as diffusers' VideoProcessor: negative values mean [-1, 1] already
         return video.float().permute(0, 2, 1, 3, 4)
     return (video.float() * 2 - 1).permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W) in [-1, 1]
+
+
+def image_argument(image) -> torch.Tensor:
+    """init_image -> (B, 3, 1, H, W) in [-1, 1]: a PIL image, an (H, W, 3) array (uint8, or
+    floats in [0, 1]), or a tensor (3, H, W) / (B, 3, H, W) in [-1, 1]."""
+    if isinstance(image, torch.Tensor):
+        if image.ndim == 3:
+            image = image[None]
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise UserError(f"init_image: expected a tensor (3, H, W) or (B, 3, H, W), got "
+                            f"{tuple(image.shape)}")
+        return image.float()[:, :, None]
+    return video_argument([np.asarray(image.convert("RGB") if hasattr(image, "convert")
+                                      else image)])
 
 
 def frames_to_video_tensor(frames: np.ndarray, height: int | None = None,

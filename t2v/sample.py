@@ -52,7 +52,10 @@ SAMPLE_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed"
                 "dynamic_thresholding_ratio": "dynamic_thresholding_ratio",
                 "sample_max_value": "sample_max_value",
                 "prompt_weighting": "prompt_weighting", "prompt_schedule": "prompt_schedule",
-                "guidance_rescale": "guidance_rescale", "freeu": "freeu"}
+                "guidance_rescale": "guidance_rescale", "freeu": "freeu",
+                "init_image": "init_image", "init_frames": "init_frames",
+                "init_weights": "init_weights", "continue_from": "continue_from",
+                "continue_frames": "continue_frames"}
 
 
 def read_config(path: str | None, overrides: list[str]) -> Config:
@@ -144,6 +147,17 @@ def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
                    help="prompt travel in place of --prompt: \"0: a red ball | 32: a blue "
                    "ball\"; each window takes the prompt interpolated at its centre frame "
                    "(needs --window; docs/sampling-tools.md)")
+    p.add_argument("--init-image", default=s.init_image, metavar="IMAGE",
+                   help="first-frame conditioning: the image (resized) is kept in the first "
+                   "--init-frames frames, fading (docs/sampling-tools.md)")
+    p.add_argument("--init-frames", type=int, default=s.init_frames, metavar="K",
+                   help="frames the init image conditions (weights 1 - f/K)")
+    p.add_argument("--init-weights", type=float_list, default=s.init_weights, metavar="W,W,..",
+                   help="per-frame weights of the conditioning frames instead (1 = kept)")
+    p.add_argument("--continue-from", default=s.continue_from, metavar="VIDEO",
+                   help="continue a video: its last --continue-frames frames start the clip")
+    p.add_argument("--continue-frames", type=int, default=s.continue_frames, metavar="K",
+                   help="frames of --continue-from repeated at the start of the new clip")
     p.add_argument("--guidance-rescale", type=float, default=s.guidance_rescale,
                    metavar="PHI", help="rescale guided outputs toward the conditional "
                    "output's std (0 = off, 0.7 = the paper's value; docs/sampling-tools.md)")
@@ -166,6 +180,13 @@ def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. sample.solver_order=3")
     return p
+
+
+def float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
@@ -341,6 +362,8 @@ def run(argv: list[str]) -> list[Path]:
         frames, _ = read_video(Path(cfg.sample.init_video), max_frames=cfg.sample.num_frames)
         init_video = frames_to_video_tensor(frames, cfg.sample.height, cfg.sample.width)
 
+    conditioning = read_conditioning(cfg.sample)
+
     device = resolve_device(args.device, local_rank)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else \
         (torch.float16 if device.type == "cuda" else torch.float32)
@@ -354,7 +377,8 @@ def run(argv: list[str]) -> list[Path]:
             cfg.sample, prompt=prompts[i], seed=seeds[i]))
         log.info("[%d/%d] %s (seed %d)", i + 1, len(prompts),
                  prompts[i] or cfg.sample.prompt_schedule, seeds[i])
-        latents = generate(pipe, run_cfg.sample, init_video, progress=not args.no_progress)
+        latents = generate(pipe, run_cfg.sample, init_video, progress=not args.no_progress,
+                           conditioning=conditioning)
         sidecar = {"t2v_version": __version__, "output": str(paths[i]), "format": fmt,
                    "weights": {"source": cfg.weights.source, "revision": cfg.weights.revision,
                                "layout": layout},
@@ -393,8 +417,32 @@ def build_pipeline(args: argparse.Namespace, cfg: Config, device: torch.device, 
     return pipe, cfg, layout
 
 
-def generate(pipe: TextToVideo, s, init_video: torch.Tensor | None, progress: bool
-             ) -> torch.Tensor:
+def read_conditioning(s) -> dict:
+    """The first-frame conditioning arguments of the pipeline from sample.init_image /
+    sample.continue_from, read and resized to the video size."""
+    if s.init_image is not None:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(s.init_image) as image:
+                pixels = np.asarray(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as exc:
+            reason = "not found" if isinstance(exc, FileNotFoundError) else "not a readable image"
+            raise UserError(f"{s.init_image}: {reason} (--init-image)") from None
+        image = frames_to_video_tensor(pixels[None], s.height, s.width)[:, :, 0]
+        return {"init_image": image, "init_frames": s.init_frames,
+                "init_weights": s.init_weights}
+    if s.continue_from is not None:
+        frames, _ = read_video(Path(s.continue_from))
+        video = frames_to_video_tensor(frames, s.height, s.width)  # (1, 3, F, H, W) in [-1, 1]
+        return {"continue_from": ((video + 1) / 2).permute(0, 2, 1, 3, 4),  # diffusers' form
+                "continue_frames": s.continue_frames,
+                "init_weights": s.init_weights}
+    return {}
+
+
+def generate(pipe: TextToVideo, s, init_video: torch.Tensor | None, progress: bool,
+             conditioning: dict | None = None) -> torch.Tensor:
     """One video's latents for the sample settings `s` (its prompt and seed included)."""
     return pipe(s.prompt, s.negative_prompt, num_frames=s.num_frames, height=s.height,
                 width=s.width, steps=s.steps, guidance_scale=s.guidance_scale,
@@ -408,7 +456,7 @@ def generate(pipe: TextToVideo, s, init_video: torch.Tensor | None, progress: bo
                 prompt_schedule=s.prompt_schedule, guidance_rescale=s.guidance_rescale,
                 freeu=s.freeu or False,
                 free_init=(dataclasses.asdict(s.free_init) if s.free_init.num_iters else False),
-                output="latents", progress=progress).frames
+                output="latents", progress=progress, **(conditioning or {})).frames
 
 
 def write_outputs(pipe: TextToVideo, latents: torch.Tensor, cfg: Config, path: Path, fmt: str,

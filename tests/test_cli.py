@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from helpers import free_port
 from t2v.config import load_config
@@ -292,3 +293,40 @@ def test_sampling_tool_flags_bad_values(cli, tmp_path):
     code, _, err = cli("--config", TINY, "--guidance-rescale", "2", "--out", tmp_path / "x.mp4")
     assert code == 2 and "guidance_rescale must be between 0 and 1" in err[0]
     assert not list(tmp_path.iterdir())
+
+
+def test_init_image_and_continue_from_flags(cli, tmp_path):
+    """--init-image reads and resizes the image; --continue-from continues a written video:
+    the new clip's first frames come back near the input's last frames (within the codec and
+    the VAE round trip), and errors are one line."""
+    from PIL import Image
+
+    first = tmp_path / "first.mp4"
+    assert cli("--config", TINY, "--prompt", "a red ball", "--seed", 1, "--out", first,
+               "--no-progress")[0] == 0
+    following = tmp_path / "next"
+    code, stdout, err = cli("--config", TINY, "--prompt", "a red ball", "--seed", 2, "--out",
+                            following, "--format", "png", "--no-progress", "--continue-from",
+                            first, "--continue-frames", 2)
+    assert code == 0, err
+    written = sorted(Path(stdout[0]).glob("*.png"))
+    source, _ = read_video(first)
+    new = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in written])
+    video = torch.from_numpy(source).permute(0, 3, 1, 2)[None]  # (1, F, 3, H, W) uint8
+    expected = expected_frames(2, continue_from=video, continue_frames=2)
+    assert np.abs(new.astype(int) - expected).max() <= 1  # float rounding of the resize only
+    assert not np.array_equal(expected, expected_frames(2))
+    image = tmp_path / "start.png"
+    Image.fromarray(source[0]).resize((48, 40)).save(image)  # resized to the config's size
+    code, _, err = cli("--config", TINY, "--prompt", "a red ball", "--seed", 2, "--out",
+                       tmp_path / "img.mp4", "--no-progress", "--init-image", image,
+                       "--init-frames", 2, "--init-weights", "1,0.5")
+    assert code == 0, err
+    code, _, err = cli("--config", TINY, "--prompt", "a", "--init-image",
+                       tmp_path / "missing.png", "--out",
+                       tmp_path / "x.mp4")
+    assert code == 2 and len(err) == 1 and "missing.png: not found" in err[0]
+    code, _, err = cli("--config", TINY, "--init-image", image, "--continue-from", first,
+                       "--out", tmp_path / "x.mp4")
+    assert code == 2 and "give one, not both" in err[0]
+    assert not (tmp_path / "x.mp4").exists()

@@ -491,3 +491,56 @@ def test_guidance_rescale_reaches_the_sampler(components):
     assert not torch.allclose(rescaled, plain)
     with pytest.raises(UserError, match="guidance_rescale must be between 0 and 1"):
         ours(PROMPTS, guidance_rescale=1.5, **kwargs)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler", "unipc"])
+def test_continue_from_ends_on_the_conditioning_latents(components, sampler):
+    """Weights 1 (continue_from): the final latents of the first K frames are exactly the
+    encoded conditioning frames (the generator draws: initial noise, the VAE posterior, the
+    replacement noise), the later frames differ from an unconditioned run's."""
+    ours, _ = components
+    video = torch.rand(1, 5, 3, 32, 32, generator=torch.Generator().manual_seed(1))  # [0, 1]
+    kwargs = dict(num_frames=4, height=32, width=32, steps=5, sampler=sampler,
+                  output="latents", progress=False)
+    actual = ours(PROMPTS[:1], seed=9, continue_from=video, continue_frames=2, **kwargs).frames
+    g = torch.Generator().manual_seed(9)
+    torch.randn((1, 4, 4, 8, 8), generator=g)
+    expected = ours.vae.encode_video(video[:, -2:].permute(0, 2, 1, 3, 4) * 2 - 1, generator=g)
+    assert torch.allclose(actual[:, :, :2], expected, atol=1e-6)
+    plain = ours(PROMPTS[:1], seed=9, **kwargs).frames
+    assert not torch.allclose(actual[:, :, 2:], plain[:, :, 2:])
+
+
+def test_init_image_fades_with_the_written_weights(components):
+    """init_image with the default schedule w_f = 1 - f / K: frame 0 ends on the image's
+    latent; explicit weights of 0 leave the run as without conditioning (but for the draws)."""
+    from t2v.first_frames import fading_weights
+
+    ours, _ = components
+    assert fading_weights(4) == (1.0, 0.75, 0.5, 0.25)
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    kwargs = dict(num_frames=4, height=32, width=32, steps=4, output="latents", progress=False)
+    actual = ours(PROMPTS[:1], seed=3, init_image=image, init_frames=3, **kwargs).frames
+    g = torch.Generator().manual_seed(3)
+    torch.randn((1, 4, 4, 8, 8), generator=g)
+    z = ours.vae.encode_video(image[None, :, None].expand(1, 3, 3, 32, 32), generator=g)
+    assert torch.allclose(actual[:, :, 0], z[:, :, 0], atol=1e-6)
+    assert not torch.allclose(actual[:, :, 1], z[:, :, 1], atol=1e-3)  # weight 0.75: a blend
+    off = ours(PROMPTS[:1], seed=3, init_image=image, init_frames=3, init_weights=[0, 0, 0],
+               **kwargs).frames
+    assert torch.equal(off, ours(PROMPTS[:1], seed=3, **kwargs).frames)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(init_image=torch.zeros(3, 16, 16)), "init_image is 16x16 pixels"),
+    (dict(init_image=torch.zeros(3, 32, 32), init_frames=9), "between 1 and num_frames"),
+    (dict(init_image=torch.zeros(3, 32, 32), init_weights=[1, 2, 0, 0]), "between 0 and 1"),
+    (dict(init_image=torch.zeros(3, 32, 32), init_frames=2, init_weights=[1]), "1 weights"),
+    (dict(continue_from=torch.zeros(1, 1, 3, 32, 32)), "has 1 frames"),
+    (dict(continue_from=torch.zeros(1, 4, 3, 32, 32), init_image=torch.zeros(3, 32, 32)),
+     "not both"),
+])
+def test_first_frame_conditioning_bad_input(components, bad, message):
+    ours, _ = components
+    with pytest.raises(UserError, match=message):
+        ours(PROMPTS[:1], num_frames=4, height=32, width=32, steps=2, progress=False, **bad)
