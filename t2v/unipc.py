@@ -93,12 +93,12 @@ def unipc(model: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int,
         if m_new is None:  # predictor
             if not d1s:
                 return x_t.to(x.dtype)
-            rhos = (torch.full((1,), 0.5, dtype=x.dtype) if p == 2 else
-                    torch.linalg.solve(rows[:-1, :-1], b[:-1]).to(x.dtype))
+            rhos = (torch.full((1,), 0.5, dtype=x.dtype, device=x.device) if p == 2 else
+                    torch.linalg.solve(rows[:-1, :-1], b[:-1]).to(x.device, x.dtype))
             res = torch.einsum("k,bkc...->bc...", rhos, torch.stack(d1s, dim=1))
             return (x_t - alpha_t * b_h * res).to(x.dtype)
-        rhos = (torch.full((1,), 0.5, dtype=x.dtype) if p == 1 else
-                torch.linalg.solve(rows, b).to(x.dtype))
+        rhos = (torch.full((1,), 0.5, dtype=x.dtype, device=x.device) if p == 1 else
+                torch.linalg.solve(rows, b).to(x.device, x.dtype))
         res = torch.einsum("k,bkc...->bc...", rhos[:-1], torch.stack(d1s, dim=1)) if d1s else 0
         return (x_t - alpha_t * b_h * (res + rhos[-1] * (m_new - m0))).to(x.dtype)
 
