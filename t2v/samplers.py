@@ -15,7 +15,7 @@ Every sampler shares the signature
 - `steps`: the number of inference steps of the full schedule; `start` skips the first ones
   (video-to-video runs the last `int(steps * strength)` steps, as diffusers does).
 - `spacing`: "leading" / "linspace" / "trailing"; None takes the sampler's diffusers default
-  when built from the model's DDIM config ("leading" for DDIM, "linspace" for DPM-Solver).
+  when built from the model's DDIM config ("leading" for DDIM, "linspace" for the others).
 - `callback(i, t, x, x0)` after each step: step index, timestep, the new sample and the
   model's current estimate of the clean sample.
 - `generator`: the source of any noise a stochastic sampler draws (DDIM with eta > 0, Euler
