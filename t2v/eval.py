@@ -41,6 +41,7 @@ import torch
 
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.noise import randn
+from t2v.samplers import SAMPLERS
 from t2v.synthetic import (BACKGROUNDS, COLOURS, EXTRA_COLOURS, HELDOUT, TRAINED, Attributes,
                            all_combinations)
 
@@ -240,7 +241,12 @@ def generate(pipe, batch: list[Case], settings: dict) -> np.ndarray:
                   latents=torch.stack(noise), generator=later, steps=settings["steps"],
                   guidance_scale=settings["guidance"], sampler=settings["sampler"],
                   eta=settings["eta"], window=settings.get("window"),
-                  window_overlap=settings.get("window_overlap", 4), progress=False, **shape_args)
+                  window_overlap=settings.get("window_overlap", 4), progress=False,
+                  guidance_rescale=settings.get("guidance_rescale", 0.0),
+                  freeu=settings.get("freeu") or False,
+                  free_init=settings.get("free_init") or False,
+                  thresholding=settings.get("thresholding", False),
+                  sample_max_value=settings.get("sample_max_value", 1.0), **shape_args)
     return result.frames.cpu().numpy()
 
 
@@ -283,7 +289,14 @@ def format_table(report: dict) -> str:
     lines = [f"sampler {s['sampler']}, {s['steps']} steps, guidance {s['guidance']}, "
              f"dtype {s['dtype']}, {s['frames']} frames at {s['size']}x{s['size']}"
              + (f", window {s['window']}/{s['window_overlap']}" if s.get("window") else "")
-             + (f", LoRA {s['lora']}" if s.get("lora") else "") + f"; {report['seconds']} s",
+             + (f", LoRA {s['lora']}" if s.get("lora") else "")
+             + (f", guidance rescale {s['guidance_rescale']}" if s.get("guidance_rescale")
+                else "")
+             + (f", FreeU {s['freeu']}" if s.get("freeu") else "")
+             + (f", FreeInit {s['free_init']} passes" if s.get("free_init") else "")
+             + (f", thresholding (max {s['sample_max_value']})" if s.get("thresholding")
+                else "")
+             + f"; {report['seconds']} s",
              "split     videos  colour  shape  direction  background  all    one blob  "
              "consistent  jitter px"]
     for split, r in report["scores"].items():
@@ -322,8 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", choices=["demo"], help="what to evaluate")
     parser.add_argument("--weights", default=DEMO_SOURCE,
                         help="a weights folder of the demo architecture")
-    parser.add_argument("--sampler", default="dpmsolver++",
-                        choices=["ddim", "dpmsolver++", "dpmsolver"])
+    parser.add_argument("--sampler", default="dpmsolver++", choices=list(SAMPLERS))
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--eta", type=float, default=0.0)
@@ -333,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=int, default=None)
     parser.add_argument("--window-overlap", type=int, default=4)
     parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0)
+    parser.add_argument("--freeu", type=float, nargs="*", default=None, metavar="B1 B2 S1 S2",
+                        help="FreeU (no numbers: 1.2 1.4 0.9 0.2)")
+    parser.add_argument("--free-init", type=int, default=0, metavar="N",
+                        help="FreeInit passes (0: off)")
+    parser.add_argument("--thresholding", action="store_true",
+                        help="dynamic thresholding (ratio 0.995)")
+    parser.add_argument("--sample-max-value", type=float, default=1.0)
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
     parser.add_argument("--colours", nargs="+", default=(),
                         help="evaluate every combination of these colours instead (e.g. orange)")
@@ -358,7 +378,12 @@ def main(argv: list[str] | None = None) -> int:
                     "guidance": args.guidance, "eta": args.eta, "dtype": args.dtype,
                     "frames": args.frames, "size": args.size, "window": args.window,
                     "window_overlap": args.window_overlap,
-                    "negative_prompt": args.negative_prompt, "lora": list(args.lora)}
+                    "negative_prompt": args.negative_prompt, "lora": list(args.lora),
+                    "guidance_rescale": args.guidance_rescale,
+                    "freeu": (None if args.freeu is None
+                              else list(args.freeu) or [1.2, 1.4, 0.9, 0.2]),
+                    "free_init": args.free_init, "thresholding": args.thresholding,
+                    "sample_max_value": args.sample_max_value}
         seeds = {"trained": args.seeds, "heldout": args.seeds} if args.seeds else None
         report = evaluate(pipe, settings, cases(seeds, tuple(args.colours), args.split), args.batch)
     except (UserError, NumericalError) as exc:

@@ -495,7 +495,11 @@ class TextToVideo:
                 if anchor is not None:
                     x, on_step = self._anchored(anchor, x, sampler, pass_steps, spacing,
                                                 callback)
-                x = self.denoising_loop(denoise, x, sampler, pass_steps, start, options,
+                # FreeInit's later passes start from an ordinary x_t, not from N(0, I): no
+                # Euler start scaling (t2v.samplers.sampler_options, noise_start)
+                pass_options = options if k == 0 or "noise_start" not in options else \
+                    {**options, "noise_start": False}
+                x = self.denoising_loop(denoise, x, sampler, pass_steps, start, pass_options,
                                         progress, on_step, callback_on_step_end)
         finally:
             self.unet.freeu = previous_freeu
