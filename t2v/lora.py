@@ -95,7 +95,8 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
         raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
     if metadata.get("format") != LORA_FORMAT:
         raise UserError(f"{path}: not a t2v LoRA file (metadata format is "
-                        f"{metadata.get('format')!r}, expected {LORA_FORMAT!r})")
+                        f"{metadata.get('format')!r}, expected {LORA_FORMAT!r}); other tools' "
+                        "LoRA files merge with TextToVideo.load_lora or --lora")
     try:
         meta = {"rank": int(metadata["rank"]), "alpha": float(metadata["alpha"]),
                 "targets": json.loads(metadata["targets"])}

@@ -166,14 +166,13 @@ class TextToVideo:
                    AutoencoderKL(config.vae).to(device, vae_dtype or dtype).eval())
 
     def load_lora(self, path, scale: float = 1.0) -> list[str]:
-        """Merge a LoRA file (t2v.lora format, e.g. from `python -m t2v.train`) into the UNet:
+        """Merge a LoRA file into the UNet (and text encoder): t2v's own (`python -m t2v.train`),
+        diffusers/PEFT, kohya or Text-To-Video-Finetuning's Stable LoRA (t2v.lora_formats):
         W += scale * (alpha / rank) B A. Several files merge one after the other. Returns the
-        adapted layer names."""
-        from t2v.lora import load_lora, merge_lora
+        adapted layer names (text-encoder ones as `text_encoder.NAME`)."""
+        from t2v.lora_formats import merge_lora_file
 
-        names = load_lora(self.unet, path, scale)
-        merge_lora(self.unet)
-        return names
+        return merge_lora_file(path, scale, self.unet, self.text_encoder)
 
     @property
     def vae_scale_factor(self) -> int:

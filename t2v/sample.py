@@ -108,7 +108,8 @@ def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--variant", default=cfg.weights.variant,
                    help="diffusers weights variant, e.g. fp16 (half the download)")
     p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
-                   help="merge a LoRA file (from python -m t2v.train) into the UNet, scaled "
+                   help="merge a LoRA file (t2v.train's, diffusers/PEFT, kohya or Text-To-"
+                   "Video-Finetuning's Stable LoRA) into the UNet and text encoder, scaled "
                    "(default 1); repeat for several (replaces weights.lora of the config)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if "
                    "available)")
