@@ -59,6 +59,8 @@ OLD_PROJ = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "
                              "to_out": "out_proj"}}
 KOHYA_SUFFIXES = ((".lora_down.weight", "down"), (".lora_up.weight", "up"), (".alpha", "alpha"))
 STABLE_SUFFIXES = ((".lora_A", "down"), (".lora_B", "up"), (".bias", "bias"))
+# Unprefixed text-encoder paths (transformers' CLIPTextModel, open_clip-style, t2v's own).
+TEXT_PREFIXES = ("text_model.", "resblocks.", "encoder.layers.", "embeddings.")
 # Text-To-Video-Finetuning's webui export renames text-encoder layers open_clip's way.
 OPEN_CLIP_TEXT = ((r"^encoder\.layers\.(\d+)\.self_attn\.", r"resblocks.\1.attn."),
                   (r"^encoder\.layers\.(\d+)\.mlp\.fc1$", r"resblocks.\1.mlp.c_fc"),
@@ -208,8 +210,8 @@ class _Parser:
             if name is not None:
                 break
         else:
-            if "text_encoder" in components and "text_encoder" not in tables and any(
-                    alias.startswith(p) for p in ("text_model.", "resblocks.", "lora_te")):
+            text_like = components == ("text_encoder",) or alias.startswith(TEXT_PREFIXES)
+            if "text_encoder" in components and "text_encoder" not in tables and text_like:
                 self.fail(key, "a text-encoder LoRA, and no text encoder was given (merge it "
                           "with TextToVideo.load_lora)")
             what = " or ".join("the UNet" if c == "unet" else "the text encoder"

@@ -522,6 +522,8 @@ def bad_files(unet) -> list[tuple[dict, dict, str]]:
         ({**good, f"unet.{a}.lora_magnitude_vector": torch.ones(w.shape[0])}, {}, "DoRA"),
         ({"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight":
           torch.ones(2, 32)}, {}, "no text encoder was given"),
+        ({"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(1)}, {},
+         "no text encoder was given"),
         ({"lora_unet_conv_in.lora_down.weight": torch.ones(1), "x.lora_A.weight":
           torch.ones(1)}, {}, "'x.lora_A.weight': not a kohya key"),
         ({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(1)}, {},
