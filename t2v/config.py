@@ -211,6 +211,9 @@ class SampleConfig:
     # Guidance rescale (t2v/guidance.py; 0: off), FreeU's [b1, b2, s1, s2] (t2v/freeu.py;
     # null: off; ms-1.7b and zeroscope: [1.2, 1.4, 0.9, 0.2]) and FreeInit (t2v/freeinit.py).
     guidance_rescale: float = 0.0
+    # Guidance-parallel sampling (t2v/guidance_parallel.py): under torchrun with 2 processes,
+    # the unconditional pass on rank 0 and the conditional one on rank 1, every step.
+    guidance_parallel: bool = False
     freeu: tuple[float, ...] | None = None
     free_init: FreeInitConfig = field(default_factory=lambda: FreeInitConfig())
 

@@ -35,6 +35,7 @@ from t2v.errors import NumericalError, UserError  # noqa: F401 (NumericalError: 
 from t2v.freeinit import FreeInit, reinitialize
 from t2v.first_frames import FirstFrames, check_weights, fading_weights
 from t2v.freeu import FreeU
+from t2v import guidance_parallel as cfg_parallel
 from t2v.guidance import guide
 from t2v.noise import randn
 from t2v.prompt_travel import resolve_schedule, schedule_embedding, window_centre
@@ -360,6 +361,7 @@ class TextToVideo:
                  sample_max_value: float = 1.0,
                  window: int | None = None, window_overlap: int = 4, loop: bool = False,
                  freenoise: bool = True, guidance_rescale: float = 0.0,
+                 guidance_parallel: bool = False,
                  freeu: FreeU | tuple | dict | None = None,
                  free_init: FreeInit | int | dict | None = None,
                  init_image=None, init_frames: int = 4,
@@ -401,6 +403,9 @@ class TextToVideo:
         `guidance_rescale` (t2v.guidance), `freeu` (b1, b2, s1, s2; t2v.freeu) and
         `free_init` (passes or a FreeInit; t2v.freeinit) default to what
         enable_freeu / enable_free_init set (off).
+        `guidance_parallel`: the unconditional pass on rank 0, the conditional one on rank 1 of
+        a 2-process group, combined every step (t2v.guidance_parallel); every rank calls with
+        the same arguments and gets the same result (a seed is shared if none is given).
         """
         steps = resolve_steps(steps, num_inference_steps)
         kind = OUTPUT_TYPES.get(output_type, output_type) if output_type is not None else output
@@ -426,6 +431,10 @@ class TextToVideo:
         free_init = self.free_init if free_init is None else FreeInit.of(free_init or None)
         if not 0.0 <= guidance_rescale <= 1.0:
             raise UserError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}")
+        if guidance_parallel:
+            cfg_parallel.check(guidance_scale)
+            if seed is None and generator is None:  # one seed: the same noise on both ranks
+                seed = cfg_parallel.shared_seed()
         if init_video is not None and (init_image is not None or continue_from is not None):
             raise UserError("init_image / continue_from start a new clip; they do not combine "
                             "with init_video (video-to-video)")
@@ -471,7 +480,13 @@ class TextToVideo:
         if frame_chunk == "auto":
             frame_chunk = auto_frame_chunk(min(num_frames, window or num_frames))
 
+        if guidance_parallel:
+            cfg_parallel.check_same(x, "initial latents")
+
         def denoiser_for(context: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
+            if guidance_parallel:
+                return cfg_parallel.guided_denoiser(self.unet, context, guidance_scale,
+                                                    frame_chunk, guidance_rescale)
             return self.guided_denoiser(context, guidance_scale, frame_chunk, guidance_rescale)
 
         if schedule is None:

@@ -55,7 +55,7 @@ SAMPLE_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed"
                 "guidance_rescale": "guidance_rescale", "freeu": "freeu",
                 "init_image": "init_image", "init_frames": "init_frames",
                 "init_weights": "init_weights", "continue_from": "continue_from",
-                "continue_frames": "continue_frames"}
+                "continue_frames": "continue_frames", "guidance_parallel": "guidance_parallel"}
 
 
 def read_config(path: str | None, overrides: list[str]) -> Config:
@@ -162,6 +162,11 @@ def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--guidance-rescale", type=float, default=s.guidance_rescale,
                    metavar="PHI", help="rescale guided outputs toward the conditional "
                    "output's std (0 = off, 0.7 = the paper's value; docs/sampling-tools.md)")
+    p.add_argument("--guidance-parallel", action=argparse.BooleanOptionalAction,
+                   default=s.guidance_parallel,
+                   help="under torchrun --nproc_per_node 2: rank 0 runs the unconditional UNet "
+                   "pass, rank 1 the conditional one, of the same videos (prompts not split); "
+                   "rank 0 writes (docs/multi-gpu.md)")
     p.add_argument("--freeu", type=float, nargs="*", default=s.freeu,
                    metavar="B1 B2 S1 S2", help="FreeU; without numbers diffusers' values for "
                    f"this model family, {' '.join(str(v) for v in FREEU_DEFAULT)}")
@@ -345,13 +350,22 @@ def run(argv: list[str]) -> list[Path]:
     prompts = read_prompts(args, cfg)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    parallel = cfg.sample.guidance_parallel  # both ranks run every prompt, rank 0 writes
+    device = resolve_device(args.device, local_rank)
+    if parallel:
+        start_guidance_parallel(world, cfg.sample.guidance_scale, device)
     base_seed = cfg.sample.seed if cfg.sample.seed is not None else random.randrange(2**31 - 10**6)
-    if world > 1 and cfg.sample.seed is None:
+    if parallel and cfg.sample.seed is None:
+        from t2v.guidance_parallel import shared_seed
+
+        base_seed = shared_seed() % (2**31 - 10**6)
+    elif world > 1 and cfg.sample.seed is None:
         raise UserError("several processes need a shared --seed (each would draw its own)")
     seeds = [base_seed + i for i in range(len(prompts))]
     paths = output_paths(args, [p or cfg.sample.prompt_schedule or "" for p in prompts], seeds)
     fmt = args.format or {v: k for k, v in FORMATS.items() if v}.get(paths[0].suffix, "png")
-    mine = [i for i in range(len(prompts)) if i % world == rank]  # this process's share
+    mine = [i for i in range(len(prompts)) if parallel or i % world == rank]  # this share
+    writer = rank == 0 or not parallel
     for i in mine:
         for path in (paths[i], paths[i].with_name(paths[i].name + ".json")):
             if path.exists() and not args.overwrite:
@@ -365,7 +379,6 @@ def run(argv: list[str]) -> list[Path]:
 
     conditioning = read_conditioning(cfg.sample)
 
-    device = resolve_device(args.device, local_rank)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else \
         (torch.float16 if device.type == "cuda" else torch.float32)
     vae_dtype = DTYPES[args.vae_dtype]
@@ -376,10 +389,13 @@ def run(argv: list[str]) -> list[Path]:
     for i in mine:
         run_cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
             cfg.sample, prompt=prompts[i], seed=seeds[i]))
-        log.info("[%d/%d] %s (seed %d)", i + 1, len(prompts),
-                 prompts[i] or cfg.sample.prompt_schedule, seeds[i])
-        latents = generate(pipe, run_cfg.sample, init_video, progress=not args.no_progress,
-                           conditioning=conditioning)
+        if writer:
+            log.info("[%d/%d] %s (seed %d)", i + 1, len(prompts),
+                     prompts[i] or cfg.sample.prompt_schedule, seeds[i])
+        latents = generate(pipe, run_cfg.sample, init_video,
+                           progress=writer and not args.no_progress, conditioning=conditioning)
+        if not writer:
+            continue
         sidecar = {"t2v_version": __version__, "output": str(paths[i]), "format": fmt,
                    "weights": {"source": cfg.weights.source, "revision": cfg.weights.revision,
                                "layout": layout},
@@ -390,7 +406,20 @@ def run(argv: list[str]) -> list[Path]:
                       progress=not args.no_progress)
         print(paths[i], flush=True)
         written.append(paths[i])
+    if parallel:
+        torch.distributed.destroy_process_group()
     return written
+
+
+def start_guidance_parallel(world: int, guidance_scale: float, device: torch.device) -> None:
+    """--guidance-parallel: guidance on, exactly 2 processes; joins their process group."""
+    from t2v import guidance_parallel
+
+    guidance_parallel.check_scale(guidance_scale)
+    if world != guidance_parallel.RANKS:
+        raise UserError(f"--guidance-parallel needs exactly {guidance_parallel.RANKS} processes "
+                        f"(torchrun --nproc_per_node {guidance_parallel.RANKS}), got {world}")
+    guidance_parallel.init(device)
 
 
 def build_pipeline(args: argparse.Namespace, cfg: Config, device: torch.device, dtype, vae_dtype,
@@ -455,6 +484,7 @@ def generate(pipe: TextToVideo, s, init_video: torch.Tensor | None, progress: bo
                 window_overlap=s.window_overlap,
                 loop=s.loop, freenoise=s.freenoise, prompt_weighting=s.prompt_weighting,
                 prompt_schedule=s.prompt_schedule, guidance_rescale=s.guidance_rescale,
+                guidance_parallel=s.guidance_parallel,
                 freeu=s.freeu or False,
                 free_init=(dataclasses.asdict(s.free_init) if s.free_init.num_iters else False),
                 output="latents", progress=progress, **(conditioning or {})).frames
