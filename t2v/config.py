@@ -223,10 +223,13 @@ class SampleConfig:
                "sample.init_image and sample.continue_from: give one, not both")
         _check(not ((self.init_image or self.continue_from) and self.init_video),
                "sample.init_image / sample.continue_from do not combine with sample.init_video")
-        for name in ("init_frames", "continue_frames"):
-            _check(1 <= getattr(self, name) <= self.num_frames, f"sample.{name} must be "
-                   f"between 1 and sample.num_frames ({self.num_frames}), got "
-                   f"{getattr(self, name)}")
+        for name, used in (("init_frames", self.init_image),
+                           ("continue_frames", self.continue_from)):
+            # bounded by num_frames only when used: the default 4 must not refuse --frames 2
+            value = getattr(self, name)
+            _check(value >= 1 and (not used or value <= self.num_frames),
+                   f"sample.{name} must be between 1 and sample.num_frames ({self.num_frames}), "
+                   f"got {value}")
         _check(self.init_weights is None or all(0 <= w <= 1 for w in self.init_weights),
                f"sample.init_weights must be numbers between 0 and 1, got {self.init_weights}")
         _check(0.0 <= self.guidance_rescale <= 1.0,

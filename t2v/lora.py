@@ -140,14 +140,23 @@ def set_lora_scale(unet: nn.Module, scale: float) -> None:
 def merge_lora(unet: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain layer back, in place: the UNet
     is a plain UNet3D again (state-dict keys as before LoRA)."""
-    for name, module in list(unet.named_modules()):
+    for module in unet.modules():
         if isinstance(module, LoraLayer):
             module.merge(adapter_names=[ADAPTER])
+    return strip_lora(unet)
+
+
+def strip_lora(unet: nn.Module) -> nn.Module:
+    """Remove every adapter without merging it, in place: the plain layers back with the
+    weights they had (e.g. after a file failed to load half-way)."""
+    for name, module in list(unet.named_modules()):
+        if isinstance(module, LoraLayer):
             parent_name, _, child = name.rpartition(".")
             parent = unet.get_submodule(parent_name) if parent_name else unet
             setattr(parent, child, module.get_base_layer())
-    if hasattr(unet, "lora_meta"):
-        del unet.lora_meta
+    for stale in ("lora_meta", "peft_config"):  # peft warns about a second adapter otherwise
+        if hasattr(unet, stale):
+            delattr(unet, stale)
     return unet
 
 

@@ -301,8 +301,9 @@ def write_output(frames, path: Path, fmt: str, fps: int, metadata: dict, overwri
 
 
 def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offload: bool,
-                 streamed: bool) -> None:
-    """Print the memory estimate for long runs; refuse runs over --max-memory."""
+                 streamed: bool, baseline: int | None = None) -> None:
+    """Print the memory estimate for long runs; refuse runs over --max-memory. `baseline`:
+    the process's memory before the models loaded (default: measured now, on CPU runs)."""
     from t2v.memory import GIB, estimate_memory, parse_size, resident_bytes
 
     budget = None
@@ -317,7 +318,8 @@ def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offl
 
     from t2v.pipeline import auto_frame_chunk
 
-    baseline = resident_bytes() if device.type == "cpu" else 0  # host memory: CPU runs only
+    if baseline is None:
+        baseline = resident_bytes() if device.type == "cpu" else 0  # host memory: CPU only
 
     def estimate(**change):
         window = change.get("window", s.window)
@@ -396,12 +398,7 @@ def run(argv: list[str]) -> list[Path]:
                            progress=writer and not args.no_progress, conditioning=conditioning)
         if not writer:
             continue
-        sidecar = {"t2v_version": __version__, "output": str(paths[i]), "format": fmt,
-                   "weights": {"source": cfg.weights.source, "revision": cfg.weights.revision,
-                               "layout": layout},
-                   "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-                   "vae_dtype": str(vae_dtype).removeprefix("torch."),
-                   "config": config_to_dict(run_cfg)}
+        sidecar = sidecar_record(paths[i], fmt, run_cfg, layout, device, dtype, vae_dtype)
         write_outputs(pipe, latents, run_cfg, paths[i], fmt, sidecar, args.overwrite,
                       progress=not args.no_progress)
         print(paths[i], flush=True)
@@ -471,9 +468,21 @@ def read_conditioning(s) -> dict:
     return {}
 
 
+def sidecar_record(path: Path, fmt: str, cfg: Config, layout: str, device: torch.device,
+                   dtype, vae_dtype) -> dict:
+    """The JSON sidecar of one output: `--config <output>.json` reproduces the run."""
+    return {"t2v_version": __version__, "output": str(path), "format": fmt,
+            "weights": {"source": cfg.weights.source, "revision": cfg.weights.revision,
+                        "layout": layout},
+            "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+            "vae_dtype": str(vae_dtype).removeprefix("torch."),
+            "config": config_to_dict(cfg)}
+
+
 def generate(pipe: TextToVideo, s, init_video: torch.Tensor | None, progress: bool,
-             conditioning: dict | None = None) -> torch.Tensor:
-    """One video's latents for the sample settings `s` (its prompt and seed included)."""
+             conditioning: dict | None = None, callback=None) -> torch.Tensor:
+    """One video's latents for the sample settings `s` (its prompt and seed included);
+    `callback(i, t, x, x0)` after every step (the pipeline's)."""
     return pipe(s.prompt, s.negative_prompt, num_frames=s.num_frames, height=s.height,
                 width=s.width, steps=s.steps, guidance_scale=s.guidance_scale,
                 sampler=s.sampler, eta=s.eta, seed=s.seed, init_video=init_video,
@@ -487,7 +496,8 @@ def generate(pipe: TextToVideo, s, init_video: torch.Tensor | None, progress: bo
                 guidance_parallel=s.guidance_parallel,
                 freeu=s.freeu or False,
                 free_init=(dataclasses.asdict(s.free_init) if s.free_init.num_iters else False),
-                output="latents", progress=progress, **(conditioning or {})).frames
+                output="latents", progress=progress, callback=callback,
+                **(conditioning or {})).frames
 
 
 def write_outputs(pipe: TextToVideo, latents: torch.Tensor, cfg: Config, path: Path, fmt: str,
