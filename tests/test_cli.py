@@ -164,7 +164,7 @@ def test_video_to_video_from_a_file(cli, tmp_path):
     (["--height", "100"], "sample.height must be a positive multiple of 8"),
     (["--frames", "0"], "sample.num_frames must be >= 1"),
     (["--steps", "-2"], "sample.steps must be >= 1"),
-    (["--sampler", "euler"], "invalid choice"),
+    (["--sampler", "heun"], "invalid choice"),
     (["--init-video", "missing.mp4"], "missing.mp4: video file not found"),
     (["--out", "x.avi"], "unknown extension"),
 ])
