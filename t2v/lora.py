@@ -65,16 +65,21 @@ def add_lora(unet: nn.Module, rank: int, alpha: float | None = None,
     return list(names)
 
 
-def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
-    return get_peft_model_state_dict(unet, adapter_name=ADAPTER)
+def lora_state_dict(unet: nn.Module, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The adapters' tensors of `unet` (or of `state_dict`, the UNet's full state: a sharded
+    UNet's gathered one)."""
+    return get_peft_model_state_dict(unet, state_dict=state_dict, adapter_name=ADAPTER)
 
 
-def save_lora(unet: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
-    """The adapters as safetensors (format in the module docstring), written atomically."""
+def save_lora(unet: nn.Module, path: str | Path, overwrite: bool = False,
+              state_dict: dict | None = None) -> Path:
+    """The adapters as safetensors (format in the module docstring), written atomically;
+    `state_dict`: take the tensors from it instead of the module's own."""
     meta = getattr(unet, "lora_meta", None)
     if meta is None:
         raise ValueError("the UNet has no LoRA adapters (add_lora first)")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in lora_state_dict(unet).items()}
+    tensors = {k: v.detach().contiguous().cpu()
+               for k, v in lora_state_dict(unet, state_dict).items()}
     metadata = {"format": LORA_FORMAT, "rank": str(meta["rank"]), "alpha": str(meta["alpha"]),
                 "targets": json.dumps(meta["targets"])}
     with atomic_path(Path(path), overwrite=overwrite) as tmp:

@@ -173,3 +173,74 @@ def parse_size(text: str) -> int:
         raise ValueError(f"not a memory size: {text!r} (e.g. 12GB, 800MB)")
     value, unit = float(match.group(1)), match.group(2) or "m"
     return int(value * 1024 ** "kmgt".index(unit) * 1024)
+
+
+# -- training: what one rank holds (docs/finetuning.md, "Which strategy for which GPUs") -------
+
+# Activations of one training step (forward kept for backward), measured on the full-size UNet
+# in fp32 by python -m t2v.bench.train_step at batch 1, 8 frames, 32x32 latents
+# (docs/finetuning.md): 14,140 MiB without and 8,702 MiB with gradient checkpointing, minus the
+# 180 MiB of that LoRA run's own gradients and AdamW state. Other sizes scale with the values
+# the UNet keeps for its up path (unet_skip_values_per_frame) x frames x batch.
+STEP_ACTIVATION_MIB = {False: 14_140 - 180, True: 8_702 - 180}
+STEP_ACTIVATION_SHAPE = (8, 32, 32)  # frames, latent height, latent width
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class TrainingMemory:
+    """Bytes one rank holds at the peak of a training step."""
+
+    weights: int  # the UNet's float32 weights (a 1/N shard with fsdp)
+    gradients: int  # float32 gradients of the trained parameters (sharded with fsdp)
+    optimizer: int  # AdamW's two float32 moments (sharded with fsdp)
+    ema: int  # float32 EMA of the trained parameters (sharded with fsdp)
+    gathered: int  # fsdp: the gathered weights and unsharded gradients of the running blocks
+    frozen: int  # text encoder and VAE, whole on every rank
+    activations: int
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f) for f in self.__dataclass_fields__)
+
+
+def largest_block_parameters(cfg: ModelConfig) -> int:
+    """Parameters of the largest unit of sharding (a down, mid or up block) of the UNet."""
+    from t2v.fsdp import unet_blocks
+    from t2v.unet import UNet3D
+
+    with torch.device("meta"):
+        unet = UNet3D(cfg.unet)
+    return max(sum(p.numel() for p in block.parameters()) for block in unet_blocks(unet))
+
+
+def training_memory(cfg: ModelConfig, *, ranks: int = 1, strategy: str = "ddp",
+                    trained: int | None = None, ema: bool = False,
+                    param_dtype: str = "bfloat16", frozen_dtype: str = "float32",
+                    batch: int = 1, frames: int = 16, height: int = 256, width: int = 256,
+                    checkpointing: bool = True, compute_dtype: str = "float32"
+                    ) -> TrainingMemory:
+    """The per-rank memory of a UNet training step. `trained`: parameters that train (None:
+    all); `batch`: clips per rank. The activations scale the full-size measurement
+    (STEP_ACTIVATION_MIB) by the values kept for the up path and by the compute dtype's size
+    (`param_dtype` with fsdp, else `compute_dtype`)."""
+    counts = parameter_counts(cfg)
+    unet, trained = counts["unet"], counts["unet"] if trained is None else trained
+    shard = ranks if strategy == "fsdp" else 1
+    factor = 2 ** (len(cfg.vae.channels) - 1)
+    f0, h0, w0 = STEP_ACTIVATION_SHAPE
+    scale = batch * frames * unet_skip_values_per_frame(cfg, height // factor, width // factor) \
+        / (f0 * unet_skip_values_per_frame(ModelConfig(), h0, w0))
+    compute = param_dtype if strategy == "fsdp" else compute_dtype
+    gathered = 0
+    if strategy == "fsdp" and ranks > 1:
+        # The running block's weights in param_dtype, the next one's prefetched, and the
+        # running block's unsharded gradients before the reduce-scatter.
+        gathered = largest_block_parameters(cfg) * (2 * DTYPE_BYTES[param_dtype] + 4)
+    return TrainingMemory(
+        weights=4 * unet // shard, gradients=4 * trained // shard,
+        optimizer=8 * trained // shard, ema=4 * trained // shard if ema else 0,
+        gathered=gathered,
+        frozen=(counts["text_encoder"] + counts["vae"]) * DTYPE_BYTES[frozen_dtype],
+        activations=int(STEP_ACTIVATION_MIB[checkpointing] * 2 ** 20 * scale
+                        * DTYPE_BYTES[compute] / 4))

@@ -131,9 +131,10 @@ def lr_factor(step: int, tc) -> float:
 
 
 class Distributed:
-    """Rank, world size and device; DDP set up when torchrun started several processes."""
+    """Rank, world size and device; the process group set up when torchrun started several
+    processes (or, with `group=True`, a group of one: FSDP needs one even alone)."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, group: bool = False):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -146,11 +147,14 @@ class Distributed:
                                    ("cpu" if device == "auto" else device))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL and default allocations on this GPU
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
         if self.world > 1 and not dist.is_initialized():
             if self.device.type == "cuda":
-                dist.init_process_group("nccl", device_id=self.device)
+                dist.init_process_group(backend, device_id=self.device)
             else:
-                dist.init_process_group("gloo")
+                dist.init_process_group(backend)
+        elif group and not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
     @property
     def main(self) -> bool:
@@ -188,7 +192,8 @@ class Trainer:
 
     def __init__(self, cfg: TrainRunConfig, dist_: Distributed | None = None):
         self.cfg, tc = cfg, cfg.train
-        self.dist = dist_ or Distributed(tc.device)
+        self.fsdp = tc.strategy == "fsdp"
+        self.dist = dist_ or Distributed(tc.device, group=self.fsdp)
         device = self.dist.device
         if tc.mixed_precision == "fp16" and device.type != "cuda":
             raise UserError("train.mixed_precision fp16 needs a CUDA device; use bf16 on CPU")
@@ -227,11 +232,15 @@ class Trainer:
             for module in unet.modules():
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
+        if self.fsdp:
+            from t2v.fsdp import shard_unet
+
+            shard_unet(unet, device, tc.fsdp)  # parameters become float32 DTensor shards
         self.trained = {n: p for n, p in unet.named_parameters() if p.requires_grad}
         self.ema = ({n: p.detach().float().clone() for n, p in self.trained.items()}
                     if tc.ema_decay else None)
         self.model = unet
-        if self.dist.world > 1:
+        if self.dist.world > 1 and not self.fsdp:
             self.model = nn.parallel.DistributedDataParallel(
                 unet, device_ids=[device.index] if device.type == "cuda" else None)
 
@@ -339,7 +348,12 @@ class Trainer:
         for k in range(tc.grad_accum):
             micro = self.step * tc.grad_accum + k
             last = k == tc.grad_accum - 1
-            sync = nullcontext() if last or self.dist.world == 1 else self.model.no_sync()
+            if self.fsdp:
+                # reduce-scatter the gradients after the last micro-batch only
+                self.model.set_requires_gradient_sync(last)
+                sync = nullcontext()
+            else:
+                sync = nullcontext() if last or self.dist.world == 1 else self.model.no_sync()
             with sync:
                 if tc.model == "vae":
                     frames, noise = self.vae_micro_batch(micro)
@@ -372,9 +386,16 @@ class Trainer:
         if stepped:
             self.lr_schedule.step()
         if self.ema is not None and stepped:
-            current = [p.detach().float() for p in params]
-            torch._foreach_lerp_(list(self.ema.values()), current, 1.0 - tc.ema_decay)
+            from t2v.fsdp import local  # DTensor shards (fsdp) update in place, shard by shard
+
+            current = [local(p.detach()).float() for p in params]
+            torch._foreach_lerp_([local(v) for v in self.ema.values()], current,
+                                 1.0 - tc.ema_decay)
         self.step += 1
+        if self.fsdp:
+            from t2v.fsdp import full_value
+
+            norm = full_value(norm)  # the global norm, a replicated DTensor
         return {"step": self.step, "loss": self.dist.mean(sum(losses) / len(losses)),
                 "grad_norm": float(norm), "lr": lr}
 
@@ -383,9 +404,19 @@ class Trainer:
     def checkpoint_dir(self, step: int) -> Path:
         return self.output / CHECKPOINTS / f"step-{step:06d}"
 
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "strategy": self.cfg.train.strategy, "world": self.dist.world,
+                "lr_schedule": self.lr_schedule.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "cpu_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes the folder atomically (a temporary folder renamed into place)."""
+        """Rank 0 writes the folder atomically (a temporary folder renamed into place); with
+        fsdp every rank writes its shards into it (t2v.fsdp.save_sharded)."""
         target = self.checkpoint_dir(self.step)
+        if self.fsdp:
+            return self._save_sharded_checkpoint(target)
         if self.dist.main:
             with atomic_path(target) as tmp:
                 tmp.mkdir()
@@ -394,14 +425,33 @@ class Trainer:
                 if self.ema is not None:
                     save_file({n: v.contiguous().cpu() for n, v in self.ema.items()},
                               str(tmp / "ema.safetensors"))
-                state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                         "lr_schedule": self.lr_schedule.state_dict(),
-                         "scaler": self.scaler.state_dict() if self.scaler else None,
-                         "cpu_rng": torch.get_rng_state(),
-                         "cuda_rng": torch.cuda.get_rng_state_all()
-                         if torch.cuda.is_available() else []}
+                state = {**self._trainer_state(), "optimizer": self.optimizer.state_dict()}
                 torch.save(state, tmp / "state.pt")
                 (tmp / "config.yaml").write_text(config_to_yaml(self.cfg))
+        self.dist.barrier()
+        return target
+
+    def _save_sharded_checkpoint(self, target: Path) -> Path:
+        """A shared temporary folder next to the target: every rank's shards (DCP) and its RNG
+        state, rank 0's state.pt and config; renamed into place once all ranks are done."""
+        import shutil
+
+        from t2v.fsdp import save_sharded
+
+        tmp = target.with_name(target.name + ".partial")
+        if target.exists():
+            raise UserError(f"{target} exists: will not overwrite a checkpoint")
+        if self.dist.main and tmp.exists():
+            shutil.rmtree(tmp)  # a run killed while saving
+        self.dist.barrier()
+        save_sharded(tmp, self.model, self.optimizer, self.ema)
+        torch.save({"cpu_rng": torch.get_rng_state()}, tmp / f"rng-rank{self.dist.rank}.pt")
+        if self.dist.main:
+            torch.save(self._trainer_state(), tmp / "state.pt")
+            (tmp / "config.yaml").write_text(config_to_yaml(self.cfg))
+        self.dist.barrier()
+        if self.dist.main:
+            tmp.rename(target)
         self.dist.barrier()
         return target
 
@@ -427,6 +477,15 @@ class Trainer:
         self.load_checkpoint(path)
 
     def load_checkpoint(self, path: Path) -> None:
+        # weights_only: tensors, numbers and dicts only, no code execution.
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        written_by = state.get("strategy", "ddp")
+        if written_by != self.cfg.train.strategy:
+            raise UserError(f"train.resume {path}: written with train.strategy={written_by}; "
+                            f"resume it with train.strategy={written_by}")
+        if self.fsdp:
+            self._load_sharded_checkpoint(path, state)
+            return
         trained = load_file(str(path / "trained.safetensors"))
         if set(trained) != set(self.trained):
             raise UserError(f"{path}: trains other parameters than this config "
@@ -437,8 +496,6 @@ class Trainer:
         if self.ema is not None:
             ema = load_file(str(path / "ema.safetensors"))  # keys sorted: reorder
             self.ema = {n: ema[n].to(self.dist.device) for n in self.trained}
-        # weights_only: tensors, numbers and dicts only, no code execution.
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.scaler and state["scaler"]:
@@ -448,6 +505,20 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _load_sharded_checkpoint(self, path: Path, state: dict) -> None:
+        """Shards written by any number of processes (DCP reshards); this rank's RNG state if
+        the checkpoint has one for it (same or more processes), else the fresh seed's."""
+        from t2v.fsdp import load_sharded
+
+        load_sharded(path, self.model, self.optimizer, self.ema)
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        rng = path / f"rng-rank{self.dist.rank}.pt"
+        if rng.is_file():
+            torch.set_rng_state(torch.load(rng, map_location="cpu", weights_only=True)["cpu_rng"])
+        self.step = state["step"]
+        log.info("resumed from %s at step %d (written by %d processes, now %d)", path,
+                 self.step, state["world"], self.dist.world)
 
     # -- outputs ---------------------------------------------------------------------------
 
@@ -483,18 +554,29 @@ class Trainer:
                               guidance_scale=s.guidance_scale, sampler=s.sampler,
                               seed=s.seed if s.seed is not None else i, progress=False).frames
                 path = self.output / "samples" / f"step-{self.step:06d}-{i}.mp4"
-                written.append(write_mp4(frames[0].cpu().numpy(), path, s.fps, overwrite=True))
+                if self.dist.main:  # with fsdp every rank samples (the UNet is sharded)
+                    written.append(write_mp4(frames[0].cpu().numpy(), path, s.fps,
+                                             overwrite=True))
         finally:
             self.unet.train()
         return written
 
-    def save_final(self) -> Path:
-        """lora.safetensors (LoRA) or model/ (native folder), with the EMA weights if any."""
+    def save_final(self) -> Path | None:
+        """lora.safetensors (LoRA) or model/ (native folder), with the EMA weights if any.
+        With fsdp every rank calls it (the weights are gathered) and rank 0 writes."""
         with self._with_ema():
+            unet_state = None
+            if self.fsdp:
+                from t2v.fsdp import full_model_state
+
+                unet_state = full_model_state(self.model)
+                if not self.dist.main:
+                    return None
             if self.cfg.lora.rank > 0:
                 from t2v.lora import save_lora
 
-                return save_lora(self.unet, self.output / "lora.safetensors", overwrite=True)
+                return save_lora(self.unet, self.output / "lora.safetensors", overwrite=True,
+                                 state_dict=unet_state)
             from t2v.weights import save_native
             model_cfg = self.model_cfg
             if self.cfg.train.model == "vae":
@@ -504,7 +586,8 @@ class Trainer:
                     model_cfg.vae, scaling_factor=factor))
                 log.info("VAE latent scaling factor: %s", factor)
             states = {"text_encoder": self.text_encoder.state_dict(),
-                      "unet": self.unet.state_dict(), "vae": self.vae.state_dict()}
+                      "unet": self.unet.state_dict() if unet_state is None else unet_state,
+                      "vae": self.vae.state_dict()}
             with atomic_path(self.output / "model", overwrite=True) as tmp:
                 tmp.mkdir()
                 save_native(tmp, model_cfg, states)
@@ -531,10 +614,11 @@ class Trainer:
                     f.write(json.dumps(record) + "\n")
             if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                 self.save_checkpoint()
-            if tc.sample_every and self.step % tc.sample_every == 0 and self.dist.main:
+            if tc.sample_every and self.step % tc.sample_every == 0 and \
+                    (self.dist.main or self.fsdp):
                 self.write_samples()
         bar.close()
-        if self.dist.main and history:
+        if history and (self.dist.main or self.fsdp):
             self.save_final()
         self.dist.barrier()
         return history

@@ -16,6 +16,8 @@ TARGETS = ("epsilon", "v_prediction")
 TRAINED_MODELS = ("unet", "vae")
 LR_SCHEDULES = ("constant", "cosine")
 SYNTHETIC_SPLITS = ("trained", "heldout", "all")
+STRATEGIES = ("ddp", "fsdp")
+FSDP_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,24 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class FSDPConfig:
+    """train.strategy=fsdp: FSDP2 (torch.distributed.fsdp.fully_shard) per UNet block and on the
+    root; t2v/fsdp.py. The sharded parameters and AdamW state stay float32 (master weights)."""
+
+    # The gathered weights and the compute of forward/backward; auto: bfloat16 on GPUs, float32
+    # on the CPU (bf16 backward passes on the CPU were unreliable: t2v/fsdp.py).
+    param_dtype: str = "auto"
+    reduce_dtype: str = "float32"  # the gradients' reduce-scatter between ranks
+    reshard_after_forward: bool = True  # False: keep the gathered weights for backward (ZeRO-2)
+
+    def __post_init__(self):
+        _check(self.param_dtype in FSDP_DTYPES, f"train.fsdp.param_dtype must be one of "
+               f"{FSDP_DTYPES}, got {self.param_dtype!r}")
+        _check(self.reduce_dtype in FSDP_DTYPES[1:], f"train.fsdp.reduce_dtype must be one of "
+               f"{FSDP_DTYPES[1:]}, got {self.reduce_dtype!r}")
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     """The training loop. Effective batch = batch_size x grad_accum x processes."""
 
@@ -106,6 +126,10 @@ class OptimConfig:
     sample_prompts: tuple[str, ...] = ()
     log_every: int = 10
     resume: str | None = None  # a checkpoint folder, or "latest" in output_dir
+    # ddp: every process holds the whole model (DistributedDataParallel with several); fsdp:
+    # parameters, gradients and optimizer state sharded over the processes (docs/finetuning.md)
+    strategy: str = "ddp"
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
     def __post_init__(self):
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
@@ -135,6 +159,13 @@ class OptimConfig:
                f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
         _check(not self.sample_every or self.sample_prompts,
                "train.sample_every needs train.sample_prompts (a list of prompts)")
+        _check(self.strategy in STRATEGIES,
+               f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
+        _check(self.strategy != "fsdp" or self.model == "unet",
+               "train.strategy=fsdp shards the UNet; train.model=vae trains with ddp")
+        _check(self.strategy != "fsdp" or self.mixed_precision == "no",
+               "with train.strategy=fsdp the precision is train.fsdp.param_dtype (bf16 compute "
+               "by default): set train.mixed_precision=no")
 
 
 @dataclass(frozen=True)

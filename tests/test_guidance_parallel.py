@@ -111,15 +111,6 @@ def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
 
 
-@pytest.fixture
-def one_thread():
-    """The torchrun processes run with OMP_NUM_THREADS=1: so does the reference."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_two_processes_equal_one_process(tmp_path, one_thread):
     from safetensors.torch import load_file
 
