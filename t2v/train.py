@@ -386,11 +386,12 @@ class Trainer:
         if stepped:
             self.lr_schedule.step()
         if self.ema is not None and stepped:
-            from t2v.fsdp import local  # DTensor shards (fsdp) update in place, shard by shard
+            ema, current = list(self.ema.values()), [p.detach().float() for p in params]
+            if self.fsdp:  # DTensors: the local shards update in place
+                from t2v.fsdp import local
 
-            current = [local(p.detach()).float() for p in params]
-            torch._foreach_lerp_([local(v) for v in self.ema.values()], current,
-                                 1.0 - tc.ema_decay)
+                ema, current = [local(v) for v in ema], [local(p) for p in current]
+            torch._foreach_lerp_(ema, current, 1.0 - tc.ema_decay)
         self.step += 1
         if self.fsdp:
             from t2v.fsdp import full_value
