@@ -215,6 +215,9 @@ class SampleConfig:
     # the unconditional pass on rank 0 and the conditional one on rank 1, every step.
     guidance_parallel: bool = False
     freeu: tuple[float, ...] | None = None
+    # DeepCache (t2v/deep_cache.py): a full UNet call every N calls, shallow ones reusing its
+    # deep features between; 1: off. An approximation (docs/quality.md measures it).
+    cache_interval: int = 1
     free_init: FreeInitConfig = field(default_factory=lambda: FreeInitConfig())
 
     def __post_init__(self):
@@ -237,6 +240,11 @@ class SampleConfig:
         _check(self.freeu is None or (len(self.freeu) == 4 and min(self.freeu) > 0),
                f"sample.freeu must be null or 4 numbers > 0 [b1, b2, s1, s2], got {self.freeu}")
         _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
+        _check(self.cache_interval >= 1,
+               f"sample.cache_interval must be >= 1 (1: off), got {self.cache_interval}")
+        _check(self.cache_interval == 1 or (self.window is None and not self.guidance_parallel),
+               "sample.cache_interval (DeepCache) does not combine with sample.window or "
+               "sample.guidance_parallel yet; set it to 1")
         # the one list of names and option rules (samplers import config)
         from t2v.samplers import SAMPLERS, sampler_options
 

@@ -220,6 +220,11 @@ def score(results: list[tuple[Case, Prediction]]) -> dict:
     return report
 
 
+def emphasised_caption(a: Attributes, weight: float) -> str:
+    """The caption with its colour word weighted in A1111's syntax: "a (red:1.3) circle ..."."""
+    return f"a ({a.colour}:{weight:g}) " + a.caption.removeprefix(f"a {a.colour} ")
+
+
 def generate(pipe, batch: list[Case], settings: dict) -> np.ndarray:
     """uint8 (B, F, H, W, 3) for a batch of cases; each video's noise from its own seed."""
     shape_args = dict(num_frames=settings["frames"], height=settings["size"],
@@ -237,7 +242,10 @@ def generate(pipe, batch: list[Case], settings: dict) -> np.ndarray:
         noise = [randn(latent_shape, torch.Generator().manual_seed(c.seed)) for c in batch]
     # Later draws (DDIM with eta > 0) from per-video generators too: a case is reproducible.
     later = [torch.Generator().manual_seed(c.seed + EVAL_SEED_BASE) for c in batch]
-    result = pipe([c.attributes.caption for c in batch], settings["negative_prompt"],
+    emphasis = settings.get("emphasis")
+    captions = [c.attributes.caption if not emphasis else
+                emphasised_caption(c.attributes, emphasis) for c in batch]
+    result = pipe(captions, settings["negative_prompt"], prompt_weighting=bool(emphasis),
                   latents=torch.stack(noise), generator=later, steps=settings["steps"],
                   guidance_scale=settings["guidance"], sampler=settings["sampler"],
                   eta=settings["eta"], window=settings.get("window"),
@@ -246,7 +254,8 @@ def generate(pipe, batch: list[Case], settings: dict) -> np.ndarray:
                   freeu=settings.get("freeu") or False,
                   free_init=settings.get("free_init") or False,
                   thresholding=settings.get("thresholding", False),
-                  sample_max_value=settings.get("sample_max_value", 1.0), **shape_args)
+                  sample_max_value=settings.get("sample_max_value", 1.0),
+                  cache_interval=settings.get("cache_interval", 1), **shape_args)
     return result.frames.cpu().numpy()
 
 
@@ -294,6 +303,9 @@ def format_table(report: dict) -> str:
                 else "")
              + (f", FreeU {s['freeu']}" if s.get("freeu") else "")
              + (f", FreeInit {s['free_init']} passes" if s.get("free_init") else "")
+             + (f", colour word weighted {s['emphasis']}" if s.get("emphasis") else "")
+             + (f", DeepCache interval {s['cache_interval']}" if s.get("cache_interval", 1) > 1
+                else "")
              + (f", thresholding (max {s['sample_max_value']})" if s.get("thresholding")
                 else "")
              + f"; {report['seconds']} s",
@@ -353,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholding", action="store_true",
                         help="dynamic thresholding (ratio 0.995)")
     parser.add_argument("--sample-max-value", type=float, default=1.0)
+    parser.add_argument("--cache-interval", type=int, default=1, metavar="N",
+                        help="DeepCache: a full UNet call every N steps (1: off)")
+    parser.add_argument("--emphasis", type=float, default=None, metavar="W",
+                        help="weight the colour word: 'a (red:W) circle ...' (prompt weighting)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
     parser.add_argument("--colours", nargs="+", default=(),
                         help="evaluate every combination of these colours instead (e.g. orange)")
@@ -383,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                     "freeu": (None if args.freeu is None
                               else list(args.freeu) or [1.2, 1.4, 0.9, 0.2]),
                     "free_init": args.free_init, "thresholding": args.thresholding,
-                    "sample_max_value": args.sample_max_value}
+                    "sample_max_value": args.sample_max_value, "emphasis": args.emphasis,
+                    "cache_interval": args.cache_interval}
         seeds = {"trained": args.seeds, "heldout": args.seeds} if args.seeds else None
         report = evaluate(pipe, settings, cases(seeds, tuple(args.colours), args.split), args.batch)
     except (UserError, NumericalError) as exc:

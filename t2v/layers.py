@@ -13,6 +13,12 @@ except (AttributeError, RuntimeError):
     _LINEAR_POINTWISE = None
 
 
+# Switches for the benchmarks that check each optimisation still pays (t2v.bench.ablation):
+# False sends linear layers through F.linear (MKL), GEGLU through one matmul and a chunk.
+ONEDNN_LINEAR = True
+FUSED_GEGLU = True
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
               causal: bool = False) -> torch.Tensor:
     """Multi-head softmax attention, (N, L, heads*d) in and out, scale d**-0.5.
@@ -33,7 +39,7 @@ def _use_onednn(layer: nn.Module, x: torch.Tensor) -> bool:
     a capture hook must see the call); never while torch.compile traces (inductor picks its
     own kernels). Switched off with `torch.backends.mkldnn.flags(enabled=False)`.
     """
-    return (_LINEAR_POINTWISE is not None and type(layer) is nn.Linear
+    return (ONEDNN_LINEAR and _LINEAR_POINTWISE is not None and type(layer) is nn.Linear
             and x.device.type == "cpu" and x.dtype == torch.float32
             and layer.weight.dtype == torch.float32 and torch.backends.mkldnn.enabled
             and not (torch.is_grad_enabled() and (x.requires_grad or layer.weight.requires_grad))
@@ -60,12 +66,12 @@ def geglu(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     On the oneDNN path the two halves are two matmuls, the GELU and the product fused into
     their epilogues, so the (tokens, 2*hidden) intermediate is never written."""
-    if _use_onednn(layer, x):
+    if FUSED_GEGLU and _use_onednn(layer, x):
         hidden = layer.weight.shape[0] // 2
         w, b = layer.weight, layer.bias
         gate = _LINEAR_POINTWISE(x, w[hidden:], None if b is None else b[hidden:], "gelu", [],
                                  "none")
         return _LINEAR_POINTWISE.binary(x, gate, w[:hidden], None if b is None else b[:hidden],
                                         "mul")
-    a, gate = layer(x).chunk(2, dim=-1)
+    a, gate = linear(layer, x).chunk(2, dim=-1)
     return a * F.gelu(gate)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from t2v.config import ModelConfig
 from t2v.errors import NumericalError, UserError  # noqa: F401 (NumericalError: public here too)
+from t2v.deep_cache import DeepCache
 from t2v.freeinit import FreeInit, reinitialize
 from t2v.first_frames import FirstFrames, check_weights, fading_weights
 from t2v.freeu import FreeU
@@ -159,12 +160,18 @@ class TextToVideo:
     def from_config(cls, config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32,
                     vae_dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu") -> TextToVideo:
-        """Random weights (PyTorch's default init, seeded): output is noise-like."""
-        torch.manual_seed(seed)
+        """Random weights (PyTorch's default init): output is noise-like. Each component is
+        drawn from its own seed (text encoder `seed`, UNet `seed + 1`, VAE `seed + 2`), so
+        changing one component's config leaves the others' initial weights as they were."""
+        def seeded(offset: int, build):
+            torch.manual_seed(seed + offset)
+            return build()
+
         return cls(config,
-                   TextEncoder(config.text_encoder).to(device, dtype).eval(),
-                   UNet3D(config.unet).to(device, dtype).eval(),
-                   AutoencoderKL(config.vae).to(device, vae_dtype or dtype).eval())
+                   seeded(0, lambda: TextEncoder(config.text_encoder)).to(device, dtype).eval(),
+                   seeded(1, lambda: UNet3D(config.unet)).to(device, dtype).eval(),
+                   seeded(2, lambda: AutoencoderKL(config.vae)).to(device, vae_dtype or dtype
+                                                                   ).eval())
 
     def load_lora(self, path, scale: float = 1.0) -> list[str]:
         """Merge a LoRA file into the UNet (and text encoder): t2v's own (`python -m t2v.train`),
@@ -329,15 +336,18 @@ class TextToVideo:
         return latents.to(self.device, self.dtype)
 
     def guided_denoiser(self, context: torch.Tensor, guidance_scale: float,
-                        frame_chunk: int | None, guidance_rescale: float = 0.0
+                        frame_chunk: int | None, guidance_rescale: float = 0.0,
+                        deep_cache: DeepCache | None = None
                         ) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """eps(x, t) = u + g (c - u) from one UNet call on [x, x] (g > 1), rescaled by
-        t2v.guidance.guide if guidance_rescale > 0; else the UNet."""
+        t2v.guidance.guide if guidance_rescale > 0; else the UNet. `deep_cache`: the UNet
+        calls go through DeepCache (t2v.deep_cache)."""
         guided = guidance_scale > 1.0
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
             model_input = torch.cat([x, x]) if guided else x
-            eps = self.unet(model_input, t, context, frame_chunk=frame_chunk or 0)  # 0: none
+            eps = self.unet(model_input, t, context, frame_chunk=frame_chunk or 0,  # 0: none
+                            deep_cache=deep_cache)
             if not guided:
                 return eps
             uncond, cond = eps.chunk(2)
@@ -368,6 +378,7 @@ class TextToVideo:
                  init_weights: tuple[float, ...] | list[float] | None = None,
                  continue_from=None, continue_frames: int = 4,
                  prompt_weighting: bool = False, prompt_schedule: str | dict | None = None,
+                 cache_interval: int = 1,
                  callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
@@ -403,6 +414,8 @@ class TextToVideo:
         `guidance_rescale` (t2v.guidance), `freeu` (b1, b2, s1, s2; t2v.freeu) and
         `free_init` (passes or a FreeInit; t2v.freeinit) default to what
         enable_freeu / enable_free_init set (off).
+        `cache_interval` N > 1: DeepCache, a full UNet call every N calls and shallow ones
+        reusing its deep features between (t2v.deep_cache; an approximation, opt-in).
         `guidance_parallel`: the unconditional pass on rank 0, the conditional one on rank 1 of
         a 2-process group, combined every step (t2v.guidance_parallel); every rank calls with
         the same arguments and gets the same result (a seed is shared if none is given).
@@ -440,6 +453,10 @@ class TextToVideo:
                             "with init_video (video-to-video)")
         if free_init is not None and init_video is not None:
             raise UserError("free_init applies to text-to-video only, not with init_video")
+        deep_cache = DeepCache(cache_interval) if cache_interval != 1 else None
+        if deep_cache is not None and (window is not None or guidance_parallel):
+            raise UserError("cache_interval (DeepCache) does not combine with windowed sampling "
+                            "or guidance_parallel yet; use cache_interval=1 with them")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         schedule = None
         if prompt_schedule is not None:  # one video; its keyframes' prompts encoded together
@@ -487,7 +504,8 @@ class TextToVideo:
             if guidance_parallel:
                 return cfg_parallel.guided_denoiser(self.unet, context, guidance_scale,
                                                     frame_chunk, guidance_rescale)
-            return self.guided_denoiser(context, guidance_scale, frame_chunk, guidance_rescale)
+            return self.guided_denoiser(context, guidance_scale, frame_chunk, guidance_rescale,
+                                        deep_cache)
 
         if schedule is None:
             denoise = denoiser_for(context)
@@ -505,6 +523,8 @@ class TextToVideo:
                     x = reinitialize(x, initial_noise, self.schedule.alphas_cumprod, free_init,
                                      generator)
                 pass_steps = free_init.steps_of_pass(steps, k) if free_init else steps
+                if deep_cache is not None:
+                    deep_cache.reset()  # each pass starts with a full UNet call
                 on_step = callback
                 if anchor is not None:
                     x, on_step = self._anchored(anchor, x, sampler, pass_steps, spacing,

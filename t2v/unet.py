@@ -25,6 +25,7 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from t2v.config import UNetConfig
+from t2v.deep_cache import DeepCache
 from t2v.freeu import FreeU
 from t2v.freeu import apply as freeu_apply
 from t2v.layers import attention, geglu, linear
@@ -437,10 +438,11 @@ class UNet3D(nn.Module):
         return block(*args, **kwargs)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float,
-                context: torch.Tensor, frame_chunk: int | None = None) -> torch.Tensor:
+                context: torch.Tensor, frame_chunk: int | None = None,
+                deep_cache: DeepCache | None = None) -> torch.Tensor:
         """`frame_chunk` for this call (None: the `frame_chunk` attribute; 0: no chunks):
         per-frame layers run on at most this many frames of a sample at a time; results are
-        unchanged."""
+        unchanged. `deep_cache`: DeepCache's reuse of the deep features (t2v.deep_cache)."""
         if x.ndim != 5 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"UNet3D: x must be (batch, {self.cfg.in_channels}, frames, height, "
                              f"width), got {tuple(x.shape)}")
@@ -470,6 +472,17 @@ class UNet3D(nn.Module):
         chunk = self.frame_chunk if frame_chunk is None else (frame_chunk or None)
         x = self.transformer_in(self.conv_in(x), num_frames, chunk)
         skips = [x]
+        last = self.up_blocks[-1]
+        if deep_cache is not None and deep_cache.reuse(x.shape[0]):
+            # Shallow call: down block 0's layers, then the last up block on the kept features.
+            first = self.down_blocks[0]
+            for i in range(len(first.resnets)):
+                x = first.layer(i, x, emb, context, num_frames, chunk)
+                skips.append(x)
+            x = self._run(last, deep_cache.features, skips, emb, context, num_frames, None,
+                          chunk, freeu=self.freeu)
+            x = self.conv_out(F.silu(self.conv_norm_out(x)))
+            return rearrange(x, "(b f) c h w -> b c f h w", b=b).contiguous()
         for block in self.down_blocks:
             x, block_skips = self._run(block, x, emb, context, num_frames, chunk)
             skips += block_skips
@@ -479,6 +492,8 @@ class UNet3D(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size: latent sizes need not be multiples of 2^levels.
             size = tuple(skips[-1].shape[-2:]) if skips else None
+            if block is last and deep_cache is not None:
+                deep_cache.features = x
             x = self._run(block, x, block_skips, emb, context, num_frames, size, chunk,
                           freeu=self.freeu)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))

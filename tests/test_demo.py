@@ -285,3 +285,29 @@ def test_synthetic_writer_makes_a_folder_the_trainer_reads(tmp_path, capsys):
     assert (p.colour, p.direction) == (a.colour, a.motion)  # survives H.264
     assert rendered.shape == (8, 32, 32, 3)
     assert main([str(folder), "--count", "1"]) == 2  # not empty: refused
+
+
+def test_quality_grid_measures_the_tools(tmp_path, capsys):
+    """python -m t2v.quality_grid, shortened: the tool measurements on one video each (the
+    kept first frame and the repeated frames of a continuation are close to their sources;
+    a plain video's first frame is not), and grid.md from the reports."""
+    from t2v.quality_grid import (first_frame_and_continuation, grid_markdown, main, psnr,
+                                  prompt_travel)
+    from t2v.synthetic import render
+
+    pipe = load_demo_pipeline(DEMO_SOURCE)
+    first = first_frame_and_continuation(pipe, videos=1, steps=4)
+    from t2v.quality_grid import COMMON, INIT_SEED, TRAINED
+    clip = render(TRAINED[0], np.random.default_rng(INIT_SEED))
+    plain = pipe(TRAINED[0].caption, num_frames=8, seed=INIT_SEED,
+                 **{**COMMON, "steps": 4}).frames[0].numpy()
+    control = psnr(plain[0], clip[0])
+    assert first["init_frame0_psnr_db"] > control + 6, (first, control)
+    assert first["continue_overlap_psnr_db"] > control + 6, (first, control)
+    travel = prompt_travel(pipe, videos=1, frames=16, switch=8, steps=4)
+    assert {"windows_matching_schedule", "before_switch", "after_switch",
+            "control_first_prompt_only"} <= set(travel)
+    text = grid_markdown([], {"prompt_travel": travel, "first_frame": first})
+    assert "| colour switch at frame 8 of 16 | 1 |" in text and "init_image" in text
+    assert main(["--out", str(tmp_path / "q"), "--only", "nothing"]) == 2  # unknown row
+    assert "invalid choice" in capsys.readouterr().err

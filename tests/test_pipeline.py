@@ -295,6 +295,23 @@ def test_from_config_builds_random_pipeline():
     assert out.frames.shape == (1, 2, 64, 64, 3) and out.frames.dtype == torch.uint8
 
 
+def test_from_config_seeds_each_component_on_its_own():
+    """Changing the text encoder's shape leaves the UNet's and the VAE's initial weights as
+    they were (the demo recipe changed its text encoder and silently got another VAE)."""
+    import dataclasses
+
+    from t2v.config import load_config
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").model
+    other = dataclasses.replace(cfg, text_encoder=dataclasses.replace(
+        cfg.text_encoder, context_length=16, layers=cfg.text_encoder.layers + 1))
+    a, b = TextToVideo.from_config(cfg, seed=5), TextToVideo.from_config(other, seed=5)
+    for name in ("unet", "vae"):
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+    c = TextToVideo.from_config(cfg, seed=6)
+    assert not torch.equal(a.vae.encoder.conv_in.weight, c.vae.encoder.conv_in.weight)
+
+
 def test_seed_rules(components):
     """seed and generator together are refused; with latents the seed still seeds the later
     draws, so DDIM with eta > 0 is reproducible (it used the global RNG before)."""

@@ -1,0 +1,103 @@
+"""DeepCache (t2v/deep_cache.py): exact where it must be, an approximation where it may be."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import TINY, inputs, randomize_
+from t2v.config import load_config
+from t2v.deep_cache import DeepCache
+from t2v.errors import UserError
+from t2v.pipeline import TextToVideo
+from t2v.unet import UNet3D
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return randomize_(UNet3D(TINY), seed=3).eval()
+
+
+@torch.no_grad()
+def test_interval_one_is_the_plain_unet(unet):
+    x, context = inputs(2, 3, (8, 8))
+    cache = DeepCache(1)
+    for t in (900, 500):
+        assert torch.equal(unet(x, t, context, deep_cache=cache), unet(x, t, context))
+    assert cache.full_calls == 2
+
+
+@torch.no_grad()
+def test_a_reused_call_on_the_same_inputs_gives_the_full_output(unet):
+    """The shallow path recomputes the high-resolution branch from the kept deep features: on
+    the inputs of the full call it must return the full output, bit for bit."""
+    x, context = inputs(2, 3, (8, 8))
+    cache = DeepCache(2)
+    full = unet(x, 700, context, deep_cache=cache)
+    reused = unet(x, 700, context, deep_cache=cache)
+    assert cache.full_calls == 1 and cache.calls == 2
+    assert torch.equal(full, unet(x, 700, context))
+    assert torch.equal(reused, full)
+
+
+@torch.no_grad()
+def test_reused_calls_approximate_and_refresh_on_schedule(unet):
+    x, context = inputs(2, 3, (8, 8))
+    x2 = x + 0.05 * torch.randn_like(x)
+    cache = DeepCache(3)
+    unet(x, 700, context, deep_cache=cache)
+    approx = unet(x2, 680, context, deep_cache=cache)
+    exact = unet(x2, 680, context)
+    # Not the full output (deep features are from the previous input), but close to it.
+    diff = (approx - exact).abs().max() / exact.abs().max()
+    assert 0 < diff < 0.5
+    unet(x2, 660, context, deep_cache=cache)  # call 3: still shallow
+    assert cache.full_calls == 1
+    assert torch.equal(unet(x2, 640, context, deep_cache=cache), unet(x2, 640, context))
+    assert cache.full_calls == 2
+    # Another batch size cannot reuse the kept features: that call runs in full.
+    cache.calls = 1
+    assert torch.equal(unet(x2[:1], 640, context[:1], deep_cache=cache),
+                       unet(x2[:1], 640, context[:1]))
+    cache.reset()
+    assert cache.features is None and cache.calls == 0
+
+
+def test_interval_is_checked():
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(UserError, match="cache_interval"):
+            DeepCache(bad)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    pipe = TextToVideo.from_config(cfg.model, seed=0)
+    randomize_(pipe.unet, seed=4)
+    return pipe
+
+
+def test_pipeline_cache_interval(pipe):
+    calls = []
+    handle = pipe.unet.up_blocks[0].register_forward_hook(lambda *a: calls.append(1))
+    kwargs = dict(num_frames=3, height=32, width=32, steps=6, sampler="dpmsolver++", seed=1,
+                  output="latents", progress=False)
+    try:
+        plain = pipe("a red circle", **kwargs).frames
+        assert len(calls) == 6
+        assert torch.equal(pipe("a red circle", cache_interval=1, **kwargs).frames, plain)
+        calls.clear()
+        cached = pipe("a red circle", cache_interval=3, **kwargs).frames
+        assert len(calls) == 2  # the deep blocks ran at steps 1 and 4 only
+        assert not torch.equal(cached, plain)
+        assert (cached - plain).abs().max() < plain.abs().max()
+        calls.clear()
+        pipe("a red circle", cache_interval=3, free_init=2, **kwargs)
+        assert len(calls) == 4  # each FreeInit pass starts with a full call
+    finally:
+        handle.remove()
+    with pytest.raises(UserError, match="windowed"):
+        pipe("a red circle", cache_interval=2, window=2, window_overlap=1,
+             **{**kwargs, "num_frames": 4})
