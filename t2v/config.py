@@ -216,7 +216,7 @@ class SampleConfig:
     guidance_parallel: bool = False
     freeu: tuple[float, ...] | None = None
     # DeepCache (t2v/deep_cache.py): a full UNet call every N calls, shallow ones reusing its
-    # deep features between; 1: off. An approximation (docs/quality.md measures it).
+    # deep features between; 1: off. An approximation (docs/sampling-tools.md).
     cache_interval: int = 1
     free_init: FreeInitConfig = field(default_factory=lambda: FreeInitConfig())
 

@@ -12,8 +12,8 @@ highest resolution, after the deeper blocks and the upsample); the N - 1 calls b
 t2v.unet.UNet3D.forward does this when given a DeepCache. With N = 1 every call is full and the
 output is the plain UNet's; a reused call on the same inputs as the full call before it gives
 the full output exactly (tests/test_deep_cache.py). It is an approximation otherwise: its cost
-in prompt-following accuracy is measured on the demo model (docs/quality.md), its speed by
-`python -m t2v.bench.deep_cache` (docs/performance.md).
+in prompt-following accuracy is measured on the demo model (`python -m t2v.quality_grid`), its
+speed by `python -m t2v.bench.deep_cache`.
 
 A cache belongs to one sequence of UNet calls on latents of one shape: the pipeline makes one
 per run, resets it at each FreeInit pass, and refuses it with windowed sampling (each window
@@ -35,6 +35,7 @@ class DeepCache:
     calls: int = 0  # UNet calls so far
     full_calls: int = 0
     features: torch.Tensor | None = field(default=None, repr=False)
+    key: tuple | None = None  # what the features were computed for (UNet3D.forward's input)
 
     def __post_init__(self):
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) \
@@ -42,15 +43,18 @@ class DeepCache:
             raise UserError(f"cache_interval must be an integer >= 1 (1: off), got "
                             f"{self.interval!r}")
 
-    def reuse(self, batch_frames: int) -> bool:
-        """Whether this call may run shallow: not a refresh call, and features of the same
-        (batch x frames) kept. Counts the call."""
+    def reuse(self, key: tuple) -> bool:
+        """Whether this call may run shallow: not a refresh call, and features kept for the
+        same `key` (shape, frames, dtype, device of the input). Counts the call."""
         due = self.calls % self.interval == 0
         self.calls += 1
-        ok = not due and self.features is not None and self.features.shape[0] == batch_frames
+        ok = not due and self.features is not None and self.key == key
         self.full_calls += not ok
         return ok
 
+    def keep(self, features: torch.Tensor, key: tuple) -> None:
+        self.features, self.key = features, key
+
     def reset(self) -> None:
         """Start over (a new sampling pass): the next call is full."""
-        self.calls, self.features = 0, None
+        self.calls, self.features, self.key = 0, None, None

@@ -473,7 +473,8 @@ class UNet3D(nn.Module):
         x = self.transformer_in(self.conv_in(x), num_frames, chunk)
         skips = [x]
         last = self.up_blocks[-1]
-        if deep_cache is not None and deep_cache.reuse(x.shape[0]):
+        cache_key = (tuple(x.shape), num_frames, x.dtype, x.device)
+        if deep_cache is not None and deep_cache.reuse(cache_key):
             # Shallow call: down block 0's layers, then the last up block on the kept features.
             first = self.down_blocks[0]
             for i in range(len(first.resnets)):
@@ -493,7 +494,7 @@ class UNet3D(nn.Module):
             # Upsample to the next skip's size: latent sizes need not be multiples of 2^levels.
             size = tuple(skips[-1].shape[-2:]) if skips else None
             if block is last and deep_cache is not None:
-                deep_cache.features = x
+                deep_cache.keep(x, cache_key)
             x = self._run(block, x, block_skips, emb, context, num_frames, size, chunk,
                           freeu=self.freeu)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -488,8 +488,8 @@ def test_guidance_rescale_reaches_the_sampler(components):
     calls = []
     original = ours.unet.forward
 
-    def spy(x, t, context, frame_chunk=None):
-        out = original(x, t, context, frame_chunk)
+    def spy(x, t, context, frame_chunk=None, deep_cache=None):
+        out = original(x, t, context, frame_chunk, deep_cache)
         calls.append(guide(*out.chunk(2), 9.0, 0.7))
         return out
 

@@ -13,14 +13,12 @@ noise (docs/performance.md) is a candidate for removal.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 
 import torch
 
 from t2v import layers
-from t2v.bench.common import alternate, set_flush_denormal
+from t2v.bench.common import alternate, case_main, set_flush_denormal
 from t2v.bench.unet import CASES, build_pair
 from t2v.config import UNetConfig
 
@@ -77,18 +75,7 @@ def run(case: str = "a", repeat: int = 3) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=list(CASES), default="a")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--json", default=None, help="write the results here")
-    args = parser.parse_args()
-    result = run(args.case, args.repeat)
-    if args.json:
-        from pathlib import Path
-
-        from t2v.video_io import atomic_path
-        with atomic_path(Path(args.json), overwrite=False) as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
+    case_main(__doc__.splitlines()[0], run, CASES)
 
 
 if __name__ == "__main__":

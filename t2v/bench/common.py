@@ -70,3 +70,23 @@ def report_line(what: str, seconds: dict[str, float]) -> str:
     ratio = seconds["diffusers"] / seconds["t2v"]
     return (f"{what}: t2v {seconds['t2v']:.3f}s, diffusers {seconds['diffusers']:.3f}s, "
             f"speedup {ratio:.2f}x")
+
+
+def case_main(description: str, run: Callable[[str, int], dict], cases) -> None:
+    """The command line of a benchmark that takes a case and a repeat count: runs it, writes
+    the result as JSON with --json (never over an existing file)."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from t2v.video_io import atomic_path
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--case", choices=list(cases), default="a")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args()
+    result = run(args.case, args.repeat)
+    if args.json:
+        with atomic_path(Path(args.json), overwrite=False) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))

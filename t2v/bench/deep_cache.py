@@ -9,7 +9,7 @@ video: the UNet calls of `--steps` steps with a full call every N, from the per-
 (the sampler's own arithmetic is < 0.1% of a step); `--loop-steps K` also runs the real
 DPM-Solver++ loop of K steps at each N and reports its measured ratio, to check the model.
 Quality (prompt-following accuracy at N = 2, 3, 5) is measured on the demo model by
-`python -m t2v.quality_grid` (docs/quality.md).
+`python -m t2v.quality_grid`.
 """
 
 from __future__ import annotations
