@@ -437,6 +437,23 @@ class UNet3D(nn.Module):
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)
 
+    def _full_path(self, x, skips, emb, context, num_frames, chunk, deep_cache, cache_key):
+        """Down blocks, mid block, up blocks; keeps the last up block's input in `deep_cache`."""
+        for block in self.down_blocks:
+            x, block_skips = self._run(block, x, emb, context, num_frames, chunk)
+            skips += block_skips
+        x = self._run(self.mid_block, x, emb, context, num_frames, chunk)
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            # Upsample to the next skip's size: latent sizes need not be multiples of 2^levels.
+            size = tuple(skips[-1].shape[-2:]) if skips else None
+            if block is self.up_blocks[-1] and deep_cache is not None:
+                deep_cache.keep(x, cache_key)
+            x = self._run(block, x, block_skips, emb, context, num_frames, size, chunk,
+                          freeu=self.freeu)
+        return x
+
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float,
                 context: torch.Tensor, frame_chunk: int | None = None,
                 deep_cache: DeepCache | None = None) -> torch.Tensor:
@@ -472,7 +489,6 @@ class UNet3D(nn.Module):
         chunk = self.frame_chunk if frame_chunk is None else (frame_chunk or None)
         x = self.transformer_in(self.conv_in(x), num_frames, chunk)
         skips = [x]
-        last = self.up_blocks[-1]
         cache_key = (tuple(x.shape), num_frames, x.dtype, x.device)
         if deep_cache is not None and deep_cache.reuse(cache_key):
             # Shallow call: down block 0's layers, then the last up block on the kept features.
@@ -480,22 +496,9 @@ class UNet3D(nn.Module):
             for i in range(len(first.resnets)):
                 x = first.layer(i, x, emb, context, num_frames, chunk)
                 skips.append(x)
-            x = self._run(last, deep_cache.features, skips, emb, context, num_frames, None,
-                          chunk, freeu=self.freeu)
-            x = self.conv_out(F.silu(self.conv_norm_out(x)))
-            return rearrange(x, "(b f) c h w -> b c f h w", b=b).contiguous()
-        for block in self.down_blocks:
-            x, block_skips = self._run(block, x, emb, context, num_frames, chunk)
-            skips += block_skips
-        x = self._run(self.mid_block, x, emb, context, num_frames, chunk)
-        for block in self.up_blocks:
-            n = len(block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            # Upsample to the next skip's size: latent sizes need not be multiples of 2^levels.
-            size = tuple(skips[-1].shape[-2:]) if skips else None
-            if block is last and deep_cache is not None:
-                deep_cache.keep(x, cache_key)
-            x = self._run(block, x, block_skips, emb, context, num_frames, size, chunk,
-                          freeu=self.freeu)
+            x = self._run(self.up_blocks[-1], deep_cache.features, skips, emb, context,
+                          num_frames, None, chunk, freeu=self.freeu)
+        else:
+            x = self._full_path(x, skips, emb, context, num_frames, chunk, deep_cache, cache_key)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))
         return rearrange(x, "(b f) c h w -> b c f h w", b=b).contiguous()
