@@ -7,9 +7,8 @@ What is compiled and why (measured on this project's CPU, docs/performance.md):
 - ResBlocks and temporal convolutions (GroupNorm -> SiLU -> convolution chains): inductor fuses
   the norms and activations and, with `freezing`, prepacks the convolution weights into
   oneDNN's blocked layout once instead of on every call: 20-25% faster on those blocks.
-- Transformers stay eager: their time is in linear layers, which t2v already runs through
-  oneDNN with fused epilogues (t2v.layers); inductor's frozen linears go to MKL (half the rate
-  on AMD) with static shapes and are no faster than eager with dynamic ones.
+- Transformers stay eager: their time is in linear layers, and inductor's frozen linears were
+  no faster than eager ones (slower with static shapes).
 - Compiling the whole UNet at once did not finish in 11 minutes here; per-block graphs take
   a few seconds each.
 

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from t2v.config import TextEncoderConfig
-from t2v.layers import attention, linear
+from t2v.layers import attention
 
 
 class SelfAttention(nn.Module):
@@ -31,10 +31,9 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        out = attention(linear(self.q_proj, x), linear(self.k_proj, x), linear(self.v_proj, x),
-                        self.heads, causal=True)
-        return linear(self.out_proj, out, residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True)
+        return self.out_proj(out)
 
 
 class MLP(nn.Module):
@@ -43,9 +42,8 @@ class MLP(nn.Module):
         self.fc1 = nn.Linear(width, hidden)
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        # exact (erf) GELU, not QuickGELU
-        return linear(self.fc2, F.gelu(linear(self.fc1, x)), residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))  # exact (erf) GELU, not QuickGELU
 
 
 class Block(nn.Module):
@@ -59,8 +57,8 @@ class Block(nn.Module):
         self.mlp = MLP(width, mlp_width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.self_attn(self.layer_norm1(x), residual=x)
-        return self.mlp(self.layer_norm2(x), residual=x)
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
 
 
 class Embeddings(nn.Module):

@@ -28,7 +28,7 @@ from t2v.config import UNetConfig
 from t2v.deep_cache import DeepCache
 from t2v.freeu import FreeU
 from t2v.freeu import apply as freeu_apply
-from t2v.layers import attention, geglu, linear
+from t2v.layers import attention
 
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm at the entry of spatial and temporal transformers
 LAYER_NORM_EPS = 1e-5  # LayerNorms inside transformer blocks
@@ -60,26 +60,10 @@ def in_frame_chunks(layer, x: torch.Tensor, rows: torch.Tensor, context: torch.T
         for s in range(start, start + num_frames, chunk):
             part = slice(s, min(s + chunk, start + num_frames))
             y = layer(x[part], rows[part], context[start // num_frames][None])
-            if out is None:  # in the chunk's memory format (channels-last stays so)
-                out = torch.empty((x.shape[0],) + y.shape[1:], dtype=y.dtype, device=y.device,
-                                  memory_format=memory_format(y))
+            if out is None:
+                out = torch.empty((x.shape[0],) + y.shape[1:], dtype=y.dtype, device=y.device)
             out[part] = y
     return out
-
-
-def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last if a 4-D x is laid out so (and not also plain contiguous), else contiguous."""
-    if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def frames_last(y: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(b h w) f c -> (b f) c h w, laid out channels-last ((b f) h w c in memory): the layout
-    of the UNet's activations, so the residual add that follows reads both sides in order."""
-    n, f, c = y.shape
-    y = y.view(n // (h * w), h, w, f, c).permute(0, 3, 1, 2, 4).contiguous()
-    return y.view(-1, h, w, c).permute(0, 3, 1, 2)
 
 
 class TimestepMLP(nn.Module):
@@ -91,7 +75,7 @@ class TimestepMLP(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.linear_2, F.silu(linear(self.linear_1, x)))
+        return self.linear_2(F.silu(self.linear_1(x)))
 
 
 class ResBlock(nn.Module):
@@ -152,9 +136,7 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # diffusers' key: to_out.0
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention output, plus `residual` if given (fused into the output projection)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None:
             context = x
         elif context.shape[0] != x.shape[0]:
@@ -162,14 +144,11 @@ class Attention(nn.Module):
             # Queries of all frames attend to the same keys, so fold the frames into the query
             # axis instead of repeating the context F times: K/V are projected once per sample.
             frames = x.shape[0] // context.shape[0]
-            q = rearrange(linear(self.to_q, x), "(b f) n c -> b (f n) c", f=frames)
-            out = attention(q, linear(self.to_k, context), linear(self.to_v, context),
-                            self.heads)
-            out = rearrange(out, "b (f n) c -> (b f) n c", f=frames)
-            return linear(self.to_out[0], out, residual)
-        out = attention(linear(self.to_q, x), linear(self.to_k, context),
-                        linear(self.to_v, context), self.heads)
-        return linear(self.to_out[0], out, residual)
+            q = rearrange(self.to_q(x), "(b f) n c -> b (f n) c", f=frames)
+            out = attention(q, self.to_k(context), self.to_v(context), self.heads)
+            return self.to_out[0](rearrange(out, "b (f n) c -> (b f) n c", f=frames))
+        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        return self.to_out[0](out)
 
 
 class GEGLU(nn.Module):
@@ -180,7 +159,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim, 2 * hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return geglu(self.proj, x)
+        a, gate = self.proj(x).chunk(2, dim=-1)
+        return a * F.gelu(gate)
 
 
 class FeedForward(nn.Module):
@@ -190,8 +170,8 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(dim, mult * dim), nn.Identity(),
                                   nn.Linear(mult * dim, dim)])
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return linear(self.net[2], self.net[1](self.net[0](x)), residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[1](self.net[0](x)))
 
 
 class TransformerBlock(nn.Module):
@@ -208,9 +188,9 @@ class TransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), residual=x)
-        x = self.attn2(self.norm2(x), context, residual=x)
-        return self.ff(self.norm3(x), residual=x)
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
 
 
 class SpatialTransformer(nn.Module):
@@ -227,11 +207,9 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        # Free views when x is channels-last (the UNet's layout): n c h w is n h w c in memory.
         y = rearrange(self.norm(x), "n c h w -> n (h w) c")
-        y = self.transformer_blocks[0](linear(self.proj_in, y), context)
-        y = linear(self.proj_out, y, residual=rearrange(x, "n c h w -> n (h w) c"))
-        return rearrange(y, "n (h w) c -> n c h w", h=h, w=w)
+        y = self.proj_out(self.transformer_blocks[0](self.proj_in(y), context))
+        return x + rearrange(y, "n (h w) c -> n c h w", h=h, w=w)
 
 
 class TemporalTransformer(nn.Module):
@@ -258,9 +236,10 @@ class TemporalTransformer(nn.Module):
         y = rearrange(y, "b c f h w -> (b h w) f c")
         step = len(y) if chunk is None else max(1, chunk * h * w // num_frames)
         block = self.transformer_blocks[0]
-        parts = [linear(self.proj_out, block(linear(self.proj_in, y[i:i + step])))
+        parts = [self.proj_out(block(self.proj_in(y[i:i + step])))
                  for i in range(0, len(y), step)]
-        return x + frames_last(torch.cat(parts) if len(parts) > 1 else parts[0], h, w)
+        y = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return x + rearrange(y, "(b h w) f c -> (b f) c h w", h=h, w=w)
 
 
 class Downsample(nn.Module):
@@ -393,13 +372,6 @@ class UNet3D(nn.Module):
         # on at most this many frames of a sample at a time, temporal transformers on groups of
         # positions of the same size. None: all at once. Results are unchanged.
         self.frame_chunk: int | None = None
-        # Activations live channels-last ((b f) h w c in memory): oneDNN's convolutions are
-        # 1.2-1.7x faster so, the temporal Conv3d sees a channels-last 3-D view for free, and
-        # the transformers' token layout (n, h*w, c) is a view. The weights stay contiguous
-        # (state_dict() saves as is), so each convolution relays its weight per call (3.3 GB
-        # per full-size step; all copies together are 2.3% of the default workload's time).
-        # False: plain NCHW activations (same maths).
-        self.channels_last = True
         # FreeU's factors (t2v.freeu), applied in the two lowest-resolution up blocks; None: off.
         self.freeu: FreeU | None = None
 
@@ -484,8 +456,6 @@ class UNet3D(nn.Module):
         emb = emb.repeat_interleave(num_frames, dim=0)
 
         x = rearrange(x, "b c f h w -> (b f) c h w")
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         chunk = self.frame_chunk if frame_chunk is None else (frame_chunk or None)
         x = self.transformer_in(self.conv_in(x), num_frames, chunk)
         skips = [x]

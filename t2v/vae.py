@@ -22,7 +22,7 @@ from einops import rearrange
 from tqdm.auto import tqdm
 
 from t2v.config import VAEConfig
-from t2v.layers import attention, linear
+from t2v.layers import attention
 from t2v.noise import randn
 
 LOGVAR_RANGE = (-30.0, 20.0)  # the references clamp the encoder's log-variance to this
@@ -60,8 +60,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         y = rearrange(self.group_norm(x), "n c h w -> n (h w) c")
-        y = linear(self.to_out[0], attention(linear(self.to_q, y), linear(self.to_k, y),
-                                             linear(self.to_v, y), heads=1))
+        y = self.to_out[0](attention(self.to_q(y), self.to_k(y), self.to_v(y), heads=1))
         return x + rearrange(y, "n (h w) c -> n c h w", h=h, w=w)
 
 

@@ -55,30 +55,3 @@ def test_benchmark_models_have_no_zero_layers():
         assert torch.equal(p, reference.state_dict()[name]), name
     default = UNet3DConditionModel(**diffusers_unet_kwargs(cfg))
     assert zero_parameters(default)  # the control: what the old benchmark timed
-
-
-def test_ablation_switches_change_the_path_not_the_maths():
-    """t2v.bench.ablation's variants: each switch takes its code path away (oneDNN linear,
-    fused GEGLU, channels-last) and the UNet's output stays the same."""
-    import torch.nn as nn
-
-    from helpers import PARITY_TOL, TINY, inputs, max_rel_diff, randomize_
-    from t2v import layers
-    from t2v.bench.ablation import switched
-    from t2v.unet import UNet3D
-
-    probe = nn.Linear(8, 8)
-    with torch.no_grad():
-        assert layers._use_onednn(probe, torch.randn(2, 8)) == \
-            (layers._LINEAR_POINTWISE is not None)
-        with switched(layers, "ONEDNN_LINEAR", False):
-            assert not layers._use_onednn(probe, torch.randn(2, 8))
-        unet = randomize_(UNet3D(TINY)).eval()
-        x, context = inputs(1, 3, (8, 8))
-        expected = unet(x, 500, context)
-        for module, name in ((layers, "ONEDNN_LINEAR"), (layers, "FUSED_GEGLU"),
-                             (unet, "channels_last")):
-            with switched(module, name, False):
-                assert getattr(module, name) is False
-                assert max_rel_diff(unet(x, 500, context), expected) < PARITY_TOL, name
-            assert getattr(module, name) is True

@@ -24,7 +24,6 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from t2v.bench.common import alternate, set_flush_denormal, trained_like_
 from t2v.config import UNetConfig
-from t2v.layers import _LINEAR_POINTWISE
 from t2v.unet import UNet3D
 
 CASES = {"a": (2, 8, 16), "b": (2, 16, 32)}  # batch, frames, latent size
@@ -32,11 +31,13 @@ CASES = {"a": (2, 8, 16), "b": (2, 16, 32)}  # batch, frames, latent size
 
 def matmul_gflops(n: int = 4096, repeat: int = 3) -> dict[str, float]:
     """Best rate of an n x n fp32 matmul through MKL (`torch.mm`, what `F.linear` uses) and,
-    where available, through oneDNN (what t2v's linear layers use on CPU)."""
+    where available, through oneDNN (`torch.ops.mkldnn._linear_pointwise`: inductor's CPU
+    linear)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     kernels = {"mkl": lambda: a @ b}
-    if _LINEAR_POINTWISE is not None:
-        kernels["onednn"] = lambda: _LINEAR_POINTWISE(a, b, None, "none", [], "")
+    onednn = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if onednn is not None:
+        kernels["onednn"] = lambda: onednn(a, b, None, "none", [], "")
     rates = {}
     for name, fn in kernels.items():
         fn()
@@ -50,9 +51,8 @@ def matmul_gflops(n: int = 4096, repeat: int = 3) -> dict[str, float]:
 
 
 def count_flops(model, *args) -> int:
-    """FLOPs of one call, counted on the plain aten ops (oneDNN's fused linear is not known to
-    the counter, so it is switched off while counting; the maths is the same)."""
-    with torch.backends.mkldnn.flags(enabled=False), FlopCounterMode(display=False) as counter:
+    """FLOPs of one call, counted on the aten ops (`torch.utils.flop_counter`)."""
+    with FlopCounterMode(display=False) as counter:
         model(*args)
     return counter.get_total_flops()
 
