@@ -55,3 +55,22 @@ def test_benchmark_models_have_no_zero_layers():
         assert torch.equal(p, reference.state_dict()[name]), name
     default = UNet3DConditionModel(**diffusers_unet_kwargs(cfg))
     assert zero_parameters(default)  # the control: what the old benchmark timed
+
+
+def test_end_to_end_times_a_process_and_its_first_step():
+    """t2v.bench.end_to_end's timer: wall time to exit, the first step at the progress bar's
+    `0/N`, and a failing command raises with its stderr."""
+    import sys
+
+    import pytest
+
+    from t2v.bench.end_to_end import timed
+
+    script = ("import sys, time; time.sleep(0.3); sys.stderr.write('sampling:   0/5 [00:00]');"
+              "sys.stderr.flush(); time.sleep(0.3)")
+    seconds = timed([sys.executable, "-c", script], steps=5)
+    assert 0.3 <= seconds["to_first_step"] < seconds["wall"]
+    assert seconds["wall"] >= 0.6
+    assert timed([sys.executable, "-c", "pass"], steps=5)["to_first_step"] is None
+    with pytest.raises(RuntimeError, match="boom"):
+        timed([sys.executable, "-c", "raise SystemExit('boom')"], steps=5)
