@@ -95,7 +95,8 @@ def guided_denoiser(unet: torch.nn.Module, context: torch.Tensor, guidance_scale
     part = context.chunk(RANKS)[dist.get_rank(group)]  # rank 0 uncond, rank 1 cond
 
     def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-        uncond, cond = gather(unet(x, t, part, frame_chunk=frame_chunk or 0), group)
+        eps = unet(x.to(unet.conv_in.weight.dtype), t, part, frame_chunk=frame_chunk or 0)
+        uncond, cond = gather(eps.to(x.dtype), group)
         return guide(uncond, cond, guidance_scale, guidance_rescale)
 
     return denoise

@@ -196,6 +196,13 @@ class TextToVideo:
     def dtype(self) -> torch.dtype:
         return self.unet.conv_in.weight.dtype
 
+    @property
+    def latent_dtype(self) -> torch.dtype:
+        """The sampler state's dtype: float32 when the UNet runs in float16 or bfloat16 (each
+        UNet call gets its input in the UNet's dtype, the update x_t -> x_t-1 and guidance
+        happen in float32), else the UNet's."""
+        return torch.promote_types(self.dtype, torch.float32)
+
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str], weighted: bool = False,
                       min_chunks: int = 1) -> torch.Tensor:
@@ -321,7 +328,7 @@ class TextToVideo:
                         latents: torch.Tensor | None, window: int | None, window_overlap: int,
                         freenoise: bool) -> torch.Tensor:
         """x_T: the given latents, or N(0, I) from the generator(s) (FreeNoise-rescheduled
-        for windowed runs), on the device in the UNet's dtype."""
+        for windowed runs), on the device in `latent_dtype`."""
         if latents is None:
             latents = randn(shape, generator)
             num_frames = shape[2]
@@ -333,7 +340,7 @@ class TextToVideo:
                                          generators)])
         elif tuple(latents.shape) != shape:
             raise UserError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        return latents.to(self.device, self.dtype)
+        return latents.to(self.device, self.latent_dtype)
 
     def guided_denoiser(self, context: torch.Tensor, guidance_scale: float,
                         frame_chunk: int | None, guidance_rescale: float = 0.0,
@@ -345,9 +352,9 @@ class TextToVideo:
         guided = guidance_scale > 1.0
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-            model_input = torch.cat([x, x]) if guided else x
+            model_input = (torch.cat([x, x]) if guided else x).to(self.dtype)
             eps = self.unet(model_input, t, context, frame_chunk=frame_chunk or 0,  # 0: none
-                            deep_cache=deep_cache)
+                            deep_cache=deep_cache).to(x.dtype)
             if not guided:
                 return eps
             uncond, cond = eps.chunk(2)
@@ -715,14 +722,14 @@ class TextToVideo:
             latents = vae.encode_video(video, generator=generator, chunk_frames=chunk)
         start = steps - min(int(steps * strength), steps)
         if start == steps:  # strength 0: nothing to denoise, the reconstruction
-            return latents.to(self.dtype), start
+            return latents.to(self.latent_dtype), start
         a = first_alpha_cumprod(sampler, steps, self.schedule, spacing, start)
         b, c, f, h, w = latents.shape
         # Drawn after the posterior noise, folded ((b f), c, h, w), as diffusers draws it.
         noise = randn((b * f, c, h, w), generator, latents.device, latents.dtype)
         noise = noise.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
         x = add_noise(latents, noise, a.to(latents.device))
-        return x.to(self.dtype), start
+        return x.to(self.latent_dtype), start
 
 
 def load_pipeline(source: str | None, model: ModelConfig | None = None, *,

@@ -192,6 +192,33 @@ def test_guidance_one_skips_the_unconditional_pass(components):
         hook.remove()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_unet_keeps_the_sampler_state_in_float32(components, dtype):
+    """A bfloat16 / float16 UNet gets its input in its own dtype; the latents between steps
+    (what callbacks see), the guidance arithmetic and the result stay float32."""
+    import copy
+
+    ours = components[0]
+    half = TextToVideo(ours.config, copy.deepcopy(ours.text_encoder).to(dtype),
+                       copy.deepcopy(ours.unet).to(dtype), ours.vae)
+    assert half.latent_dtype == torch.float32 and ours.latent_dtype == torch.float32
+    inputs, states = [], []
+    hook = half.unet.register_forward_hook(lambda m, args, out: inputs.append(args[0].dtype))
+
+    def on_step(pipe, i, t, kwargs):
+        states.append(kwargs["latents"].dtype)
+        return kwargs
+
+    try:
+        out = half(PROMPTS[:1], latents=noise((1, 4, 2, 8, 8)), num_frames=2, height=32,
+                   width=32, steps=3, output_type="latent", callback_on_step_end=on_step,
+                   progress=False)
+    finally:
+        hook.remove()
+    assert inputs == [dtype] * 3 and states == [torch.float32] * 3
+    assert out.frames.dtype == torch.float32
+
+
 def test_nan_latents_stop_the_run_with_the_step(components):
     ours = components[0]
     hook = ours.unet.register_forward_hook(lambda m, args, out: out * float("nan"))
