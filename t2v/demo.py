@@ -5,15 +5,14 @@
     python -m t2v.demo gif docs/demo.gif --overwrite    # the README's GIF, from the shipped model
 
 Stage 1 trains the KL VAE (configs/demo_vae.yaml, `train.model=vae`), which also fixes the
-architecture, the frozen random text encoder and the UNet's initial weights (train.seed 0:
-`TextToVideo.from_config` draws the text encoder from seed 0, the UNet from 1, the VAE from 2;
-the shipped weights predate that seeding, docs/demo.md);
-stage 2 trains every UNet parameter on top of it (configs/demo_unet.yaml, weights.source set
-to stage 1's model: 5,000 steps of a cosine schedule), then resumes that run with
-`train.steps=UNET_RESTART_TO` (a warm restart: the cosine over the longer run, from where it
-stands at step 5,000; `--unet-restart-to 0` skips it). The export stores the final model
-(EMA weights) in float16 as a native safetensors folder, `<out>/model`. Wall times go to
-`<out>/timings.json`. docs/demo.md has the recipe, the seed and the measured time.
+architecture, the noise schedule (zero terminal SNR, v-prediction), the frozen random text
+encoder and the UNet's initial weights (train.seed 0: `TextToVideo.from_config` draws the text
+encoder from seed 0, the UNet from 1, the VAE from 2); stage 2 trains every UNet parameter on
+top of it (configs/demo_unet.yaml, weights.source set to stage 1's model: 7,000 steps of a
+cosine schedule). `--unet-restart-to N` (default UNET_RESTART_TO, 0: off) resumes that run
+with `train.steps=N`, a warm restart. The export stores the final model (EMA weights) in
+float16 as a native safetensors folder, `<out>/model`. Wall times go to `<out>/timings.json`.
+docs/demo.md has the recipe, the seed and the measured time.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from t2v.weights import DEMO_FOLDER, read_checkpoint, save_native
 
 log = logging.getLogger("t2v.demo")
 
-UNET_RESTART_TO = 8000  # the shipped recipe resumes stage 2 (5,000 steps) up to 8,000; 0: none
+UNET_RESTART_TO = 0  # > 0: resume stage 2 with train.steps=N (a warm restart); 0: none
 
 
 def export(model_dir: Path, target: Path, overwrite: bool = False) -> Path:

@@ -220,6 +220,27 @@ def score(results: list[tuple[Case, Prediction]]) -> dict:
     return report
 
 
+def background_trace(pipe, count: int = 32, seed: int = 99) -> torch.Tensor:
+    """What ms-1.7b's noise schedule leaves of a clip's background in x_T: sqrt(alpha_bar_T)
+    of that schedule (0.068) times half the difference between the mean latent channel values
+    of white- and black-background clips (`count` clips of data seed `seed`, the VAE's
+    posterior means, scaled), shape (C,). Added to initial noise (towards white) or subtracted
+    (towards black), it tests whether a model takes the background from the noise instead of
+    the prompt (docs/demo.md, "Why zero terminal SNR")."""
+    from t2v.config import ScheduleConfig
+    from t2v.schedule import noise_schedule
+    from t2v.synthetic import SyntheticClips
+
+    clips = SyntheticClips(seed=seed, count=count)
+    means = {"white": [], "black": []}
+    for i in range(count):
+        video, _ = clips.load(i)
+        latents = pipe.vae.encode_video(video[None].to(pipe.device), sample=False)
+        means[clips.clips[i].attributes.background].append(latents[0].float().mean((1, 2, 3)))
+    difference = torch.stack(means["white"]).mean(0) - torch.stack(means["black"]).mean(0)
+    return noise_schedule(ScheduleConfig()).alphas_cumprod[-1].sqrt() * difference / 2
+
+
 def emphasised_caption(a: Attributes, weight: float) -> str:
     """The caption with its colour word weighted in A1111's syntax: "a (red:1.3) circle ..."."""
     return f"a ({a.colour}:{weight:g}) " + a.caption.removeprefix(f"a {a.colour} ")
