@@ -77,10 +77,14 @@ def train_demo(out: Path, vae_config: str, unet_config: str, vae_overrides=(),
     return timings
 
 
-GIF_PROMPTS = ("a red circle moving right", "a blue square moving up on a white background",
-               "a yellow triangle moving left", "a green circle moving down on a white background",
-               "a purple square moving right", "a red triangle moving down on a white background",
-               "a blue circle moving left", "a yellow square moving up on a white background")
+GIF_PROMPTS = ("a red circle moving right on a black background",
+               "a blue square moving up on a white background",
+               "a yellow triangle moving left on a black background",
+               "a green circle moving down on a white background",
+               "a purple square moving right on a black background",
+               "a red triangle moving down on a white background",
+               "a blue circle moving left on a black background",
+               "a yellow square moving up on a white background")
 GIF_SEED = 7
 GIF_SCALE = 4
 
