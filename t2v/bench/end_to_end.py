@@ -13,7 +13,8 @@ frames with t2v's MP4 writer (diffusers' `export_to_video` needs imageio or Open
 time from process start to exit (the video written) and the time to the first denoising step
 (when the sampler's progress bar first shows, i.e. after import, load and text encoding).
 The weights (about 7 GB per layout in fp32) are written once to `--weights-dir` (default: a
-temporary folder, removed afterwards) and reused if already there.
+temporary folder, removed afterwards) and reused if already there. Run it from the
+repository root (the t2v side reads configs/ms17b.yaml).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def prepare_weights(folder: Path) -> tuple[Path, Path]:
     """Full-size weights in the native and the diffusers layout (written once)."""
     from t2v.bench.common import trained_like_
     from t2v.config import ModelConfig
+    from t2v.pipeline import TextToVideo
     from weights_convert.diffusers import save_diffusers
     from weights_convert.native import save_native
 
@@ -58,7 +60,6 @@ def prepare_weights(folder: Path) -> tuple[Path, Path]:
     if (native / "model.yaml").exists() and (diffusers / "model_index.json").exists():
         return native, diffusers
     cfg = ModelConfig()
-    from t2v.pipeline import TextToVideo
     model = TextToVideo.from_config(cfg)
     states = {}
     for seed, name in enumerate(("text_encoder", "unet", "vae")):
@@ -88,6 +89,8 @@ def timed(command: list[str], steps: int) -> dict[str, float]:
 
 
 def run(dtype: str, steps: int, weights_dir: Path, out_dir: Path) -> dict:
+    if not Path("configs/ms17b.yaml").is_file():
+        raise SystemExit("run from the repository root: configs/ms17b.yaml not found")
     native, diffusers = prepare_weights(weights_dir)
     t2v_cmd = [sys.executable, "-m", "t2v.sample", "--config", "configs/ms17b.yaml",
                "--weights", str(native), "--prompt", PROMPT, "--seed", "0",
