@@ -69,6 +69,10 @@ class UNetConfig:
     context_dim: int = 1024  # width of the text embedding that cross-attention reads
     norm_groups: int = 32
     norm_eps: float = 1e-5
+    # Add a sinusoidal frame-position embedding in every temporal transformer (diffusers'
+    # BasicTransformerBlock with positional_embeddings="sinusoidal", as AnimateDiff's motion
+    # modules use). ms-1.7b has none (False); the demo model uses it (docs/demo.md).
+    temporal_position_embedding: bool = False
 
     def __post_init__(self):
         _check(len(self.channels) == len(self.attention),

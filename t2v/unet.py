@@ -6,7 +6,8 @@ An SD-2.1-style image UNet whose 2-D layers see the frames folded into the batch
 `(b c f h w) -> ((b f) c h w)` (batch-major), plus two kinds of temporal layers that unfold
 them again: after every ResBlock a temporal convolution (kernel (3, 1, 1)), and after every
 spatial transformer a temporal transformer (self-attention over frames, no positional
-encoding). One more temporal transformer (`transformer_in`) follows `conv_in`.
+encoding unless `temporal_position_embedding` is set). One more temporal transformer
+(`transformer_in`) follows `conv_in`.
 
 Every level: [ResBlock -> TemporalConv -> (SpatialTransformer -> TemporalTransformer)] x n,
 then a stride-2 downsample (up path: n + 1 layers, then nearest x2 upsample + conv).
@@ -187,10 +188,28 @@ class TransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim, eps=LAYER_NORM_EPS)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn1(self.norm1(x))
-        x = x + self.attn2(self.norm2(x), context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                position: torch.Tensor | None = None) -> torch.Tensor:
+        """`position` (L, dim): added to the normed input of both attentions (diffusers'
+        BasicTransformerBlock with positional_embeddings="sinusoidal")."""
+        if position is None:
+            x = x + self.attn1(self.norm1(x))
+            x = x + self.attn2(self.norm2(x), context)
+        else:
+            x = x + self.attn1(self.norm1(x) + position)
+            x = x + self.attn2(self.norm2(x) + position, context)
         return x + self.ff(self.norm3(x))
+
+
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) float32: sin at even, cos at odd channels, as diffusers'
+    SinusoidalPositionalEmbedding computes its table (one row per position)."""
+    position = torch.arange(length).unsqueeze(1)
+    div_term = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(position * div_term)
+    table[:, 1::2] = torch.cos(position * div_term)
+    return table
 
 
 class SpatialTransformer(nn.Module):
@@ -215,12 +234,15 @@ class SpatialTransformer(nn.Module):
 class TemporalTransformer(nn.Module):
     """Per spatial position: tokens are the F frames; both attentions are self-attention.
 
-    GroupNorm statistics pool over F, H and W (frames interact in the norm).
+    GroupNorm statistics pool over F, H and W (frames interact in the norm). With
+    `frame_positions`, frame i's tokens get sinusoidal_positions row i in both attentions.
     """
 
-    def __init__(self, ch: int, heads: int, head_dim: int, groups: int):
+    def __init__(self, ch: int, heads: int, head_dim: int, groups: int,
+                 frame_positions: bool = False):
         super().__init__()
         inner = heads * head_dim
+        self.frame_positions = frame_positions
         self.norm = nn.GroupNorm(groups, ch, eps=TRANSFORMER_NORM_EPS)
         self.proj_in = nn.Linear(ch, inner)
         self.transformer_blocks = nn.ModuleList([TransformerBlock(inner, heads, head_dim, None)])
@@ -236,7 +258,11 @@ class TemporalTransformer(nn.Module):
         y = rearrange(y, "b c f h w -> (b h w) f c")
         step = len(y) if chunk is None else max(1, chunk * h * w // num_frames)
         block = self.transformer_blocks[0]
-        parts = [self.proj_out(block(self.proj_in(y[i:i + step])))
+        position = None
+        if self.frame_positions:
+            position = sinusoidal_positions(num_frames, block.norm1.normalized_shape[0]).to(
+                y.device, y.dtype)
+        parts = [self.proj_out(block(self.proj_in(y[i:i + step]), position=position))
                  for i in range(0, len(y), step)]
         y = torch.cat(parts) if len(parts) > 1 else parts[0]
         return x + rearrange(y, "(b h w) f c -> (b f) c h w", h=h, w=w)
@@ -279,7 +305,8 @@ class Level(nn.Module):
                 SpatialTransformer(out_ch, heads, cfg.head_dim, cfg.context_dim, groups)
                 for _ in in_channels)
             self.temp_attentions = nn.ModuleList(
-                TemporalTransformer(out_ch, heads, cfg.head_dim, groups) for _ in in_channels)
+                TemporalTransformer(out_ch, heads, cfg.head_dim, groups,
+                                    cfg.temporal_position_embedding) for _ in in_channels)
 
     def layer(self, i: int, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
               num_frames: int, chunk: int | None = None) -> torch.Tensor:
@@ -346,8 +373,8 @@ class MidBlock(nn.Module):
         self.temp_convs = nn.ModuleList(TemporalConv(ch, groups, eps) for _ in range(2))
         self.attentions = nn.ModuleList(
             [SpatialTransformer(ch, heads, cfg.head_dim, cfg.context_dim, groups)])
-        self.temp_attentions = nn.ModuleList([TemporalTransformer(ch, heads, cfg.head_dim,
-                                                                  groups)])
+        self.temp_attentions = nn.ModuleList([TemporalTransformer(
+            ch, heads, cfg.head_dim, groups, cfg.temporal_position_embedding)])
 
     def forward(self, x, emb, context, num_frames, chunk=None):
         def resnet(i, x):
@@ -378,7 +405,8 @@ class UNet3D(nn.Module):
         self.time_embedding = TimestepMLP(ch[0], cfg.time_embed_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.transformer_in = TemporalTransformer(ch[0], cfg.transformer_in_heads, cfg.head_dim,
-                                                  cfg.norm_groups)
+                                                  cfg.norm_groups,
+                                                  cfg.temporal_position_embedding)
 
         skip_channels = [ch[0]]  # channels of every tensor pushed on the skip stack
         self.down_blocks = nn.ModuleList()

@@ -32,7 +32,7 @@ import yaml
 
 from t2v.checkpoint_io import (WeightsError, read_pickle, read_sharded, read_state_dict,
                                safetensors_metadata)
-from t2v.config import ModelConfig, ScheduleConfig, UNetConfig, config_from_dict, config_to_dict
+from t2v.config import ModelConfig, ScheduleConfig, UNetConfig, config_from_dict
 from t2v.text_encoder import TextEncoder
 from t2v.unet import UNet3D
 from t2v.vae import AutoencoderKL
@@ -167,7 +167,9 @@ def read_native(folder: Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Te
             raise WeightsError(f"{path}: file not found (a native folder holds "
                                f"{', '.join(c + '.safetensors' for c in COMPONENTS)})")
         stored = safetensors_metadata(path).get("t2v_config")
-        if stored is not None and json.loads(stored) != config_to_dict(getattr(cfg, name)):
+        part = getattr(cfg, name)  # compared as configs: keys added later take defaults
+        if stored is not None and config_from_dict(type(part), json.loads(stored),
+                                                   f"{path} metadata") != part:
             raise WeightsError(f"{path}: its config metadata disagrees with {NATIVE_CONFIG}")
         states[name] = read_state_dict(path)
     return cfg, states

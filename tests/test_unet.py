@@ -1,12 +1,13 @@
 """UNet3D parity: diffusers UNet3DConditionModel and the original ModelScope UNetSD."""
 
+import dataclasses
 import time
 
 import pytest
 import torch
 from diffusers import UNet3DConditionModel
 
-from helpers import (TINY, assert_parity, assert_round_trip, diffusers_unet, inputs,
+from helpers import (PARITY_TOL, TINY, assert_parity, assert_round_trip, diffusers_unet, inputs,
                      matched_unets, max_rel_diff, randomize_)
 from reference import modelscope_module
 from t2v.config import UNetConfig, load_config
@@ -205,6 +206,37 @@ def test_hub_config_translates_to_ms17b():
     assert unet_config(HUB_UNET_CONFIG) == ms17b
     assert unet_config({**HUB_UNET_CONFIG, **FIRST_UPLOAD_EXTRA}) == ms17b
     assert unet_config(diffusers_unet_kwargs(TINY)) == TINY
+
+
+def test_frame_position_embedding_matches_diffusers_sinusoidal_blocks():
+    """temporal_position_embedding=True is diffusers' BasicTransformerBlock with
+    positional_embeddings="sinusoidal" in every temporal transformer (transformer_in and the
+    temp_attentions); the reference UNet gets those blocks' pos_embed set by hand."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+    from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
+
+    cfg = dataclasses.replace(TINY, temporal_position_embedding=True)
+    reference = diffusers_unet(dataclasses.replace(cfg, temporal_position_embedding=False))
+    temporal = [m for m in reference.modules() if isinstance(m, TransformerTemporalModel)]
+    assert len(temporal) == 1 + 2 * 3 + 1 + 3 * 3  # transformer_in, down, mid, up levels
+    for block in (b for m in temporal for b in m.modules()
+                  if isinstance(b, BasicTransformerBlock)):
+        block.pos_embed = SinusoidalPositionalEmbedding(block.norm1.normalized_shape[0], 32)
+    ours = UNet3D(cfg).eval()
+    ours.load_state_dict({k: v for k, v in reference.state_dict().items()
+                          if not k.endswith("pos_embed.pe")}, strict=True)
+    plain = UNet3D(TINY).eval()
+    plain.load_state_dict(ours.state_dict())
+    x, context = inputs(2, 6, (8, 8))
+    with torch.no_grad():
+        expected = reference(x, torch.tensor([3, 900]), context).sample
+        actual = ours(x, torch.tensor([3, 900]), context)
+        without = plain(x, torch.tensor([3, 900]), context)
+    assert_parity(actual, expected, what="UNet3D with frame positions vs diffusers")
+    assert max_rel_diff(without, expected) > 100 * PARITY_TOL  # the embedding matters
+    with pytest.raises(ConfigError, match="temporal_position_embedding"):
+        diffusers_unet_kwargs(cfg)
 
 
 @pytest.mark.parametrize("change, needle", [
