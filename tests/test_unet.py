@@ -143,6 +143,12 @@ def test_modelscope_table_is_strict():
     assert "output_blocks.0.9.weight" in str(err.value)
 
 
+def test_modelscope_export_refuses_frame_positions():
+    cfg = dataclasses.replace(TINY_MS, temporal_position_embedding=True)
+    with pytest.raises(ConversionError, match="temporal_position_embedding"):
+        unet_to_modelscope(UNet3D(cfg).state_dict(), cfg)
+
+
 def gradients(model, x, context, t):
     """Gradients of a fixed linear functional of the output w.r.t. inputs and parameters."""
     model.zero_grad()

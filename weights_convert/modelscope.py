@@ -134,6 +134,9 @@ def unet_from_modelscope(state: Mapping[str, torch.Tensor],
 def unet_to_modelscope(state: Mapping[str, torch.Tensor],
                        cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """The inverse: UNet3D keys -> ModelScope UNetSD keys."""
+    if cfg.temporal_position_embedding:
+        raise ConversionError("ModelScope's UNetSD has no frame-position embedding; a UNet "
+                              "with model.unet.temporal_position_embedding cannot be exported")
     return convert(state, invert(unet_rules(cfg)), (), "UNet3D state dict")
 
 
