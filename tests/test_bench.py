@@ -74,3 +74,29 @@ def test_end_to_end_times_a_process_and_its_first_step():
     assert timed([sys.executable, "-c", "pass"], steps=5)["to_first_step"] is None
     with pytest.raises(RuntimeError, match="boom"):
         timed([sys.executable, "-c", "raise SystemExit('boom')"], steps=5)
+
+
+def test_vae_benchmark_checks_parity_and_reports_every_row(monkeypatch):
+    """bench.vae at a tiny size: it refuses to time two decoders that disagree, and reports
+    every row against diffusers' fp32 time."""
+    import pytest
+
+    from t2v.bench import vae as bench_vae
+    from t2v.bench.common import zero_parameters
+    from t2v.config import VAEConfig
+
+    cfg = VAEConfig(channels=(16, 32, 32, 32), layers_per_block=1, norm_groups=4)
+    ours, reference = bench_vae.models(cfg)
+    assert zero_parameters(reference) == [] and zero_parameters(ours) == []
+    result = bench_vae.run(frames=2, size=32, repeat=1, cfg=cfg)
+    assert result["parity"] <= bench_vae.PARITY_TOL
+    assert set(result["rows"]) == {"float32", "float32 plain upsample", "float32 channels_last",
+                                   "bfloat16"}
+    base = result["rows"]["float32"]["diffusers"]
+    for row in result["rows"].values():
+        assert row["speedup_vs_diffusers_fp32"] == base / row["t2v"]
+    assert "| bfloat16 |" in bench_vae.report(result)
+    # a decoder that differs is not timed
+    monkeypatch.setattr(bench_vae, "PARITY_TOL", -1.0)
+    with pytest.raises(RuntimeError, match="decode differently"):
+        bench_vae.run(frames=1, size=16, repeat=1, cfg=cfg)
