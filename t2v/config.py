@@ -71,7 +71,7 @@ class UNetConfig:
     norm_eps: float = 1e-5
     # Add a sinusoidal frame-position embedding in every temporal transformer (diffusers'
     # BasicTransformerBlock with positional_embeddings="sinusoidal", as AnimateDiff's motion
-    # modules use). ms-1.7b has none (False); the demo model uses it (docs/demo.md).
+    # modules use). ms-1.7b has none (False).
     temporal_position_embedding: bool = False
 
     def __post_init__(self):

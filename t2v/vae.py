@@ -111,7 +111,11 @@ class Upsample(nn.Module):
                           self.conv.bias.repeat(4))  # (n, 4o, h+1, w+1)
         # phase (a, b) at input position (i, j) sits at (i + a, j + b) of its 2x2 conv output
         phases = phases.view(x.shape[0], 2, 2, o, h + 1, wd + 1)
-        out = phases.new_empty(x.shape[0], o, h, 2, wd, 2)  # rows 2i+a, columns 2j+b
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            # keep the layout: (n, h, 2, w, 2, o) in memory, seen as (n, o, h, 2, w, 2)
+            out = phases.new_empty(x.shape[0], h, 2, wd, 2, o).permute(0, 5, 1, 2, 3, 4)
+        else:
+            out = phases.new_empty(x.shape[0], o, h, 2, wd, 2)  # rows 2i+a, columns 2j+b
         for a in range(2):
             for b in range(2):
                 out[:, :, :, a, :, b] = phases[:, a, b, :, a:a + h, b:b + wd]
@@ -185,6 +189,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        # Channels-last activations: oneDNN's convolutions then skip a layout reorder of every
+        # input and output (bench.vae: the bf16 decode spent half its time in those copies).
+        z = z.contiguous(memory_format=torch.channels_last)
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
