@@ -85,41 +85,13 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
-# Which of a 3x3 kernel's rows (or columns) land on the 2 input rows an output row of phase
-# a in {0, 1} reads, when the conv runs on a nearest-x2-upsampled input: output row 2i reads
-# upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i; output row 2i+1 reads i, i, i+1.
-PHASE_TAPS = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],
-                           [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])  # (phase, 2 taps, 3 rows)
-
-
 class Upsample(nn.Module):
-    """Nearest x2, then a 3x3 conv (padding 1); computed as four 2x2 convs on the input, one
-    per output phase (sub-pixel form), then interleaved: the same sums in another order,
-    2.25x fewer multiplies and no upsampled copy of the input."""
-
     def __init__(self, ch: int):
         super().__init__()
         self.conv = nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.conv.weight  # (o, c, 3, 3)
-        taps = PHASE_TAPS.to(w.device, w.dtype)
-        # kernels[a, b] = taps[a] @ w @ taps[b]^T over the kernel's rows and columns
-        kernels = torch.einsum("apy,ocyx,bqx->abocpq", taps, w, taps)
-        o, h, wd = w.shape[0], x.shape[-2], x.shape[-1]
-        phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), kernels.reshape(4 * o, *w.shape[1:2], 2, 2),
-                          self.conv.bias.repeat(4))  # (n, 4o, h+1, w+1)
-        # phase (a, b) at input position (i, j) sits at (i + a, j + b) of its 2x2 conv output
-        phases = phases.view(x.shape[0], 2, 2, o, h + 1, wd + 1)
-        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-            # keep the layout: (n, h, 2, w, 2, o) in memory, seen as (n, o, h, 2, w, 2)
-            out = phases.new_empty(x.shape[0], h, 2, wd, 2, o).permute(0, 5, 1, 2, 3, 4)
-        else:
-            out = phases.new_empty(x.shape[0], o, h, 2, wd, 2)  # rows 2i+a, columns 2j+b
-        for a in range(2):
-            for b in range(2):
-                out[:, :, :, a, :, b] = phases[:, a, b, :, a:a + h, b:b + wd]
-        return out.view(x.shape[0], o, 2 * h, 2 * wd)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class DownBlock(nn.Module):
@@ -190,7 +162,7 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         # Channels-last activations: oneDNN's convolutions then skip a layout reorder of every
-        # input and output (bench.vae: the bf16 decode spent half its time in those copies).
+        # input and output (docs/performance.md: the bf16 decode spent half its time in them).
         z = z.contiguous(memory_format=torch.channels_last)
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:

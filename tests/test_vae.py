@@ -88,25 +88,6 @@ def test_decode_matches_diffusers(pair):
     assert_parity(actual, expected, what="VAE decode vs diffusers")
 
 
-@pytest.mark.parametrize("size", [(5, 7), (1, 1), (4, 4)])
-def test_sub_pixel_upsample_is_nearest_upsample_then_conv(size):
-    """Values and gradients of the four-phase 2x2 form equal conv3x3(nearest x2 (x))."""
-    from t2v.vae import Upsample
-
-    torch.manual_seed(0)
-    up = Upsample(6)
-    x = torch.randn(2, 6, *size, requires_grad=True)
-    expected = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest"))
-    actual = up(x)
-    assert actual.shape == expected.shape == (2, 6, 2 * size[0], 2 * size[1])
-    assert_parity(actual, expected, what=f"sub-pixel upsample {size}")
-    g = torch.randn_like(expected)
-    grads = torch.autograd.grad(expected, [x, up.conv.weight, up.conv.bias], g)
-    ours = torch.autograd.grad(up(x), [x, up.conv.weight, up.conv.bias], g)
-    for a, e in zip(ours, grads):
-        assert_parity(a, e, what="sub-pixel upsample gradient")
-
-
 def test_matches_modelscope_autoencoder():
     reference = modelscope_vae(TINY_MS)
     ours = AutoencoderKL(TINY_MS).eval()

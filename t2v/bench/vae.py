@@ -4,9 +4,7 @@
 
 Each row decodes `frames` latents to `size` x `size` frames: t2v's `decode_video` (8 frames
 per chunk, the CLI's path) against diffusers' `AutoencoderKL.decode` of all frames in one
-batch, as its text-to-video pipeline does. Rows: float32 and bfloat16 for both, plus two t2v
-variants that show what each choice buys: `plain upsample` (nearest x2 then the 3x3 conv, as
-the references compute it, instead of the sub-pixel form) and `channels_last`. Before timing,
+batch, as its text-to-video pipeline does. Rows: float32 and bfloat16 for both. Before timing,
 the two implementations are checked to give the same frames (fp32). Run it alone: any other
 job on the machine changes the numbers.
 """
@@ -15,32 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from t2v.bench.common import alternate, set_flush_denormal, trained_like_
 from t2v.config import VAEConfig
 
 PARITY_TOL = 1e-4  # max |t2v - diffusers| / max |diffusers|, fp32 (sums in another order)
-
-
-def plain_upsample(self, x: torch.Tensor) -> torch.Tensor:
-    return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-@contextmanager
-def upsample_as(forward):
-    """Temporarily give t2v's VAE Upsample another forward (the ablation row)."""
-    from t2v.vae import Upsample
-    saved = Upsample.forward
-    Upsample.forward = forward
-    try:
-        yield
-    finally:
-        Upsample.forward = saved
 
 
 def models(cfg: VAEConfig, seed: int = 0):
@@ -76,13 +56,6 @@ def run(frames: int = 16, size: int = 256, repeat: int = 3, cfg: VAEConfig = VAE
     rows: dict[str, dict[str, float]] = {}
     rows["float32"] = alternate({"t2v": lambda: ours.decode_video(latents),
                                  "diffusers": lambda: diffusers_decode(torch.float32)}, repeat)
-    with upsample_as(plain_upsample):
-        rows["float32 plain upsample"] = alternate({"t2v": lambda: ours.decode_video(latents)},
-                                                   repeat)
-    ours.to(memory_format=torch.channels_last)
-    rows["float32 channels_last"] = alternate({"t2v": lambda: ours.decode_video(latents)},
-                                              repeat)
-    ours.to(memory_format=torch.contiguous_format)
     ours.to(torch.bfloat16)
     reference.to(torch.bfloat16)
     rows["bfloat16"] = alternate({"t2v": lambda: ours.decode_video(latents),
