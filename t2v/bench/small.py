@@ -44,14 +44,9 @@ def bench_text(repeat: int) -> dict[str, float]:
 def bench_vae_decode(repeat: int, frames: int = 16, size: int = 256) -> dict[str, float]:
     """t2v's chunked `decode_video` (8 frames at a time, into uint8-ready float frames) against
     diffusers' `decode` of all frames in one batch, as its text-to-video pipeline does."""
-    from diffusers import AutoencoderKL as DiffusersVAE
-
-    from t2v.vae import AutoencoderKL
-    from weights_convert.diffusers import diffusers_vae_kwargs
+    from t2v.bench.vae import models
     cfg = VAEConfig()
-    reference = trained_like_(DiffusersVAE(**diffusers_vae_kwargs(cfg)), 0).eval()
-    ours = AutoencoderKL(cfg).eval()
-    ours.load_state_dict(reference.state_dict(), strict=True)
+    ours, reference = models(cfg)
     latents = torch.randn(1, 4, frames, size // 8, size // 8)
     folded = latents.permute(0, 2, 1, 3, 4).reshape(frames, 4, size // 8, size // 8)
     with torch.no_grad():
