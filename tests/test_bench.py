@@ -4,7 +4,7 @@ import json
 
 import torch
 
-from t2v.bench.__main__ import TARGETS, check_targets, main
+from t2v.bench.__main__ import TARGETS, check_targets, machine, main
 
 
 def test_targets_are_checked_from_the_measurements():
@@ -99,3 +99,10 @@ def test_vae_benchmark_checks_parity_and_reports_every_row(monkeypatch):
     monkeypatch.setattr(bench_vae, "PARITY_TOL", -1.0)
     with pytest.raises(RuntimeError, match="decode differently"):
         bench_vae.run(frames=1, size=16, repeat=1, cfg=cfg)
+
+
+def test_report_records_the_cpu_capability():
+    """Hosts of one machine kind differ (AVX2 vs AVX-512): the report says which one ran."""
+    info = machine()
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["cores"] >= 1 and info["cpu"]

@@ -46,7 +46,10 @@ def machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+    # The instruction set torch dispatches to (e.g. "AVX2", "AVX512"): hosts of one machine
+    # kind differ, and bf16 is fast only with AVX512-BF16 (docs/performance.md).
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "python": platform.python_version(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "transformers": transformers.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

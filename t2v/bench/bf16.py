@@ -40,12 +40,14 @@ def run(case: str = "a", repeat: int = 3) -> dict:
                               / expected.abs().max()) for name in ("t2v_bf16", "diffusers_bf16")}
         seconds = alternate(fns, repeat)
     result = {"case": case, "threads": torch.get_num_threads(), "flush_denormal": flush,
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "seconds": seconds, "bf16_error_vs_fp32": errors,
               "t2v_bf16_over_t2v_fp32": seconds["t2v_fp32"] / seconds["t2v_bf16"],
               "t2v_bf16_over_diffusers_bf16": seconds["diffusers_bf16"] / seconds["t2v_bf16"],
               "t2v_bf16_over_diffusers_fp32": seconds["diffusers_fp32"] / seconds["t2v_bf16"]}
     print(f"case {case} (B={batch}, F={frames}, {size}x{size}), {torch.get_num_threads()} "
-          "threads: " + ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()), flush=True)
+          f"threads, {result['cpu_capability']}: "
+          + ", ".join(f"{k} {v:.2f}s" for k, v in seconds.items()), flush=True)
     print(f"t2v bf16 speedup: {result['t2v_bf16_over_t2v_fp32']:.2f}x over t2v fp32, "
           f"{result['t2v_bf16_over_diffusers_bf16']:.2f}x over diffusers bf16, "
           f"{result['t2v_bf16_over_diffusers_fp32']:.2f}x over diffusers fp32; bf16 error "
