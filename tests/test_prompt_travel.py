@@ -148,7 +148,9 @@ def test_each_window_gets_the_schedule_at_its_centre(pipe, monkeypatch):
             assert context.shape == (4, 77, 32)  # [uncond x 2 videos; cond x 2 videos]
             assert torch.equal(context[:2], negative.expand(2, -1, -1))
             assert torch.equal(context[2:], expected.expand(2, -1, -1))
-    assert len({c[2:].sum().item() for c in made}) > 2  # the conditioning travels
+    # the conditioning travels: more than two distinct contexts (compared by content; a sum
+    # is no fingerprint, the text encoder's final layer norm makes every token's sum ~0)
+    assert len({c[2:].numpy().tobytes() for c in made}) > 2
 
 
 def test_single_prompt_schedule_equals_the_plain_windowed_run(pipe):
