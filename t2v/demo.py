@@ -1,7 +1,8 @@
 """python -m t2v.demo train: reproduce the demo model shipped in t2v/demo_model/, in one command.
 
-    python -m t2v.demo train --out runs/demo            # both stages, then the fp16 export
+    python -m t2v.demo train --out runs/demo            # all three stages, then the fp16 export
     python -m t2v.demo train --out runs/demo --ship --overwrite   # and replace the shipped copy
+    python -m t2v.demo train --out runs/ft --start-from t2v:demo  # stage 3 only, on a model
     python -m t2v.demo gif docs/demo.gif --overwrite    # the README's GIF, from the shipped model
 
 Stage 1 trains the KL VAE (configs/demo_vae.yaml, `train.model=vae`), which also fixes the
@@ -9,9 +10,11 @@ architecture, the noise schedule (zero terminal SNR, v-prediction), the frozen r
 encoder and the UNet's initial weights (train.seed 0: `TextToVideo.from_config` draws the text
 encoder from seed 0, the UNet from 1, the VAE from 2); stage 2 trains every UNet parameter on
 top of it (configs/demo_unet.yaml, weights.source set to stage 1's model: 7,000 steps of a
-cosine schedule). `--unet-restart-to N` (default UNET_RESTART_TO, 0: off) resumes that run
-with `train.steps=N`, a warm restart. The export stores the final model (EMA weights) in
-float16 as a native safetensors folder, `<out>/model`. Wall times go to `<out>/timings.json`.
+cosine schedule); stage 3 fine-tunes that model in FINETUNE_ROUNDS rounds at a lower learning
+rate (configs/demo_finetune.yaml), each round from the previous round's EMA model on fresh
+clips. `--start-from SOURCE` runs stage 3 alone on SOURCE (any weights source, e.g. a stage 2
+model folder). The export stores the final model (EMA weights) in float16 as a native
+safetensors folder, `<out>/model`. Wall times go to `<out>/timings.json`.
 docs/demo.md has the recipe, the seed and the measured time.
 """
 
@@ -34,7 +37,9 @@ from t2v.weights import DEMO_FOLDER, read_checkpoint, save_native
 
 log = logging.getLogger("t2v.demo")
 
-UNET_RESTART_TO = 0  # > 0: resume stage 2 with train.steps=N (a warm restart); 0: none
+# Stage 3: per round, the overrides of configs/demo_finetune.yaml (fresh clips, a new seed).
+FINETUNE_ROUNDS = (("data.synthetic.seed=2", "train.seed=3"),
+                   ("data.synthetic.seed=4", "train.seed=5"))
 
 
 def export(model_dir: Path, target: Path, overwrite: bool = False) -> Path:
@@ -46,32 +51,42 @@ def export(model_dir: Path, target: Path, overwrite: bool = False) -> Path:
     return target
 
 
-def train_demo(out: Path, vae_config: str, unet_config: str, vae_overrides=(),
-               unet_overrides=(), progress: bool = True,
-               unet_restart_to: int | None = UNET_RESTART_TO) -> dict:
-    """Both stages and the export; returns the timings (seconds)."""
+def train_demo(out: Path, vae_config: str, unet_config: str, finetune_config: str,
+               vae_overrides=(), unet_overrides=(), finetune_overrides=(),
+               progress: bool = True, start_from: str | None = None) -> dict:
+    """The stages and the export; returns the timings (seconds). With `start_from`, stage 3
+    alone, on that weights source."""
     out = Path(out)
     timings = {}
+    if start_from is None:
+        start = time.perf_counter()
+        vae_cfg = load_config(vae_config, [f"train.output_dir={out / 'vae'}", *vae_overrides],
+                              schema=TrainRunConfig)
+        Trainer(vae_cfg).run(progress=progress)
+        timings["vae_seconds"] = round(time.perf_counter() - start, 1)
+        start = time.perf_counter()
+        unet_cfg = load_config(unet_config, [f"weights.source={out / 'vae' / 'model'}",
+                                             f"train.output_dir={out / 'unet'}",
+                                             *unet_overrides], schema=TrainRunConfig)
+        Trainer(unet_cfg).run(progress=progress)
+        timings["unet_seconds"] = round(time.perf_counter() - start, 1)
+        source = str(out / "unet" / "model")
+    else:
+        source = start_from
     start = time.perf_counter()
-    vae_cfg = load_config(vae_config, [f"train.output_dir={out / 'vae'}", *vae_overrides],
+    for i, round_overrides in enumerate(FINETUNE_ROUNDS, 1):
+        cfg = load_config(finetune_config, [f"weights.source={source}",
+                                            f"train.output_dir={out / f'finetune{i}'}",
+                                            *round_overrides, *finetune_overrides],
                           schema=TrainRunConfig)
-    Trainer(vae_cfg).run(progress=progress)
-    timings["vae_seconds"] = round(time.perf_counter() - start, 1)
-    start = time.perf_counter()
-    unet_cfg = load_config(unet_config, [f"weights.source={out / 'vae' / 'model'}",
-                                         f"train.output_dir={out / 'unet'}", *unet_overrides],
-                           schema=TrainRunConfig)
-    Trainer(unet_cfg).run(progress=progress)
-    if unet_restart_to is not None and unet_restart_to > unet_cfg.train.steps:
-        restart = load_config(unet_config, [f"weights.source={out / 'vae' / 'model'}",
-                                            f"train.output_dir={out / 'unet'}",
-                                            *unet_overrides, f"train.steps={unet_restart_to}",
-                                            "train.resume=latest"], schema=TrainRunConfig)
-        Trainer(restart).run(progress=progress)
-    timings["unet_seconds"] = round(time.perf_counter() - start, 1)
-    export(out / "unet" / "model", out / "model", overwrite=True)
-    timings["total_seconds"] = round(timings["vae_seconds"] + timings["unet_seconds"], 1)
+        Trainer(cfg).run(progress=progress)
+        source = str(out / f"finetune{i}" / "model")
+    timings["finetune_seconds"] = round(time.perf_counter() - start, 1)
+    export(Path(source), out / "model", overwrite=True)
+    timings["total_seconds"] = round(sum(v for k, v in timings.items()
+                                         if k.endswith("_seconds")), 1)
     timings["torch_threads"] = torch.get_num_threads()
+    timings["start_from"] = start_from
     with atomic_path(out / "timings.json", overwrite=True) as tmp:
         tmp.write_text(json.dumps(timings, indent=1))
     return timings
@@ -117,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unet-config", default="configs/demo_unet.yaml")
     parser.add_argument("--vae-override", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--unet-override", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--unet-restart-to", type=int, default=UNET_RESTART_TO,
-                        help="resume stage 2 up to this many steps (a warm restart of its "
-                        "cosine); 0: no restart")
+    parser.add_argument("--finetune-config", default="configs/demo_finetune.yaml")
+    parser.add_argument("--finetune-override", action="append", default=[],
+                        metavar="KEY=VALUE")
+    parser.add_argument("--start-from", default=None, metavar="SOURCE",
+                        help="skip stages 1 and 2: fine-tune these weights (stage 3) only")
     parser.add_argument("--ship", action="store_true",
                         help=f"also copy the export to the package ({DEMO_FOLDER})")
     parser.add_argument("--overwrite", action="store_true",
@@ -137,15 +154,17 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"{DEMO_FOLDER}: already exists; pass --overwrite to replace it")
         if args.out.exists() and any(args.out.iterdir()):
             raise UserError(f"{args.out}: not empty; choose a new --out folder")
-        timings = train_demo(args.out, args.vae_config, args.unet_config, args.vae_override,
-                             args.unet_override, progress=not args.quiet,
-                             unet_restart_to=args.unet_restart_to or None)
+        timings = train_demo(args.out, args.vae_config, args.unet_config,
+                             args.finetune_config, args.vae_override, args.unet_override,
+                             args.finetune_override, progress=not args.quiet,
+                             start_from=args.start_from)
         if args.ship:
-            export(args.out / "unet" / "model", DEMO_FOLDER, overwrite=True)
+            export(args.out / "model", DEMO_FOLDER, overwrite=True)
     except (UserError, NumericalError) as exc:
         return fail(exc)
-    print(f"demo model in {args.out / 'model'}: VAE {timings['vae_seconds']} s, UNet "
-          f"{timings['unet_seconds']} s, total {timings['total_seconds']} s")
+    stages = ", ".join(f"{k.removesuffix('_seconds')} {v} s" for k, v in timings.items()
+                       if k.endswith("_seconds"))
+    print(f"demo model in {args.out / 'model'}: {stages}")
     return 0
 
 

@@ -246,29 +246,41 @@ def test_readme_demo_command(tmp_path):
         (from_pipe.colour, from_pipe.direction, from_pipe.background)
 
 
-def test_demo_train_command_runs_both_stages_and_exports(tmp_path, capsys):
-    """python -m t2v.demo train, shortened: VAE stage, UNet stage with its warm restart, fp16
-    export, timings."""
-    from t2v.demo import main
+def test_demo_train_command_runs_every_stage_and_exports(tmp_path, capsys):
+    """python -m t2v.demo train, shortened: VAE stage, UNet stage, the fine-tune rounds (each
+    from the previous model), fp16 export, timings; then --start-from runs stage 3 alone."""
+    from t2v.demo import FINETUNE_ROUNDS, main
     from t2v.weights import read_checkpoint
 
     out = tmp_path / "demo"
+    short = ["train.steps=2", "train.warmup_steps=1", "data.synthetic.clips=16"]
     code = main(["train", "--out", str(out), "--quiet",
                  "--vae-config", str(CONFIGS / "demo_vae.yaml"),
                  "--unet-config", str(CONFIGS / "demo_unet.yaml"),
+                 "--finetune-config", str(CONFIGS / "demo_finetune.yaml"),
                  "--vae-override", "train.steps=2", "--vae-override", "data.synthetic.clips=16",
-                 "--unet-override", "train.steps=2", "--unet-override", "train.warmup_steps=1",
-                 "--unet-override", "data.synthetic.clips=16", "--unet-restart-to", "3"])
+                 *[f for o in short for f in ("--unet-override", o)],
+                 *[f for o in short for f in ("--finetune-override", o)]])
     assert code == 0, capsys.readouterr().err
-    assert (out / "unet" / "checkpoints" / "step-000003").is_dir()  # the restart ran
+    rounds = [out / f"finetune{i}" for i in range(1, len(FINETUNE_ROUNDS) + 1)]
+    assert len(rounds) == 2 and all((r / "model").is_dir() for r in rounds)
     _, cfg, states = read_checkpoint(out / "model", layout="native")
+    _, _, last = read_checkpoint(rounds[-1] / "model", layout="native")
+    _, _, stage2 = read_checkpoint(out / "unet" / "model", layout="native")
     assert all(v.dtype == torch.float16 for v in states["unet"].values())
+    assert all(torch.equal(v, last["unet"][k].half()) for k, v in states["unet"].items())
+    assert not all(torch.equal(v, stage2["unet"][k]) for k, v in last["unet"].items())
     assert cfg.unet.channels == (32, 64, 128) and cfg.vae.scaling_factor != 0.18215
     assert cfg.schedule.rescale_betas_zero_snr and cfg.schedule.prediction_type == "v_prediction"
     assert cfg.schedule.timestep_spacing == "trailing"  # the demo recipe's schedule is saved
     timings = json.loads((out / "timings.json").read_text())
-    assert timings["total_seconds"] > 0
+    assert timings["total_seconds"] >= timings["finetune_seconds"] > 0
     assert main(["train", "--out", str(out)]) == 2  # not empty: refused
+    again = tmp_path / "again"
+    assert main(["train", "--out", str(again), "--quiet", "--start-from", str(out / "model"),
+                 *[f for o in short for f in ("--finetune-override", o)]]) == 0
+    assert not (again / "vae").exists() and (again / "finetune2" / "model").is_dir()
+    assert json.loads((again / "timings.json").read_text())["start_from"] == str(out / "model")
 
 
 def test_synthetic_writer_makes_a_folder_the_trainer_reads(tmp_path, capsys):
