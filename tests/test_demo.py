@@ -279,6 +279,7 @@ def test_demo_train_command_runs_every_stage_and_exports(tmp_path, capsys):
     assert main(["train", "--out", str(out)]) == 2  # not empty: refused
     again = tmp_path / "again"
     assert main(["train", "--out", str(again), "--quiet", "--start-from", str(out / "model"),
+                 "--finetune-config", str(CONFIGS / "demo_finetune.yaml"),
                  *[f for o in short for f in ("--finetune-override", o)]]) == 0
     assert not (again / "vae").exists() and (again / "finetune2" / "model").is_dir()
     assert json.loads((again / "timings.json").read_text())["start_from"] == str(out / "model")
