@@ -51,6 +51,13 @@ def export(model_dir: Path, target: Path, overwrite: bool = False) -> Path:
     return target
 
 
+def run_stage(config: str, overrides, progress: bool) -> float:
+    """One `python -m t2v.train` run of `config` with `overrides`; its wall time (seconds)."""
+    start = time.perf_counter()
+    Trainer(load_config(config, list(overrides), schema=TrainRunConfig)).run(progress=progress)
+    return round(time.perf_counter() - start, 1)
+
+
 def train_demo(out: Path, vae_config: str, unet_config: str, finetune_config: str,
                vae_overrides=(), unet_overrides=(), finetune_overrides=(),
                progress: bool = True, start_from: str | None = None) -> dict:
@@ -59,29 +66,22 @@ def train_demo(out: Path, vae_config: str, unet_config: str, finetune_config: st
     out = Path(out)
     timings = {}
     if start_from is None:
-        start = time.perf_counter()
-        vae_cfg = load_config(vae_config, [f"train.output_dir={out / 'vae'}", *vae_overrides],
-                              schema=TrainRunConfig)
-        Trainer(vae_cfg).run(progress=progress)
-        timings["vae_seconds"] = round(time.perf_counter() - start, 1)
-        start = time.perf_counter()
-        unet_cfg = load_config(unet_config, [f"weights.source={out / 'vae' / 'model'}",
-                                             f"train.output_dir={out / 'unet'}",
-                                             *unet_overrides], schema=TrainRunConfig)
-        Trainer(unet_cfg).run(progress=progress)
-        timings["unet_seconds"] = round(time.perf_counter() - start, 1)
+        timings["vae_seconds"] = run_stage(
+            vae_config, [f"train.output_dir={out / 'vae'}", *vae_overrides], progress)
+        timings["unet_seconds"] = run_stage(
+            unet_config, [f"weights.source={out / 'vae' / 'model'}",
+                          f"train.output_dir={out / 'unet'}", *unet_overrides], progress)
         source = str(out / "unet" / "model")
     else:
         source = start_from
-    start = time.perf_counter()
+    timings["finetune_seconds"] = 0.0
     for i, round_overrides in enumerate(FINETUNE_ROUNDS, 1):
-        cfg = load_config(finetune_config, [f"weights.source={source}",
-                                            f"train.output_dir={out / f'finetune{i}'}",
-                                            *round_overrides, *finetune_overrides],
-                          schema=TrainRunConfig)
-        Trainer(cfg).run(progress=progress)
+        timings["finetune_seconds"] += run_stage(
+            finetune_config, [f"weights.source={source}",
+                              f"train.output_dir={out / f'finetune{i}'}",
+                              *round_overrides, *finetune_overrides], progress)
         source = str(out / f"finetune{i}" / "model")
-    timings["finetune_seconds"] = round(time.perf_counter() - start, 1)
+    timings["finetune_seconds"] = round(timings["finetune_seconds"], 1)
     export(Path(source), out / "model", overwrite=True)
     timings["total_seconds"] = round(sum(v for k, v in timings.items()
                                          if k.endswith("_seconds")), 1)
