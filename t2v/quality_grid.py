@@ -9,7 +9,8 @@ its report goes to `<out>/<name>.json` (a row whose file exists is read, not re-
 --overwrite). The tools that need more than one call per video are measured by their own
 functions (TOOLS): prompt travel (the colour per 8-frame window of a 64-frame video against the
 schedule), first-frame conditioning (the rendered first frame kept; PSNR of frame 0 and the
-attributes) and continuation (a clip continued from the last 4 frames of another). All tables
+attributes), continuation (a clip continued from the last 4 frames of another) and the dtype
+agreement (bf16 and fp16 videos against fp32's on the same seeds: frame PSNR). All tables
 go to `<out>/grid.md`, in the form docs/quality.md shows them.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2v.deep_cache import DEFAULT_BRANCH
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.eval import (EVAL_SEED_BASE, TRAINED, cases, classify, evaluate, load_demo_pipeline,
                       window_colours)
@@ -33,7 +35,7 @@ DEFAULTS = {"sampler": "dpmsolver++", "steps": 25, "guidance": 5.0, "eta": 0.0,
             "dtype": "float32", "frames": 8, "size": 32, "window": None, "window_overlap": 4,
             "negative_prompt": "", "lora": [], "guidance_rescale": 0.0, "freeu": None,
             "free_init": 0, "thresholding": False, "sample_max_value": 1.0, "emphasis": None,
-            "cache_interval": 1}
+            "cache_interval": 1, "cache_branch": DEFAULT_BRANCH}
 FREEU_DIFFUSERS = [1.2, 1.4, 0.9, 0.2]  # b1 b2 s1 s2 that diffusers documents for ms-1.7b
 
 
@@ -69,6 +71,9 @@ GRID = (
     Row("deepcache2", "DeepCache, interval 2", {"cache_interval": 2}),
     Row("deepcache3", "DeepCache, interval 3", {"cache_interval": 3}),
     Row("deepcache5", "DeepCache, interval 5", {"cache_interval": 5}),
+    # The demo UNet has 1 layer per block: branch 1 recomputes all of its first block.
+    Row("deepcache3_b1", "DeepCache, interval 3, branch 1 (all of the first block)",
+        {"cache_interval": 3, "cache_branch": 1}),
     Row("emphasis13", "colour word weighted (red:1.3)", {"emphasis": 1.3}),
     Row("windows64", "64 frames, window 8, overlap 4", {"frames": 64, "window": 8},
         split="heldout", seeds=1),
@@ -90,6 +95,7 @@ def run_row(row: Row, pipes: dict, weights: str) -> dict:
 COMMON = dict(height=32, width=32, steps=25, sampler="dpmsolver++", guidance_scale=5.0,
               progress=False)  # the evaluation's defaults (t2v.eval)
 TRAVEL_SEED, INIT_SEED, CONTINUE_SEED = 2 * EVAL_SEED_BASE, 3 * EVAL_SEED_BASE, 4 * EVAL_SEED_BASE
+DTYPE_SEED = 5 * EVAL_SEED_BASE
 
 
 def prompt_travel(pipe, videos: int = 20, frames: int = 64, switch: int = 32,
@@ -157,6 +163,37 @@ def first_frame_and_continuation(pipe, videos: int = 20, steps: int = 25) -> dic
             "seconds": round(time.perf_counter() - start, 1)}
 
 
+def dtype_agreement(pipe, videos: int = 20, steps: int = 25) -> dict:
+    """bfloat16 and float16 (UNet and text encoder; VAE and sampler state float32, as
+    `--dtype`) against float32 on the same captions and seeds: mean frame PSNR of each video
+    against its float32 twin, and how often the classified attributes agree with float32's."""
+    import copy
+
+    from t2v.pipeline import TextToVideo
+
+    common = {**COMMON, "steps": steps}
+    chosen = [TRAINED[(i * 3) % len(TRAINED)] for i in range(videos)]
+    start = time.perf_counter()
+    reference = [pipe(a.caption, num_frames=8, seed=DTYPE_SEED + i, **common).frames[0].numpy()
+                 for i, a in enumerate(chosen)]
+    result = {"videos": videos}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        low = TextToVideo(pipe.config, copy.deepcopy(pipe.text_encoder).to(dtype),
+                          copy.deepcopy(pipe.unet).to(dtype), pipe.vae, pipe.tokenizer)
+        db, same = [], []
+        for i, a in enumerate(chosen):
+            video = low(a.caption, num_frames=8, seed=DTYPE_SEED + i, **common).frames[0].numpy()
+            db.append(psnr(video, reference[i]))
+            ours, theirs = classify(video), classify(reference[i])
+            same.append((ours.colour, ours.shape, ours.direction, ours.background)
+                        == (theirs.colour, theirs.shape, theirs.direction, theirs.background))
+        result[name] = {"psnr_db_mean": round(float(np.mean(db)), 2),
+                        "psnr_db_min": round(float(np.min(db)), 2),
+                        "all_attributes_as_float32": pct(same)}
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    return result
+
+
 def pct(values) -> float:
     return round(100.0 * float(np.mean(values)), 1)
 
@@ -175,7 +212,8 @@ def attribute_scores(predictions, attributes) -> dict:
             "one_blob": pct([p.one_blob for p, _ in pairs])}
 
 
-TOOLS = {"prompt_travel": prompt_travel, "first_frame": first_frame_and_continuation}
+TOOLS = {"prompt_travel": prompt_travel, "first_frame": first_frame_and_continuation,
+         "dtype_psnr": dtype_agreement}
 
 
 def grid_markdown(reports: list[dict], tools: dict) -> str:
@@ -215,6 +253,15 @@ def grid_markdown(reports: list[dict], tools: dict) -> str:
             s = t[key]
             lines.append(f"| {label} | {s['colour']} | {s['shape']} | {s['direction']} | "
                          f"{s['background']} | {s['one_blob']} | {db} |")
+    if "dtype_psnr" in tools:
+        t = tools["dtype_psnr"]
+        lines += ["", f"| against float32 ({t['videos']} trained captions) | mean frame PSNR dB "
+                  "| lowest video's PSNR dB | all four attributes as float32's |",
+                  "|" + " --- |" * 4]
+        for name in ("bfloat16", "float16"):
+            s = t[name]
+            lines.append(f"| {name} | {s['psnr_db_mean']} | {s['psnr_db_min']} | "
+                         f"{s['all_attributes_as_float32']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -306,9 +306,10 @@ def test_synthetic_writer_makes_a_folder_the_trainer_reads(tmp_path, capsys):
 def test_quality_grid_measures_the_tools(tmp_path, capsys):
     """python -m t2v.quality_grid, shortened: the tool measurements on one video each (the
     kept first frame and the repeated frames of a continuation are close to their sources;
-    a plain video's first frame is not), and grid.md from the reports."""
-    from t2v.quality_grid import (first_frame_and_continuation, grid_markdown, main, psnr,
-                                  prompt_travel)
+    a plain video's first frame is not; bf16 and fp16 videos are close to fp32's), and grid.md
+    from the reports."""
+    from t2v.quality_grid import (DTYPE_SEED, dtype_agreement, first_frame_and_continuation,
+                                  grid_markdown, main, psnr, prompt_travel)
     from t2v.synthetic import render
 
     pipe = load_demo_pipeline(DEMO_SOURCE)
@@ -323,8 +324,20 @@ def test_quality_grid_measures_the_tools(tmp_path, capsys):
     travel = prompt_travel(pipe, videos=1, frames=16, switch=8, steps=4)
     assert {"windows_matching_schedule", "before_switch", "after_switch",
             "control_first_prompt_only"} <= set(travel)
-    text = grid_markdown([], {"prompt_travel": travel, "first_frame": first})
+    # bf16 / fp16 against fp32 on the same seed: close (fp16, 3 more mantissa bits, closer);
+    # the control, fp32 on another seed, is far.
+    agreement = dtype_agreement(pipe, videos=1, steps=4)
+    other_seed = pipe(TRAINED[0].caption, num_frames=8, seed=DTYPE_SEED + 1,
+                      **{**COMMON, "steps": 4}).frames[0].numpy()
+    same_seed = pipe(TRAINED[0].caption, num_frames=8, seed=DTYPE_SEED,
+                     **{**COMMON, "steps": 4}).frames[0].numpy()
+    far = psnr(other_seed, same_seed)
+    assert agreement["float16"]["psnr_db_mean"] > agreement["bfloat16"]["psnr_db_mean"] > far + 6, \
+        (agreement, far)
+    text = grid_markdown([], {"prompt_travel": travel, "first_frame": first,
+                              "dtype_psnr": agreement})
     assert "| colour switch at frame 8 of 16 | 1 |" in text and "init_image" in text
+    assert "| bfloat16 |" in text and "| float16 |" in text
     assert main(["--out", str(tmp_path / "q"), "--only", "nothing"]) == 2  # unknown row
     assert "invalid choice" in capsys.readouterr().err
 
