@@ -222,6 +222,9 @@ class SampleConfig:
     # DeepCache (t2v/deep_cache.py): a full UNet call every N calls, shallow ones reusing its
     # deep features between; 1: off. An approximation (docs/sampling-tools.md).
     cache_interval: int = 1
+    # The skip branch DeepCache's shallow calls recompute: the first `cache_branch` layers of
+    # the first down block and the last cache_branch + 1 of the last up block (0: shallowest).
+    cache_branch: int = 0
     free_init: FreeInitConfig = field(default_factory=lambda: FreeInitConfig())
 
     def __post_init__(self):
@@ -246,6 +249,8 @@ class SampleConfig:
         _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
         _check(self.cache_interval >= 1,
                f"sample.cache_interval must be >= 1 (1: off), got {self.cache_interval}")
+        _check(self.cache_branch >= 0,
+               f"sample.cache_branch must be >= 0 (0: the shallowest), got {self.cache_branch}")
         _check(self.cache_interval == 1 or (self.window is None and not self.guidance_parallel),
                "sample.cache_interval (DeepCache) does not combine with sample.window or "
                "sample.guidance_parallel yet; set it to 1")

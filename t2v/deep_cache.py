@@ -2,12 +2,17 @@
 neighbouring denoising steps. Opt-in: `cache_interval=N` (`--cache-interval N`).
 
 The UNet's output at one step changes little from the previous step in its deep,
-low-resolution part; its highest-resolution skip branch carries what changes. So every N-th
-UNet call is a full call that also keeps `features`, the input of the last up block (the
-highest resolution, after the deeper blocks and the upsample); the N - 1 calls between run only
+low-resolution part; its highest-resolution skip branches carry what changes. So every N-th
+UNet call is a full call that also keeps `features`, the input of one layer of the last up
+block; the N - 1 calls between recompute only the skip branch `branch` (B, `cache_branch`):
 
-    conv_in -> transformer_in -> the layers of down block 0 (not its downsampler)
-            -> the last up block on [kept features, the fresh skips] -> conv_out
+    conv_in -> transformer_in -> the first B layers of down block 0
+            -> the last B + 1 layers of the last up block, from the kept features -> conv_out
+
+(a layer: ResBlock, temporal conv, spatial and temporal transformer). B = 0, the default,
+is the shallowest branch (the only skip recomputed is conv_in's output; the branch the
+authors' code defaults to); B = layers per block (2 for ms-1.7b) recomputes all of the first down
+block and the last up block, the form t2v had before 2026-12-02.
 
 t2v.unet.UNet3D.forward does this when given a DeepCache. With N = 1 every call is full and the
 output is the plain UNet's; a reused call on the same inputs as the full call before it gives
@@ -29,9 +34,15 @@ import torch
 from t2v.errors import UserError
 
 
+DEFAULT_BRANCH = 0
+
+
 @dataclass
 class DeepCache:
     interval: int  # a full UNet call every `interval` calls; 1: always full (no caching)
+    # The skip branch the shallow calls recompute: the first `branch` layers of down block 0
+    # and the last branch + 1 layers of the last up block (0: the shallowest).
+    branch: int = DEFAULT_BRANCH
     calls: int = 0  # UNet calls so far
     full_calls: int = 0
     features: torch.Tensor | None = field(default=None, repr=False)
@@ -42,6 +53,14 @@ class DeepCache:
                 or self.interval < 1:
             raise UserError(f"cache_interval must be an integer >= 1 (1: off), got "
                             f"{self.interval!r}")
+        if isinstance(self.branch, bool) or not isinstance(self.branch, int) or self.branch < 0:
+            raise UserError(f"cache_branch must be an integer >= 0, got {self.branch!r}")
+
+    def check_branch(self, layers: int) -> None:
+        """The UNet's first block has `layers` layers: branches 0 .. layers."""
+        if self.branch > layers:
+            raise UserError(f"cache_branch must be between 0 and {layers} (the layers of the "
+                            f"UNet's first block), got {self.branch}")
 
     def reuse(self, key: tuple) -> bool:
         """Whether this call may run shallow: not a refresh call, and features kept for the

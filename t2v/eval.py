@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2v.deep_cache import DEFAULT_BRANCH
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.noise import randn
 from t2v.samplers import SAMPLERS
@@ -276,7 +277,8 @@ def generate(pipe, batch: list[Case], settings: dict) -> np.ndarray:
                   free_init=settings.get("free_init") or False,
                   thresholding=settings.get("thresholding", False),
                   sample_max_value=settings.get("sample_max_value", 1.0),
-                  cache_interval=settings.get("cache_interval", 1), **shape_args)
+                  cache_interval=settings.get("cache_interval", 1),
+                  cache_branch=settings.get("cache_branch", DEFAULT_BRANCH), **shape_args)
     return result.frames.cpu().numpy()
 
 
@@ -325,7 +327,8 @@ def format_table(report: dict) -> str:
              + (f", FreeU {s['freeu']}" if s.get("freeu") else "")
              + (f", FreeInit {s['free_init']} passes" if s.get("free_init") else "")
              + (f", colour word weighted {s['emphasis']}" if s.get("emphasis") else "")
-             + (f", DeepCache interval {s['cache_interval']}" if s.get("cache_interval", 1) > 1
+             + (f", DeepCache interval {s['cache_interval']} branch "
+                f"{s.get('cache_branch', DEFAULT_BRANCH)}" if s.get("cache_interval", 1) > 1
                 else "")
              + (f", thresholding (max {s['sample_max_value']})" if s.get("thresholding")
                 else "")
@@ -388,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-max-value", type=float, default=1.0)
     parser.add_argument("--cache-interval", type=int, default=1, metavar="N",
                         help="DeepCache: a full UNet call every N steps (1: off)")
+    parser.add_argument("--cache-branch", type=int, default=DEFAULT_BRANCH, metavar="B",
+                        help="DeepCache's skip branch (0: the shallowest)")
     parser.add_argument("--emphasis", type=float, default=None, metavar="W",
                         help="weight the colour word: 'a (red:W) circle ...' (prompt weighting)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
@@ -421,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
                               else list(args.freeu) or [1.2, 1.4, 0.9, 0.2]),
                     "free_init": args.free_init, "thresholding": args.thresholding,
                     "sample_max_value": args.sample_max_value, "emphasis": args.emphasis,
-                    "cache_interval": args.cache_interval}
+                    "cache_interval": args.cache_interval, "cache_branch": args.cache_branch}
         seeds = {"trained": args.seeds, "heldout": args.seeds} if args.seeds else None
         report = evaluate(pipe, settings, cases(seeds, tuple(args.colours), args.split), args.batch)
     except (UserError, NumericalError) as exc:

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from t2v.config import ModelConfig
 from t2v.errors import NumericalError, UserError  # noqa: F401 (NumericalError: public here too)
-from t2v.deep_cache import DeepCache
+from t2v.deep_cache import DEFAULT_BRANCH, DeepCache
 from t2v.freeinit import FreeInit, reinitialize
 from t2v.first_frames import FirstFrames, check_weights, fading_weights
 from t2v.freeu import FreeU
@@ -385,7 +385,7 @@ class TextToVideo:
                  init_weights: tuple[float, ...] | list[float] | None = None,
                  continue_from=None, continue_frames: int = 4,
                  prompt_weighting: bool = False, prompt_schedule: str | dict | None = None,
-                 cache_interval: int = 1,
+                 cache_interval: int = 1, cache_branch: int = DEFAULT_BRANCH,
                  callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
                  callback_on_step_end: Callable | None = None,
                  callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
@@ -422,7 +422,8 @@ class TextToVideo:
         `free_init` (passes or a FreeInit; t2v.freeinit) default to what
         enable_freeu / enable_free_init set (off).
         `cache_interval` N > 1: DeepCache, a full UNet call every N calls and shallow ones
-        reusing its deep features between (t2v.deep_cache; an approximation, opt-in).
+        reusing its deep features between (t2v.deep_cache; an approximation, opt-in);
+        `cache_branch` the skip branch the shallow calls recompute (0: the shallowest).
         `guidance_parallel`: the unconditional pass on rank 0, the conditional one on rank 1 of
         a 2-process group, combined every step (t2v.guidance_parallel); every rank calls with
         the same arguments and gets the same result (a seed is shared if none is given).
@@ -460,7 +461,7 @@ class TextToVideo:
                             "with init_video (video-to-video)")
         if free_init is not None and init_video is not None:
             raise UserError("free_init applies to text-to-video only, not with init_video")
-        deep_cache = DeepCache(cache_interval) if cache_interval != 1 else None
+        deep_cache = DeepCache(cache_interval, cache_branch) if cache_interval != 1 else None
         if deep_cache is not None and (window is not None or guidance_parallel):
             raise UserError("cache_interval (DeepCache) does not combine with windowed sampling "
                             "or guidance_parallel yet; use cache_interval=1 with them")

@@ -56,7 +56,7 @@ SAMPLE_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed"
                 "init_image": "init_image", "init_frames": "init_frames",
                 "init_weights": "init_weights", "continue_from": "continue_from",
                 "continue_frames": "continue_frames", "guidance_parallel": "guidance_parallel",
-                "cache_interval": "cache_interval"}
+                "cache_interval": "cache_interval", "cache_branch": "cache_branch"}
 
 
 def read_config(path: str | None, overrides: list[str]) -> Config:
@@ -174,6 +174,9 @@ def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cache-interval", type=int, default=s.cache_interval, metavar="N",
                    help="DeepCache: a full UNet call every N steps, shallow ones reusing its "
                    "deep features between (1 = off; an approximation, docs/sampling-tools.md)")
+    p.add_argument("--cache-branch", type=int, default=s.cache_branch, metavar="B",
+                   help="DeepCache: the skip branch shallow calls recompute, 0 (the shallowest, "
+                   "fastest) to the layers of the first block")
     p.add_argument("--free-init", type=int, default=s.free_init.num_iters, metavar="N",
                    help="FreeInit: N sampling passes (0 = off)")
     p.add_argument("--free-init-method", choices=["butterworth", "gaussian", "ideal"],
@@ -498,6 +501,7 @@ def generate(pipe: TextToVideo, s, init_video: torch.Tensor | None, progress: bo
                 loop=s.loop, freenoise=s.freenoise, prompt_weighting=s.prompt_weighting,
                 prompt_schedule=s.prompt_schedule, guidance_rescale=s.guidance_rescale,
                 guidance_parallel=s.guidance_parallel, cache_interval=s.cache_interval,
+                cache_branch=s.cache_branch,
                 freeu=s.freeu or False,
                 free_init=(dataclasses.asdict(s.free_init) if s.free_init.num_iters else False),
                 output="latents", progress=progress, callback=callback,
@@ -525,6 +529,7 @@ def write_outputs(pipe: TextToVideo, latents: torch.Tensor, cfg: Config, path: P
         params["freeu"] = dict(zip(("b1", "b2", "s1", "s2"), s.freeu))
     if s.cache_interval != 1:
         params["cache_interval"] = s.cache_interval
+        params["cache_branch"] = s.cache_branch
     if s.free_init.num_iters:
         params["free_init"] = dataclasses.asdict(s.free_init)
     write_output(frames, path, fmt, s.fps, params, overwrite)

@@ -349,9 +349,17 @@ class UpBlock(Level):
         self.stage = stage  # 0 = the lowest resolution (FreeU's stage numbering)
 
     def forward(self, x, skips, emb, context, num_frames, upsample_size=None, chunk=None,
-                freeu: FreeU | None = None):
-        for i in range(len(self.resnets)):
-            x, skip = freeu_apply(freeu, self.stage, x, skips[-1 - i])
+                freeu: FreeU | None = None, start: int = 0, keep_input_of: int | None = None,
+                keep=None):
+        """Layer i takes skips[n - 1 - i] (n layers; the skips in push order). `start`: begin
+        at that layer, `x` being its input and `skips` the first n - start of the block's
+        skips (DeepCache's shallow calls); `keep(x)` is called with the input of layer
+        `keep_input_of` (DeepCache's full calls)."""
+        n = len(self.resnets)
+        for i in range(start, n):
+            if i == keep_input_of:
+                keep(x)
+            x, skip = freeu_apply(freeu, self.stage, x, skips[n - 1 - i])
             x = torch.cat([x, skip], dim=1)  # not pop(): checkpointing reruns this
             x = self.layer(i, x, emb, context, num_frames, chunk)
         if self.upsamplers is not None:
@@ -448,10 +456,12 @@ class UNet3D(nn.Module):
             block_skips, skips = skips[-n:], skips[:-n]
             # Upsample to the next skip's size: latent sizes need not be multiples of 2^levels.
             size = tuple(skips[-1].shape[-2:]) if skips else None
+            kept = {}
             if block is self.up_blocks[-1] and deep_cache is not None:
-                deep_cache.keep(x, cache_key)
+                kept = dict(keep_input_of=len(block.resnets) - 1 - deep_cache.branch,
+                            keep=lambda features: deep_cache.keep(features, cache_key))
             x = self._run(block, x, block_skips, emb, context, num_frames, size, chunk,
-                          freeu=self.freeu)
+                          freeu=self.freeu, **kept)
         return x
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | int | float,
@@ -488,14 +498,18 @@ class UNet3D(nn.Module):
         x = self.transformer_in(self.conv_in(x), num_frames, chunk)
         skips = [x]
         cache_key = (tuple(x.shape), num_frames, x.dtype, x.device)
+        if deep_cache is not None:
+            deep_cache.check_branch(len(self.down_blocks[0].resnets))
         if deep_cache is not None and deep_cache.reuse(cache_key):
-            # Shallow call: down block 0's layers, then the last up block on the kept features.
-            first = self.down_blocks[0]
-            for i in range(len(first.resnets)):
+            # Shallow call: the first `branch` layers of down block 0, then the last
+            # branch + 1 layers of the last up block, from the kept features.
+            first, last = self.down_blocks[0], self.up_blocks[-1]
+            for i in range(deep_cache.branch):
                 x = first.layer(i, x, emb, context, num_frames, chunk)
                 skips.append(x)
-            x = self._run(self.up_blocks[-1], deep_cache.features, skips, emb, context,
-                          num_frames, None, chunk, freeu=self.freeu)
+            x = self._run(last, deep_cache.features, skips, emb, context, num_frames, None,
+                          chunk, freeu=self.freeu,
+                          start=len(last.resnets) - 1 - deep_cache.branch)
         else:
             x = self._full_path(x, skips, emb, context, num_frames, chunk, deep_cache, cache_key)
         x = self.conv_out(F.silu(self.conv_norm_out(x)))

@@ -29,12 +29,14 @@ def test_interval_one_is_the_plain_unet(unet):
     assert cache.full_calls == 2
 
 
+@pytest.mark.parametrize("branch", [0, 1, 2])
 @torch.no_grad()
-def test_a_reused_call_on_the_same_inputs_gives_the_full_output(unet):
+def test_a_reused_call_on_the_same_inputs_gives_the_full_output(unet, branch):
     """The shallow path recomputes the high-resolution branch from the kept deep features: on
-    the inputs of the full call it must return the full output, bit for bit."""
+    the inputs of the full call it must return the full output, bit for bit, at every branch
+    (TINY has 2 layers per block: branches 0, 1, 2)."""
     x, context = inputs(2, 3, (8, 8))
-    cache = DeepCache(2)
+    cache = DeepCache(2, branch=branch)
     full = unet(x, 700, context, deep_cache=cache)
     reused = unet(x, 700, context, deep_cache=cache)
     assert cache.full_calls == 1 and cache.calls == 2
@@ -44,12 +46,35 @@ def test_a_reused_call_on_the_same_inputs_gives_the_full_output(unet):
     from t2v.freeu import RECOMMENDED
     unet.freeu = RECOMMENDED
     try:
-        cache = DeepCache(2)
+        cache = DeepCache(2, branch=branch)
         full = unet(x, 700, context, frame_chunk=1, deep_cache=cache)
         assert torch.equal(unet(x, 700, context, frame_chunk=1, deep_cache=cache), full)
         assert not torch.equal(full, unet(x, 700, context))  # FreeU did act
     finally:
         unet.freeu = None
+
+
+@pytest.mark.parametrize("branch", [0, 1, 2])
+@torch.no_grad()
+def test_a_shallow_call_runs_the_branch_layers_only(unet, branch):
+    """Branch b: the first b layers of down block 0 and the last b + 1 of the last up block;
+    nothing of the other blocks."""
+    ran = []
+    hooks = [m.register_forward_hook(lambda m, *a, name=name: ran.append(name))
+             for name, m in unet.named_modules() if name.endswith(("resnets.0", "resnets.1",
+                                                                   "resnets.2"))]
+    try:
+        x, context = inputs(2, 3, (8, 8))
+        cache = DeepCache(2, branch=branch)
+        unet(x, 700, context, deep_cache=cache)
+        ran.clear()
+        unet(x, 650, context, deep_cache=cache)
+    finally:
+        for h in hooks:
+            h.remove()
+    last = len(unet.up_blocks) - 1
+    assert ran == [f"down_blocks.0.resnets.{i}" for i in range(branch)] + \
+        [f"up_blocks.{last}.resnets.{i}" for i in range(2 - branch, 3)]
 
 
 @torch.no_grad()
@@ -80,6 +105,16 @@ def test_interval_is_checked():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(UserError, match="cache_interval"):
             DeepCache(bad)
+    for bad in (-1, 1.0, True):
+        with pytest.raises(UserError, match="cache_branch"):
+            DeepCache(2, branch=bad)
+
+
+@torch.no_grad()
+def test_a_branch_beyond_the_first_block_is_refused(unet):
+    x, context = inputs(1, 2, (8, 8))
+    with pytest.raises(UserError, match="between 0 and 2"):
+        unet(x, 700, context, deep_cache=DeepCache(2, branch=3))
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +157,21 @@ def test_cli_flag_and_config_key():
     assert cfg.sample.cache_interval == 3
     _, cfg = parse([*base, "sample.cache_interval=2"])
     assert cfg.sample.cache_interval == 2
+    _, cfg = parse([*base, "--cache-interval", "3", "--cache-branch", "2"])
+    assert cfg.sample.cache_branch == 2
+    with pytest.raises((ConfigError, UserError), match="cache_branch"):
+        parse([*base, "--cache-branch", "-1"])
     for bad in (["--cache-interval", "0"], ["--cache-interval", "2", "--window", "8"]):
         with pytest.raises((ConfigError, UserError), match="cache_interval"):
             parse([*base, *bad])
+
+
+def test_benchmark_per_video_model():
+    """t2v.bench.deep_cache's per-video ratio: 25 steps at N = 3 are 9 full calls and 16
+    shallow ones."""
+    from t2v.bench.deep_cache import per_video_speedup
+
+    assert per_video_speedup(1.0, 0.0, 25, 3) == pytest.approx(25 / 9)
+    assert per_video_speedup(1.0, 1.0, 25, 5) == pytest.approx(1.0)
+    assert per_video_speedup(2.0, 0.5, 25, 1) == pytest.approx(1.0)
+    assert per_video_speedup(1.0, 0.25, 10, 2) == pytest.approx(10 / (5 + 5 * 0.25))

@@ -1,5 +1,5 @@
-"""DeepCache's speed (t2v/deep_cache.py): a full-size UNet call against a shallow one, and what
-that makes of a video's denoising loop at cache intervals N.
+"""DeepCache's speed (t2v/deep_cache.py): a full-size UNet call against a shallow one at each
+skip branch, and what that makes of a video's denoising loop at cache intervals N.
 
     python -m t2v.bench.deep_cache [--case a|b] [--repeat 3] [--steps 25] [--loop-steps 0]
 
@@ -23,7 +23,7 @@ import torch
 
 from t2v.bench.common import alternate, set_flush_denormal, trained_like_
 from t2v.config import UNetConfig
-from t2v.deep_cache import DeepCache
+from t2v.deep_cache import DEFAULT_BRANCH, DeepCache
 from t2v.unet import UNet3D
 
 CASES = {"a": (2, 8, 16), "b": (2, 16, 32)}  # batch (guidance: 2 x 1 video), frames, latent
@@ -44,29 +44,37 @@ def run(case: str = "a", repeat: int = 3, steps: int = 25, loop_steps: int = 0) 
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, frames, size, size, generator=g)
     context = torch.randn(batch, 77, 1024, generator=g)
-    cache = DeepCache(10 ** 9)  # one full call, then every call shallow
+    branches = range(len(unet.down_blocks[0].resnets) + 1)
+    caches = {b: DeepCache(10 ** 9, branch=b) for b in branches}  # one full call, then shallow
 
-    with torch.no_grad():
-        unet(x, 500, context, deep_cache=cache)
-
-        def shallow():
+    def shallow(cache):
+        def call():
             cache.calls = 1  # not a refresh call
             return unet(x, 500, context, deep_cache=cache)
+        return call
 
-        seconds = alternate({"full": lambda: unet(x, 500, context), "shallow": shallow},
+    with torch.no_grad():
+        for cache in caches.values():
+            unet(x, 500, context, deep_cache=cache)
+        seconds = alternate({"full": lambda: unet(x, 500, context),
+                             **{f"shallow_branch{b}": shallow(c) for b, c in caches.items()}},
                             repeat)
+    full = seconds["full"]
     result = {"case": case, "batch": batch, "frames": frames, "latent": size,
               "threads": torch.get_num_threads(), "flush_denormal": flush,
-              "seconds_per_call": seconds,
-              "shallow_over_full": seconds["shallow"] / seconds["full"],
-              "per_video_speedup": {n: per_video_speedup(seconds["full"], seconds["shallow"],
-                                                         steps, n) for n in INTERVALS},
-              "steps": steps}
+              "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+              "seconds_per_call": seconds, "steps": steps,
+              "shallow_over_full": {b: seconds[f"shallow_branch{b}"] / full for b in branches},
+              "per_video_speedup": {b: {n: per_video_speedup(full, seconds[f"shallow_branch{b}"],
+                                                             steps, n) for n in INTERVALS}
+                                    for b in branches}}
     print(f"case {case} (B={batch}, F={frames}, {size}x{size}), {torch.get_num_threads()} "
-          f"threads: full call {seconds['full']:.2f}s, shallow {seconds['shallow']:.2f}s "
-          f"({result['shallow_over_full']:.3f} of full); per video of {steps} steps: "
-          + ", ".join(f"N={n} {s:.2f}x" for n, s in result["per_video_speedup"].items()),
-          flush=True)
+          f"threads: full call {full:.2f}s", flush=True)
+    for b in branches:
+        print(f"  branch {b}: shallow call {seconds[f'shallow_branch{b}']:.2f}s "
+              f"({result['shallow_over_full'][b]:.3f} of full); per video of {steps} steps: "
+              + ", ".join(f"N={n} {v:.2f}x" for n, v in result["per_video_speedup"][b].items()),
+              flush=True)
     if loop_steps:
         from t2v.samplers import SAMPLERS
         from t2v.schedule import noise_schedule
@@ -75,7 +83,7 @@ def run(case: str = "a", repeat: int = 3, steps: int = 25, loop_steps: int = 0) 
         schedule = noise_schedule(ScheduleConfig())
         loops = {}
         for n in (1, *INTERVALS):
-            cache = DeepCache(n)
+            cache = DeepCache(n)  # the default branch
             start = time.perf_counter()
             with torch.no_grad():
                 SAMPLERS["dpmsolver++"](lambda z, t: unet(z, t, context, deep_cache=cache),
@@ -85,7 +93,7 @@ def run(case: str = "a", repeat: int = 3, steps: int = 25, loop_steps: int = 0) 
         result["loop_speedup"] = {n: loops[1] / loops[n] for n in INTERVALS}
         print(f"real {loop_steps}-step loops: " + ", ".join(
             f"N={n} {loops[n]:.1f}s" for n in loops) + "; measured speedup " + ", ".join(
-            f"N={n} {s:.2f}x (model {per_video_speedup(seconds['full'], seconds['shallow'], loop_steps, n):.2f}x)"  # noqa: E501
+            f"N={n} {s:.2f}x (model {per_video_speedup(full, seconds[f'shallow_branch{DEFAULT_BRANCH}'], loop_steps, n):.2f}x)"  # noqa: E501
             for n, s in result["loop_speedup"].items()), flush=True)
     return result
 
