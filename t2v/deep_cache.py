@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from t2v.config import SampleConfig
 from t2v.errors import UserError
 
-
-DEFAULT_BRANCH = 0
+DEFAULT_BRANCH = SampleConfig.cache_branch  # one default for the config, the CLI and Python
 
 
 @dataclass
