@@ -138,10 +138,12 @@ def prompt_travel(pipe, videos: int = 20, frames: int = 64, switch: int = 32,
 def first_frame_and_continuation(pipe, videos: int = 20, steps: int = 25) -> dict:
     """`init_image`: the rendered first frame of each caption's clip kept in frame 0 (4 frames
     of the weight schedule); `continue_from`: a new clip from the last 4 frames of the plain
-    one. Attributes classified with and without; PSNR of the kept or continued frames."""
+    one. Attributes classified with and without; PSNR of the kept or continued frames; the
+    direction of the continuation's own frames (from its last kept frame on): the prompted
+    one, still, or turned (any other)."""
     common = {**COMMON, "steps": steps}
     chosen = [TRAINED[(i * 5) % len(TRAINED)] for i in range(videos)]
-    plain, conditioned, continued, frame0, overlap = [], [], [], [], []
+    plain, conditioned, continued, frame0, overlap, new_moves = [], [], [], [], [], []
     start = time.perf_counter()
     for i, a in enumerate(chosen):
         clip = render(a, np.random.default_rng(INIT_SEED + i))
@@ -153,11 +155,16 @@ def first_frame_and_continuation(pipe, videos: int = 20, steps: int = 25) -> dic
         plain.append(classify(v0))
         conditioned.append(classify(v1))
         continued.append(classify(v2))
+        moved = classify(v2[3:]).direction  # frame 3 is the last kept one
+        new_moves.append("prompted" if moved == a.motion else moved if moved == "still"
+                         else "turned")
         frame0.append(psnr(v1[0], clip[0]))
         overlap.append(psnr(v2[:4], v0[4:]))
     return {"videos": videos, "plain": attribute_scores(plain, chosen),
             "init_image": attribute_scores(conditioned, chosen),
             "continue_from": attribute_scores(continued, chosen),
+            "continue_new_frames": {k: pct([m == k for m in new_moves])
+                                    for k in ("prompted", "still", "turned")},
             "init_frame0_psnr_db": round(float(np.mean(frame0)), 2),
             "continue_overlap_psnr_db": round(float(np.mean(overlap)), 2),
             "seconds": round(time.perf_counter() - start, 1)}
@@ -253,6 +260,11 @@ def grid_markdown(reports: list[dict], tools: dict) -> str:
             s = t[key]
             lines.append(f"| {label} | {s['colour']} | {s['shape']} | {s['direction']} | "
                          f"{s['background']} | {s['one_blob']} | {db} |")
+        if "continue_new_frames" in t:
+            m = t["continue_new_frames"]
+            lines.append(f"| (continue_from, its own frames 3-7: {m['prompted']}% in the "
+                         f"prompted direction, {m['still']}% still, {m['turned']}% turned) "
+                         "| | | | | | |")
     if "dtype_psnr" in tools:
         t = tools["dtype_psnr"]
         lines += ["", f"| against float32 ({t['videos']} trained captions) | mean frame PSNR dB "

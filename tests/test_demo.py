@@ -321,6 +321,8 @@ def test_quality_grid_measures_the_tools(tmp_path, capsys):
     control = psnr(plain[0], clip[0])
     assert first["init_frame0_psnr_db"] > control + 6, (first, control)
     assert first["continue_overlap_psnr_db"] > control + 6, (first, control)
+    moves = first["continue_new_frames"]
+    assert set(moves) == {"prompted", "still", "turned"} and sum(moves.values()) == 100.0
     travel = prompt_travel(pipe, videos=1, frames=16, switch=8, steps=4)
     assert {"windows_matching_schedule", "before_switch", "after_switch",
             "control_first_prompt_only"} <= set(travel)
@@ -337,6 +339,7 @@ def test_quality_grid_measures_the_tools(tmp_path, capsys):
     text = grid_markdown([], {"prompt_travel": travel, "first_frame": first,
                               "dtype_psnr": agreement})
     assert "| colour switch at frame 8 of 16 | 1 |" in text and "init_image" in text
+    assert "its own frames 3-7" in text
     assert "| bfloat16 |" in text and "| float16 |" in text
     assert main(["--out", str(tmp_path / "q"), "--only", "nothing"]) == 2  # unknown row
     assert "invalid choice" in capsys.readouterr().err
