@@ -83,6 +83,26 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for sharded parameters, on the local shards: the total
+    2-norm from the sum of squares of every rank's gradient shards (one all-reduce), then every
+    shard times min(1, max_norm / (norm + 1e-6)), torch's coefficient. Returns the norm.
+
+    torch's own function runs foreach ops on the DTensors, whose sharding propagation is
+    quadratic in the number of tensors: 8.4 s per step for the tiny UNet of tests/test_fsdp.py
+    on the CPU (torch 2.14), against milliseconds here."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
+    squares = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else None)
+    for g in grads:
+        squares += g.detach().float().pow(2).sum()
+    dist.all_reduce(squares)
+    norm = squares.sqrt()
+    coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.detach().mul_(coefficient.to(g.dtype))
+    return norm
+
+
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
     """A DTensor's whole value on every rank (a collective), or the tensor itself."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -369,8 +369,13 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = list(self.trained.values())
-        norm = torch.nn.utils.clip_grad_norm_(
-            params, tc.max_grad_norm if tc.max_grad_norm is not None else math.inf)
+        max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
+        if self.fsdp:
+            from t2v.fsdp import clip_grad_norm_
+
+            norm = clip_grad_norm_(params, max_norm)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         stepped = True
         if self.scaler:
             scale = self.scaler.get_scale()
@@ -393,10 +398,6 @@ class Trainer:
                 ema, current = [local(v) for v in ema], [local(p) for p in current]
             torch._foreach_lerp_(ema, current, 1.0 - tc.ema_decay)
         self.step += 1
-        if self.fsdp:
-            from t2v.fsdp import full_value
-
-            norm = full_value(norm)  # the global norm, a replicated DTensor
         return {"step": self.step, "loss": self.dist.mean(sum(losses) / len(losses)),
                 "grad_norm": float(norm), "lr": lr}
 

@@ -243,6 +243,7 @@ def test_real_process_exit_codes_and_help(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error:")
 
 
+@pytest.mark.slow
 def test_torchrun_splits_prompts_across_processes(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball\na blue cube\na green cone\n")

@@ -113,6 +113,7 @@ def torchrun(*args, cwd: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process(tmp_path, one_thread):
     from safetensors.torch import load_file
 
@@ -148,6 +149,7 @@ def png_frames(folder: Path) -> np.ndarray:
                      for p in sorted(folder.glob("*.png"))])
 
 
+@pytest.mark.slow
 def test_cli_two_processes_write_once_and_match_one_process(tmp_path, one_thread, capsys):
     """Both ranks run both prompts (not split) with rank 0's random seed (no --seed); rank 0
     alone writes; the frames match one process given that seed."""

@@ -77,6 +77,7 @@ def test_memory_model_counts_what_scales():
         parse_size("twelve")
 
 
+@pytest.mark.slow
 def test_peak_memory_grows_only_by_latents_and_output():
     """16 frames plain, 64 and 200 windowed: the growth over 16 frames stays under what the
     extra latents (sampler copies included) and uint8 output need, plus slack. A plain

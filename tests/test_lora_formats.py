@@ -548,7 +548,8 @@ def test_bad_files_are_one_line_errors_naming_the_key(tmp_path):
         message = str(info.value)
         assert message.startswith(f"{path}: ") and needle in message, message
         assert "\n" not in message
-    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())  # untouched
+    after = unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # untouched
 
     torch.save([torch.ones(2), torch.ones(2)], tmp_path / "cloneofsimo.pt")
     with pytest.raises(UserError, match="a list of tensors"):

@@ -100,6 +100,6 @@ def test_inflates_from_a_diffusers_folder(tmp_path):
     reference.save_pretrained(tmp_path / "unet")
     from_folder = inflate(tmp_path / "unet", CFG)
     from_state = inflate(reference.state_dict(), CFG)
-    spatial = [k for k in from_state.state_dict() if not is_temporal(k)]
-    assert spatial and all(torch.equal(from_folder.state_dict()[k], from_state.state_dict()[k])
-                           for k in spatial)
+    folder_state, state = from_folder.state_dict(), from_state.state_dict()
+    spatial = [k for k in state if not is_temporal(k)]
+    assert spatial and all(torch.equal(folder_state[k], state[k]) for k in spatial)
