@@ -382,8 +382,7 @@ def load_studio(args: argparse.Namespace) -> Studio:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else \
         (torch.float16 if device.type == "cuda" else torch.float32)
     baseline = resident_bytes() if device.type == "cpu" else 0
-    pipe, cfg, layout = build_pipeline(argparse.Namespace(compile=False), cfg, device, dtype,
-                                       torch.float32, offload=False)
+    pipe, cfg, layout = build_pipeline(cfg, device, dtype, torch.float32, offload=False)
     return Studio(pipe, cfg, layout, device, dtype, torch.float32, args.out.resolve(),
                   args.lora_dir.resolve() if args.lora_dir else None, args.max_memory, baseline)
 

@@ -119,11 +119,6 @@ def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--offload", choices=["none", "model"], default="none",
                    help="model: keep the models on the CPU and move each to --device only for "
                    "its stage (text encoder, UNet, VAE): one model on the accelerator at a time")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the UNet's ResBlocks and temporal convolutions with "
-                   "torch.compile (frozen weights, +3.3 GB at full size; the first step "
-                   "compiles, 1.5 min at full size on 2 CPU cores; steps then measured 0-5%% "
-                   "faster, docs/performance.md)")
     p.add_argument("--max-memory", default=None, metavar="SIZE",
                    help="refuse to start when the estimated peak memory exceeds SIZE (e.g. 16GB) "
                    "and say which settings would fit; the estimate is printed for long runs")
@@ -393,7 +388,7 @@ def run(argv: list[str]) -> list[Path]:
     vae_dtype = DTYPES[args.vae_dtype]
     offload = args.offload == "model"
     check_memory(args, cfg, device, dtype, vae_dtype, offload, streamed=fmt == "mp4")
-    pipe, cfg, layout = build_pipeline(args, cfg, device, dtype, vae_dtype, offload)
+    pipe, cfg, layout = build_pipeline(cfg, device, dtype, vae_dtype, offload)
     written = []
     for i in mine:
         run_cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
@@ -426,10 +421,10 @@ def start_guidance_parallel(world: int, guidance_scale: float, device: torch.dev
     guidance_parallel.init(device)
 
 
-def build_pipeline(args: argparse.Namespace, cfg: Config, device: torch.device, dtype, vae_dtype,
+def build_pipeline(cfg: Config, device: torch.device, dtype, vae_dtype,
                    offload: bool) -> tuple[TextToVideo, Config, str]:
-    """The pipeline of the config (t2v.pipeline.load_pipeline), LoRA files merged, the UNet
-    compiled if asked; returns it with the config of what was loaded and the layout."""
+    """The pipeline of the config (t2v.pipeline.load_pipeline), LoRA files merged; returns
+    it with the config of what was loaded and the layout."""
     if cfg.weights.source is None:
         log.warning("weights.source is null: using RANDOM weights (the video is noise); pass "
                     "--weights or use configs/ms17b.yaml for real output")
@@ -443,11 +438,6 @@ def build_pipeline(args: argparse.Namespace, cfg: Config, device: torch.device, 
         path, scale = parse_lora_arg(spec)
         names = pipe.load_lora(path, scale)
         log.info("merged LoRA %s (scale %g) into %d layers", path, scale, len(names))
-    if args.compile:  # after the LoRA merges: compiled blocks freeze the weights they see
-        from t2v.compile import compile_unet
-
-        compile_unet(pipe.unet)
-        log.info("UNet blocks compile on their first call (torch.compile, frozen weights)")
     return pipe, cfg, layout
 
 

@@ -9,15 +9,14 @@ from t2v.bench.__main__ import TARGETS, check_targets, machine, main
 
 def test_targets_are_checked_from_the_measurements():
     results = {
-        "unet": {"cases": {"b": {"speedup": 1.25, "speedup_compiled": 1.7,
-                                 "efficiency": {"t2v": 0.9}}}},
+        "unet": {"cases": {"b": {"speedup": 1.25, "efficiency": {"t2v": 0.9}}}},
         "vae_memory": {"t2v_8": {"step_mib": 2000.0}, "t2v_64": {"step_mib": 2100.0}},
         "load": {"t2v": {"seconds": 5.0, "peak_mib": 6000.0, "weights_mib": 5383.0},
                  "diffusers": {"seconds": 12.0, "peak_mib": 6300.0, "weights_mib": 5383.0}},
     }
     checks = check_targets(results)
     assert checks["unet_speedup_eager_b"] == {"value": 1.25, "target": 1.3, "met": False}
-    assert checks["unet_speedup_compiled_b"]["met"] and checks["unet_efficiency_b"]["met"]
+    assert checks["unet_efficiency_b"]["met"]
     assert checks["vae_memory_64_over_8"]["value"] == 1.05
     assert checks["vae_memory_64_over_8"]["met"]
     assert checks["load_time_ratio"]["value"] == round(5 / 12, 3)

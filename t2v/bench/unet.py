@@ -2,14 +2,13 @@
 same inputs, alternating runs after a warm-up; medians, the ratio, and achieved GFLOP/s next to
 a large fp32 matmul's.
 
-    python -m t2v.bench.unet [--case a|b|all] [--repeat 3] [--compiled] [--json report.json]
+    python -m t2v.bench.unet [--case a|b|all] [--repeat 3] [--json report.json]
 
 Cases: (a) batch 2, 8 frames, 16x16 latents; (b) batch 2, 16 frames, 32x32 latents (the default
 workload, 256x256 with guidance). Weights: every parameter random at a trained-like scale on
 both sides (`build_pair`); flush-to-zero off unless `--flush-denormal`, recorded either way.
-`--compiled` adds t2v's opt-in torch.compile path (compile
-time reported separately). Needs the `dev` extra (diffusers) and ~12 GB of RAM (~18 GB with
---compiled).
+Needs the `dev` extra (diffusers) and ~12 GB of RAM. (The torch.compile path it also timed
+was removed on 2026-12-03: slower than eager, docs/performance.md.)
 """
 
 from __future__ import annotations
@@ -69,10 +68,7 @@ def build_pair(cfg: UNetConfig, seed: int = 0):
     return ours, reference
 
 
-def run(cases: list[str], repeat: int = 3, compiled: bool = False,
-        flush_denormal: bool = False) -> dict:
-    from t2v.compile import compile_unet
-
+def run(cases: list[str], repeat: int = 3, flush_denormal: bool = False) -> dict:
     flush = set_flush_denormal(flush_denormal)
     ours, reference = build_pair(UNetConfig())
     matmul = matmul_gflops()
@@ -94,16 +90,6 @@ def run(cases: list[str], repeat: int = 3, compiled: bool = False,
             fns = {"t2v": lambda: ours(x, t, context),
                    "diffusers": lambda: reference(x, t, context).sample}
             case = {"batch": batch, "frames": frames, "latent": size, "gflop": flops / 1e9}
-            if compiled:
-                expected = ours(x, t, context)
-                start = time.perf_counter()
-                out = compile_unet(ours)(x, t, context)
-                case["compile_seconds"] = time.perf_counter() - start
-                case["compiled_max_rel_diff"] = float((out - expected).abs().max()
-                                                      / expected.abs().max())
-                fns = {"t2v": lambda: compile_unet(ours, False)(x, t, context),
-                       "diffusers": fns["diffusers"],
-                       "t2v_compiled": lambda: compile_unet(ours)(x, t, context)}
             seconds = alternate(fns, repeat)
         case["seconds"] = seconds
         case["speedup"] = seconds["diffusers"] / seconds["t2v"]
@@ -113,10 +99,6 @@ def run(cases: list[str], repeat: int = 3, compiled: bool = False,
                 f"t2v {seconds['t2v']:.2f}s, diffusers {seconds['diffusers']:.2f}s, "
                 f"speedup {case['speedup']:.2f}x; t2v {case['gflops']['t2v']:.1f} GFLOP/s = "
                 f"{case['efficiency']['t2v']:.2f} of the best matmul")
-        if compiled:
-            case["speedup_compiled"] = seconds["diffusers"] / seconds["t2v_compiled"]
-            line += (f"; compiled {seconds['t2v_compiled']:.2f}s = "
-                     f"{case['speedup_compiled']:.2f}x (compile {case['compile_seconds']:.0f}s)")
         print(line, flush=True)
         results["cases"][name] = case
     return results
@@ -126,7 +108,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", choices=[*CASES, "all"], default="a")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--compiled", action="store_true", help="also time the compiled path")
     parser.add_argument("--flush-denormal", action="store_true",
                         help="run with the CPU's flush-to-zero mode on (recorded in the report)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -135,7 +116,7 @@ def main() -> None:
     if args.json and os.path.exists(args.json) and not args.overwrite:
         parser.error(f"{args.json} already exists; pass --overwrite to replace it")
     results = run(list(CASES) if args.case == "all" else [args.case], args.repeat,
-                  args.compiled, args.flush_denormal)
+                  args.flush_denormal)
     if args.json:
         from pathlib import Path
 
