@@ -4,10 +4,9 @@ weights, a printed summary, a JSON report, and the check against the performance
     python -m t2v.bench [--json t2v-bench.json] [--overwrite] [--skip unet_b text ...]
 
 Sections (all full size unless named tiny): unet_a, unet_b (one UNet step, cases a and b),
-text (2 prompts), vae (decode of 16
-frames at 256x256), tiny_pipeline, load (time and peak RSS), vae_memory (decode of 8 vs 64
-frames), unet_memory (a 64-frame UNet step). About an hour on 2 CPU cores; ~20 GB of RAM.
-Needs the `dev` extra (diffusers, transformers).
+text (2 prompts), vae (decode of 16 frames at 256x256), tiny_pipeline, load (time and peak
+RSS), vae_memory (decode of 8 vs 64 frames), unet_memory (a 64-frame UNet step). About an
+hour on 2 CPU cores; ~20 GB of RAM. Needs the `dev` extra (diffusers, transformers).
 """
 
 from __future__ import annotations
