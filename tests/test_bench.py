@@ -1,6 +1,7 @@
 """The umbrella benchmark's plumbing (the benchmarks themselves are scripts, not tests)."""
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -74,6 +75,22 @@ def test_end_to_end_times_a_process_and_its_first_step():
     assert timed([sys.executable, "-c", "pass"], steps=5)["to_first_step"] is None
     with pytest.raises(RuntimeError, match="boom"):
         timed([sys.executable, "-c", "raise SystemExit('boom')"], steps=5)
+
+
+def test_end_to_end_runs_every_component_in_the_benchmark_dtype(tmp_path, monkeypatch):
+    """Both sides of t2v.bench.end_to_end in the same precision: diffusers' `torch_dtype`
+    casts the whole pipeline, so the t2v command line must set the VAE's dtype too (its
+    default is float32), and it must parse as `python -m t2v.sample` reads it."""
+    from t2v.bench.end_to_end import commands
+    from t2v.sample import parse
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs/ms17b.yaml
+    for dtype in ("float32", "bfloat16"):
+        t2v_cmd, ref_cmd = commands(dtype, 25, tmp_path / "native", tmp_path / "diffusers",
+                                    tmp_path)
+        args, _ = parse(t2v_cmd[3:])  # after `python -m t2v.sample`
+        assert (args.dtype, args.vae_dtype, args.steps) == (dtype, dtype, 25)
+        assert ref_cmd[ref_cmd.index(str(tmp_path / "diffusers")) + 3] == dtype
 
 
 def test_vae_benchmark_checks_parity_and_reports_every_row(monkeypatch):

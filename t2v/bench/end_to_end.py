@@ -6,10 +6,12 @@ trained-like scale).
                                    [--json report.json]
 
 Workload: 16 frames at 256x256, DPM-Solver++ (order 2) with `--steps` steps, guidance 9, one
-prompt, seed 0, written as an MP4. The diffusers side is `TextToVideoSDPipeline.from_pretrained`
-on a diffusers folder of the same weights with `DPMSolverMultistepScheduler`; it writes its
-frames with t2v's MP4 writer (diffusers' `export_to_video` needs imageio or OpenCV, which the
-`dev` extra does not install), so the two differ in model code only. Measured per side: wall
+prompt, seed 0, written as an MP4, every component in `--dtype` on both sides (t2v's VAE
+through `--vae-dtype`; before 2026-12-03 it decoded in float32 in the bf16 run). The diffusers
+side is `TextToVideoSDPipeline.from_pretrained` on a diffusers folder of the same weights with
+`DPMSolverMultistepScheduler`; it writes its frames with t2v's MP4 writer (diffusers'
+`export_to_video` needs imageio or OpenCV, which the `dev` extra does not install), so the two
+differ in model code only. Measured per side: wall
 time from process start to exit (the video written) and the time to the first denoising step
 (when the sampler's progress bar first shows, i.e. after import, load and text encoding).
 The weights (about 7 GB per layout in fp32) are written once to `--weights-dir` (default: a
@@ -88,17 +90,26 @@ def timed(command: list[str], steps: int) -> dict[str, float]:
     return {"wall": time.perf_counter() - start, "to_first_step": first_step}
 
 
-def run(dtype: str, steps: int, weights_dir: Path, out_dir: Path) -> dict:
-    if not Path("configs/ms17b.yaml").is_file():
-        raise SystemExit("run from the repository root: configs/ms17b.yaml not found")
-    native, diffusers = prepare_weights(weights_dir)
+def commands(dtype: str, steps: int, native: Path, diffusers: Path,
+             out_dir: Path) -> tuple[list[str], list[str]]:
+    """The two command lines. Every component runs in `dtype` on both sides: diffusers'
+    `torch_dtype` casts the whole pipeline, so t2v gets `--vae-dtype` too (its default VAE
+    dtype is float32 whatever `--dtype` says)."""
     t2v_cmd = [sys.executable, "-m", "t2v.sample", "--config", "configs/ms17b.yaml",
                "--weights", str(native), "--prompt", PROMPT, "--seed", "0",
                "--sampler", "dpmsolver++", "--steps", str(steps), "--guidance", "9",
                "--frames", "16", "--height", "256", "--width", "256", "--dtype", dtype,
-               "--out", str(out_dir / f"t2v_{dtype}.mp4"), "--overwrite"]
+               "--vae-dtype", dtype, "--out", str(out_dir / f"t2v_{dtype}.mp4"), "--overwrite"]
     ref_cmd = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(diffusers),
                str(out_dir / f"diffusers_{dtype}.mp4"), str(steps), dtype, PROMPT]
+    return t2v_cmd, ref_cmd
+
+
+def run(dtype: str, steps: int, weights_dir: Path, out_dir: Path) -> dict:
+    if not Path("configs/ms17b.yaml").is_file():
+        raise SystemExit("run from the repository root: configs/ms17b.yaml not found")
+    native, diffusers = prepare_weights(weights_dir)
+    t2v_cmd, ref_cmd = commands(dtype, steps, native, diffusers, out_dir)
     seconds = {"t2v": timed(t2v_cmd, steps), "diffusers": timed(ref_cmd, steps)}
     result = {"dtype": dtype, "steps": steps, "threads": torch.get_num_threads(),
               "seconds": seconds,
