@@ -244,9 +244,12 @@ class Trainer:
             self.model = nn.parallel.DistributedDataParallel(
                 unet, device_ids=[device.index] if device.type == "cuda" else None)
 
+        # torch's fused AdamW (one kernel over all tensors) where it exists: on CPU the default
+        # is a Python loop of per-tensor ops. FSDP's DTensor shards keep the default.
+        fused = not self.fsdp and device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.AdamW(list(self.trained.values()), lr=tc.lr,
                                            betas=tuple(tc.betas), eps=tc.adam_eps,
-                                           weight_decay=tc.weight_decay)
+                                           weight_decay=tc.weight_decay, fused=fused)
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(step, tc))
         self.scaler = torch.amp.GradScaler("cuda") if tc.mixed_precision == "fp16" else None
