@@ -7,13 +7,12 @@ trained-like scale).
 
 Workload: 16 frames at 256x256, DPM-Solver++ (order 2) with `--steps` steps, guidance 9, one
 prompt, seed 0, written as an MP4, every component in `--dtype` on both sides (t2v's VAE
-through `--vae-dtype`; before 2026-12-03 it decoded in float32 in the bf16 run). The diffusers
-side is `TextToVideoSDPipeline.from_pretrained` on a diffusers folder of the same weights with
-`DPMSolverMultistepScheduler`; it writes its frames with t2v's MP4 writer (diffusers'
-`export_to_video` needs imageio or OpenCV, which the `dev` extra does not install), so the two
-differ in model code only. Measured per side: wall
-time from process start to exit (the video written) and the time to the first denoising step
-(when the sampler's progress bar first shows, i.e. after import, load and text encoding).
+through `--vae-dtype`). The diffusers side is `TextToVideoSDPipeline.from_pretrained` on a
+diffusers folder of the same weights with `DPMSolverMultistepScheduler`; it writes its frames
+with t2v's MP4 writer (diffusers' `export_to_video` needs imageio or OpenCV, which the `dev`
+extra does not install), so the two differ in model code only. Measured per side: wall time
+from process start to exit (the video written) and the time to the first denoising step (when
+the sampler's progress bar first shows, i.e. after import, load and text encoding).
 The weights (about 7 GB per layout in fp32) are written once to `--weights-dir` (default: a
 temporary folder, removed afterwards) and reused if already there. Run it from the
 repository root (the t2v side reads configs/ms17b.yaml).
