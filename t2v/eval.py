@@ -9,8 +9,12 @@ a video, then classify it with plain image analysis (numpy, no learned model):
                 blob of at most MAX_OBJECT_FRACTION of the frame
     colour      median over frames of the object's mean colour (pixels at least 70% of the
                 way from the background), nearest palette colour (COLOURS and EXTRA_COLOURS)
-    shape       median fill ratio of the object's bounding box: triangle ~0.5, circle ~0.79,
-                square ~1 (boundaries SHAPE_BOUNDARIES)
+    shape       from the moments of the object's soft mask (its distance from the background
+                over its peak, clipped to [0, 1]): a triangle (pointing up) is skewed along
+                the vertical (TRIANGLE_SKEW); a square's projections onto the diagonals are
+                more peaked than onto the axes (`corners`, SQUARE_CORNERS); a circle is
+                neither. Medians over frames. Both survive the VAE's blur, which rounds a
+                square's corners in pixels (docs/quality.md, "The shape rule")
     direction   the centroid track's least-squares velocity; the larger axis and its sign
                 (still, if the object moves less than MIN_TRAVEL pixels over the clip)
     consistency one blob in every frame, and frame-to-frame jitter: the RMS distance of the
@@ -49,8 +53,10 @@ from t2v.synthetic import (BACKGROUNDS, COLOURS, EXTRA_COLOURS, HELDOUT, TRAINED
 OBJECT_DISTANCE = 80.0  # RGB distance from the background that counts as object
 MIN_BLOB_PIXELS = 4  # smaller specks are not blobs
 MAX_OBJECT_FRACTION = 0.4  # a blob over this share of the frame is not an object (objects: <17%)
-SHAPE_BOUNDARIES = (0.685, 0.92)  # fill ratio: triangle | circle | square (midpoints of
-# the ranges measured on rendered clips: triangle 0.54-0.64, circle 0.73-0.85, square 0.98-1)
+# Shape boundaries: midpoints of the gaps between the shapes' ranges measured on 360 rendered
+# clips and on the same clips through the demo VAE (encode, decode); docs/quality.md.
+TRIANGLE_SKEW = -0.245  # vertical skewness: triangles -0.59..-0.44, circles, squares -0.05..0.04
+SQUARE_CORNERS = 1.13  # diagonal / axis kurtosis: circles 0.98..1.05, squares 1.21..1.34
 MIN_TRAVEL = 2.0  # pixels over the clip (at 32x32); less is "still"
 JITTER_LIMIT = 1.0  # pixels; a consistent video stays under this and one blob per frame
 EVAL_SEED_BASE = 1_000_000  # eval seeds: EVAL_SEED_BASE + i; training never draws these
@@ -65,7 +71,9 @@ class Prediction:
     direction: str
     one_blob: bool  # one blob in every frame
     jitter: float  # pixels
-    fill: float
+    fill: float  # median fill ratio of the object's bounding box (reported, not used)
+    corners: float  # median diagonal / axis kurtosis of the soft mask (square: ~1.3)
+    skew: float  # median vertical skewness of the soft mask (triangle pointing up: ~-0.57)
     travel: tuple[float, float]  # (dy, dx) over the clip, pixels
 
 
@@ -98,6 +106,42 @@ def _nearest(value: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str
     return names[int(np.argmin(distances))]
 
 
+def shape_moments(distance: np.ndarray, pixels: np.ndarray) -> tuple[float, float]:
+    """(corners, skew) of one frame's object: `distance` (H, W) from the background, `pixels`
+    (n, 2) its blob. The soft mask is distance over the blob's peak (90th percentile), clipped
+    to [0, 1], on the blob grown by one pixel (its anti-aliased or blurred rim). corners: mean
+    kurtosis of the mask's projections onto the two diagonals over that onto the two axes
+    (uniform square 1.33, disc 1, blur moves both towards 1 slowly); skew: skewness of its
+    vertical projection (a triangle with its apex up: -0.57, symmetric shapes 0)."""
+    h, w = distance.shape
+    blob = np.zeros((h, w), dtype=bool)
+    blob[pixels[:, 0], pixels[:, 1]] = True
+    grown = blob.copy()
+    grown[1:] |= blob[:-1]
+    grown[:-1] |= blob[1:]
+    grown[:, 1:] |= blob[:, :-1]
+    grown[:, :-1] |= blob[:, 1:]
+    peak = np.percentile(distance[blob], 90)
+    alpha = np.clip(distance / peak, 0.0, 1.0) * grown
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    area = alpha.sum()
+    y = yy - (alpha * yy).sum() / area
+    x = xx - (alpha * xx).sum() / area
+
+    def moment(p, n):
+        return (alpha * p ** n).sum() / area
+
+    def variance(p):  # a one-pixel-thin blob has none along its thin axis
+        return max(moment(p, 2), 1e-9)
+
+    def kurtosis(p):
+        return moment(p, 4) / variance(p) ** 2
+
+    corners = (kurtosis((x + y) / np.sqrt(2)) + kurtosis((x - y) / np.sqrt(2))) / \
+        (kurtosis(x) + kurtosis(y))
+    return float(corners), float(moment(y, 3) / variance(y) ** 1.5)
+
+
 def classify(video: np.ndarray) -> Prediction:
     """uint8 (F, H, W, 3) -> the attributes it shows."""
     video = video.astype(np.float64)
@@ -107,7 +151,7 @@ def classify(video: np.ndarray) -> Prediction:
     background = _nearest(background_rgb, BACKGROUNDS)
     distance = np.linalg.norm(video - background_rgb, axis=-1)  # (F, H, W)
     palette = {**COLOURS, **EXTRA_COLOURS}
-    centroids, fills, colours, one_blob = [], [], [], True
+    centroids, fills, moments, colours, one_blob = [], [], [], [], True
     for i in range(f):
         found = blobs(distance[i] > OBJECT_DISTANCE)
         if len(found) != 1 or len(found[0]) > MAX_OBJECT_FRACTION * h * w:
@@ -120,15 +164,17 @@ def classify(video: np.ndarray) -> Prediction:
         centroids.append((i, ys.mean(), xs.mean()))
         box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
         fills.append(len(pixels) / box)
+        moments.append(shape_moments(distance[i], pixels))
         core = distance[i, ys, xs] >= 0.7 * distance[i, ys, xs].max()
         colours.append(video[i, ys[core], xs[core]].mean(axis=0))
     if not centroids:
-        return Prediction(background, "none", "none", "none", False, float("inf"), 0.0,
-                          (0.0, 0.0))
+        return Prediction(background, "none", "none", "none", False, float("inf"), 0.0, 0.0,
+                          0.0, (0.0, 0.0))
     colour = _nearest(np.median(np.array(colours), axis=0), palette)
     fill = float(np.median(fills))
-    shape = "triangle" if fill < SHAPE_BOUNDARIES[0] else \
-        "circle" if fill < SHAPE_BOUNDARIES[1] else "square"
+    corners, skew = (float(v) for v in np.median(np.array(moments), axis=0))
+    shape = "triangle" if skew < TRIANGLE_SKEW else \
+        "square" if corners > SQUARE_CORNERS else "circle"
     track = np.array(centroids)  # (n, 3): frame, y, x
     direction, jitter, travel = "still", 0.0, (0.0, 0.0)
     if len(track) >= 2:
@@ -146,7 +192,7 @@ def classify(video: np.ndarray) -> Prediction:
             else:
                 direction = "down" if dy > 0 else "up"
     return Prediction(background, colour, shape, direction, one_blob and len(track) == f,
-                      jitter, fill, travel)
+                      jitter, fill, corners, skew, travel)
 
 
 def window_predictions(video: np.ndarray, window: int, stride: int) -> list[Prediction]:
