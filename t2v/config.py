@@ -215,6 +215,9 @@ class SampleConfig:
     # Guidance rescale (t2v/guidance.py; 0: off), FreeU's [b1, b2, s1, s2] (t2v/freeu.py;
     # null: off; ms-1.7b and zeroscope: [1.2, 1.4, 0.9, 0.2]) and FreeInit (t2v/freeinit.py).
     guidance_rescale: float = 0.0
+    # Guidance only at timesteps low <= t <= high ([low, high], 0-999; null: every step), the
+    # conditional prediction alone at the others (t2v/pipeline.py; docs/sampling-tools.md).
+    guidance_interval: tuple[float, float] | None = None
     # Guidance-parallel sampling (t2v/guidance_parallel.py): under torchrun with 2 processes,
     # the unconditional pass on rank 0 and the conditional one on rank 1, every step.
     guidance_parallel: bool = False
@@ -244,6 +247,13 @@ class SampleConfig:
                f"sample.init_weights must be numbers between 0 and 1, got {self.init_weights}")
         _check(0.0 <= self.guidance_rescale <= 1.0,
                f"sample.guidance_rescale must be between 0 and 1, got {self.guidance_rescale}")
+        _check(self.guidance_interval is None or (
+            len(self.guidance_interval) == 2
+            and 0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 999),
+               "sample.guidance_interval must be null or [low, high] timesteps with "
+               f"0 <= low <= high <= 999, got {self.guidance_interval}")
+        _check(self.guidance_interval is None or not self.guidance_parallel,
+               "sample.guidance_interval does not combine with sample.guidance_parallel yet")
         _check(self.freeu is None or (len(self.freeu) == 4 and min(self.freeu) > 0),
                f"sample.freeu must be null or 4 numbers > 0 [b1, b2, s1, s2], got {self.freeu}")
         _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")

@@ -24,7 +24,9 @@ Accuracy per attribute is reported separately for trained and held-out combinati
 (t2v.synthetic.HELDOUT), with the settings used. The classifier itself is tested to be exact
 on rendered ground-truth clips (tests/test_demo.py).
 
-    python -m t2v.eval demo                                 # DPM-Solver++ 25 steps, guidance 5
+    python -m t2v.eval demo             # configs/demo.yaml's settings: DPM-Solver++ 25 steps,
+                                        # guidance 5 at timesteps 600-999
+    python -m t2v.eval demo --guidance-interval 0 999       # guidance at every step
     python -m t2v.eval demo --sampler ddim --steps 50 --json ddim50.json
     python -m t2v.eval demo --dtype bfloat16
     python -m t2v.eval demo --frames 64 --window 8 --window-overlap 4   # direction per window
@@ -61,6 +63,8 @@ MIN_TRAVEL = 2.0  # pixels over the clip (at 32x32); less is "still"
 JITTER_LIMIT = 1.0  # pixels; a consistent video stays under this and one blob per frame
 EVAL_SEED_BASE = 1_000_000  # eval seeds: EVAL_SEED_BASE + i; training never draws these
 DEFAULT_SEEDS = {"trained": 1, "heldout": 2}  # seeds per caption of each split
+# configs/demo.yaml's: guidance at high noise only (docs/quality.md, "Guidance interval")
+DEFAULT_GUIDANCE_INTERVAL = (600.0, 999.0)
 
 
 @dataclass
@@ -319,6 +323,7 @@ def generate(pipe, batch: list[Case], settings: dict) -> np.ndarray:
                   eta=settings["eta"], window=settings.get("window"),
                   window_overlap=settings.get("window_overlap", 4), progress=False,
                   guidance_rescale=settings.get("guidance_rescale", 0.0),
+                  guidance_interval=settings.get("guidance_interval"),
                   freeu=settings.get("freeu") or False,
                   free_init=settings.get("free_init") or False,
                   thresholding=settings.get("thresholding", False),
@@ -369,6 +374,8 @@ def format_table(report: dict) -> str:
              + (f", window {s['window']}/{s['window_overlap']}" if s.get("window") else "")
              + (f", LoRA {s['lora']}" if s.get("lora") else "")
              + (f", guidance rescale {s['guidance_rescale']}" if s.get("guidance_rescale")
+                else "")
+             + (f", guided at t in {s['guidance_interval']}" if s.get("guidance_interval")
                 else "")
              + (f", FreeU {s['freeu']}" if s.get("freeu") else "")
              + (f", FreeInit {s['free_init']} passes" if s.get("free_init") else "")
@@ -428,6 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window-overlap", type=int, default=4)
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--guidance-rescale", type=float, default=0.0)
+    parser.add_argument("--guidance-interval", type=float, nargs=2,
+                        default=list(DEFAULT_GUIDANCE_INTERVAL), metavar=("LOW", "HIGH"),
+                        help="guide only at timesteps LOW <= t <= HIGH (configs/demo.yaml's "
+                        "600 999; 0 999: every step)")
     parser.add_argument("--freeu", type=float, nargs="*", default=None, metavar="B1 B2 S1 S2",
                         help="FreeU (no numbers: 1.2 1.4 0.9 0.2)")
     parser.add_argument("--free-init", type=int, default=0, metavar="N",
@@ -468,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                     "window_overlap": args.window_overlap,
                     "negative_prompt": args.negative_prompt, "lora": list(args.lora),
                     "guidance_rescale": args.guidance_rescale,
+                    "guidance_interval": list(args.guidance_interval),
                     "freeu": (None if args.freeu is None
                               else list(args.freeu) or [1.2, 1.4, 0.9, 0.2]),
                     "free_init": args.free_init, "thresholding": args.thresholding,

@@ -344,14 +344,27 @@ class TextToVideo:
 
     def guided_denoiser(self, context: torch.Tensor, guidance_scale: float,
                         frame_chunk: int | None, guidance_rescale: float = 0.0,
-                        deep_cache: DeepCache | None = None
+                        deep_cache: DeepCache | None = None,
+                        guidance_interval: tuple[float, float] | None = None
                         ) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """eps(x, t) = u + g (c - u) from one UNet call on [x, x] (g > 1), rescaled by
         t2v.guidance.guide if guidance_rescale > 0; else the UNet. `deep_cache`: the UNet
-        calls go through DeepCache (t2v.deep_cache)."""
+        calls go through DeepCache (t2v.deep_cache). `guidance_interval` (low, high): guided
+        only at timesteps low <= t <= high, the conditional output alone elsewhere (one UNet
+        pass on x with the prompt's context; with DeepCache both passes still run, so that its
+        cached features keep their batch)."""
         guided = guidance_scale > 1.0
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
+            if guided and guidance_interval is not None and \
+                    not guidance_interval[0] <= t <= guidance_interval[1]:
+                if deep_cache is None:
+                    cond_context = context.chunk(2)[1]
+                    return self.unet(x.to(self.dtype), t, cond_context,
+                                     frame_chunk=frame_chunk or 0).to(x.dtype)
+                eps = self.unet(torch.cat([x, x]).to(self.dtype), t, context,
+                                frame_chunk=frame_chunk or 0, deep_cache=deep_cache)
+                return eps.chunk(2)[1].to(x.dtype)
             model_input = (torch.cat([x, x]) if guided else x).to(self.dtype)
             eps = self.unet(model_input, t, context, frame_chunk=frame_chunk or 0,  # 0: none
                             deep_cache=deep_cache).to(x.dtype)
@@ -378,6 +391,7 @@ class TextToVideo:
                  sample_max_value: float = 1.0,
                  window: int | None = None, window_overlap: int = 4, loop: bool = False,
                  freenoise: bool = True, guidance_rescale: float = 0.0,
+                 guidance_interval: tuple[float, float] | list[float] | None = None,
                  guidance_parallel: bool = False,
                  freeu: FreeU | tuple | dict | None = None,
                  free_init: FreeInit | int | dict | None = None,
@@ -421,6 +435,9 @@ class TextToVideo:
         `guidance_rescale` (t2v.guidance), `freeu` (b1, b2, s1, s2; t2v.freeu) and
         `free_init` (passes or a FreeInit; t2v.freeinit) default to what
         enable_freeu / enable_free_init set (off).
+        `guidance_interval` (low, high): classifier-free guidance only at timesteps
+        low <= t <= high (0-999), the conditional prediction alone at the others, one UNet
+        pass instead of two (Kynkaenniemi et al. 2024, arXiv 2404.07724; docs/sampling-tools.md).
         `cache_interval` N > 1: DeepCache, a full UNet call every N calls and shallow ones
         reusing its deep features between (t2v.deep_cache; an approximation, opt-in);
         `cache_branch` the skip branch the shallow calls recompute (0: the shallowest).
@@ -452,8 +469,11 @@ class TextToVideo:
         free_init = self.free_init if free_init is None else FreeInit.of(free_init or None)
         if not 0.0 <= guidance_rescale <= 1.0:
             raise UserError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}")
+        guidance_interval = check_guidance_interval(guidance_interval)
         if guidance_parallel:
             cfg_parallel.check(guidance_scale)
+            if guidance_interval is not None:
+                raise UserError("guidance_interval does not combine with guidance_parallel yet")
             if seed is None and generator is None:  # one seed: the same noise on both ranks
                 seed = cfg_parallel.shared_seed()
         if init_video is not None and (init_image is not None or continue_from is not None):
@@ -513,7 +533,7 @@ class TextToVideo:
                 return cfg_parallel.guided_denoiser(self.unet, context, guidance_scale,
                                                     frame_chunk, guidance_rescale)
             return self.guided_denoiser(context, guidance_scale, frame_chunk, guidance_rescale,
-                                        deep_cache)
+                                        deep_cache, guidance_interval)
 
         if schedule is None:
             denoise = denoiser_for(context)
@@ -759,6 +779,20 @@ def load_pipeline(source: str | None, model: ModelConfig | None = None, *,
     if offload:
         pipe.offload_to = torch.device(device)
     return pipe, layout
+
+
+def check_guidance_interval(interval) -> tuple[float, float] | None:
+    """None, or (low, high) timesteps with 0 <= low <= high <= 999 (UserError otherwise)."""
+    if interval is None:
+        return None
+    try:
+        low, high = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise UserError(f"guidance_interval must be two timesteps (low, high), got {interval!r}")
+    if not 0 <= low <= high <= 999:
+        raise UserError(f"guidance_interval must satisfy 0 <= low <= high <= 999 (timesteps), "
+                        f"got ({low:g}, {high:g})")
+    return low, high
 
 
 def one_negative_prompt(negative_prompt: list[str]) -> str:

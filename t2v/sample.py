@@ -53,6 +53,7 @@ SAMPLE_FLAGS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "seed"
                 "sample_max_value": "sample_max_value",
                 "prompt_weighting": "prompt_weighting", "prompt_schedule": "prompt_schedule",
                 "guidance_rescale": "guidance_rescale", "freeu": "freeu",
+                "guidance_interval": "guidance_interval",
                 "init_image": "init_image", "init_frames": "init_frames",
                 "init_weights": "init_weights", "continue_from": "continue_from",
                 "continue_frames": "continue_frames", "guidance_parallel": "guidance_parallel",
@@ -158,6 +159,10 @@ def build_parser(cfg: Config, add_help: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--guidance-rescale", type=float, default=s.guidance_rescale,
                    metavar="PHI", help="rescale guided outputs toward the conditional "
                    "output's std (0 = off, 0.7 = the paper's value; docs/sampling-tools.md)")
+    p.add_argument("--guidance-interval", type=float, nargs=2, default=s.guidance_interval,
+                   metavar=("LOW", "HIGH"), help="guide only at timesteps LOW <= t <= HIGH "
+                   "(0-999), the conditional prediction alone elsewhere "
+                   "(docs/sampling-tools.md)")
     p.add_argument("--guidance-parallel", action=argparse.BooleanOptionalAction,
                    default=s.guidance_parallel,
                    help="under torchrun --nproc_per_node 2: rank 0 runs the unconditional UNet "
@@ -208,6 +213,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, Config]:
         args.freeu = list(FREEU_DEFAULT)
     sample = {field: getattr(args, flag) for flag, field in SAMPLE_FLAGS.items()}
     sample["freeu"] = tuple(args.freeu) if args.freeu is not None else None
+    if args.guidance_interval is not None:
+        sample["guidance_interval"] = tuple(args.guidance_interval)
     try:
         cfg = dataclasses.replace(
             cfg, sample=dataclasses.replace(
@@ -490,7 +497,8 @@ def generate(pipe: TextToVideo, s, init_video: torch.Tensor | None, progress: bo
                 window_overlap=s.window_overlap,
                 loop=s.loop, freenoise=s.freenoise, prompt_weighting=s.prompt_weighting,
                 prompt_schedule=s.prompt_schedule, guidance_rescale=s.guidance_rescale,
-                guidance_parallel=s.guidance_parallel, cache_interval=s.cache_interval,
+                guidance_interval=s.guidance_interval, guidance_parallel=s.guidance_parallel,
+                cache_interval=s.cache_interval,
                 cache_branch=s.cache_branch,
                 freeu=s.freeu or False,
                 free_init=(dataclasses.asdict(s.free_init) if s.free_init.num_iters else False),
@@ -515,6 +523,8 @@ def write_outputs(pipe: TextToVideo, latents: torch.Tensor, cfg: Config, path: P
         params["prompt_schedule"] = s.prompt_schedule
     if s.guidance_rescale:
         params["guidance_rescale"] = s.guidance_rescale
+    if s.guidance_interval is not None:
+        params["guidance_interval"] = list(s.guidance_interval)
     if s.freeu is not None:
         params["freeu"] = dict(zip(("b1", "b2", "s1", "s2"), s.freeu))
     if s.cache_interval != 1:

@@ -264,6 +264,7 @@ def test_torchrun_splits_prompts_across_processes(tmp_path):
     (["--freeu"], {"freeu": (1.2, 1.4, 0.9, 0.2)}),
     (["--freeu", "1.5", "1.6", "0.9", "0.2", "--guidance-rescale", "0.7"],
      {"freeu": (1.5, 1.6, 0.9, 0.2), "guidance_rescale": 0.7}),
+    (["--guidance-interval", "500", "999"], {"guidance_interval": (500.0, 999.0)}),
     (["--free-init", "2", "--free-init-method", "gaussian", "--free-init-fast"],
      {"free_init": {"num_iters": 2, "method": "gaussian", "use_fast_sampling": True}}),
 ])
@@ -293,6 +294,9 @@ def test_sampling_tool_flags_bad_values(cli, tmp_path):
     assert code == 2 and len(err) == 1 and "sample.freeu must be null or 4 numbers" in err[0]
     code, _, err = cli("--config", TINY, "--guidance-rescale", "2", "--out", tmp_path / "x.mp4")
     assert code == 2 and "guidance_rescale must be between 0 and 1" in err[0]
+    code, _, err = cli("--config", TINY, "--guidance-interval", "900", "100", "--out",
+                       tmp_path / "x.mp4")
+    assert code == 2 and len(err) == 1 and "sample.guidance_interval must be null" in err[0]
     assert not list(tmp_path.iterdir())
 
 

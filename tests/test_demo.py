@@ -223,22 +223,24 @@ def test_demo_model_follows_prompts():
 
 
 def test_eval_settings_reach_the_pipeline():
-    """The evaluation's tool settings (FreeU, FreeInit, guidance rescale) are the pipeline
-    arguments of the same run: a case's video equals the direct call."""
+    """The evaluation's tool settings (FreeU, FreeInit, guidance rescale and interval) are
+    the pipeline arguments of the same run: a case's video equals the direct call."""
     pipe = load_demo_pipeline(DEMO_SOURCE)
     case = cases(split="trained")[3]
     settings = {"sampler": "ddim", "steps": 3, "guidance": 5.0, "eta": 0.0, "frames": 8,
                 "size": 32, "window": None, "window_overlap": 4, "negative_prompt": "",
-                "freeu": [1.2, 1.4, 0.9, 0.2], "free_init": 2, "guidance_rescale": 0.5}
+                "freeu": [1.2, 1.4, 0.9, 0.2], "free_init": 2, "guidance_rescale": 0.5,
+                "guidance_interval": [400, 999]}
     video = generate(pipe, [case], settings)[0]
     noise = torch.randn((1, 4, 8, 8, 8), generator=torch.Generator().manual_seed(case.seed))
     direct = pipe([case.attributes.caption], latents=noise, steps=3, guidance_scale=5.0,
                   sampler="ddim", num_frames=8, height=32, width=32, freeu=(1.2, 1.4, 0.9, 0.2),
-                  free_init=2, guidance_rescale=0.5, progress=False,
+                  free_init=2, guidance_rescale=0.5, guidance_interval=(400, 999),
+                  progress=False,
                   generator=[torch.Generator().manual_seed(case.seed + 1_000_000)])
     assert np.array_equal(video, direct.frames[0].numpy())
     plain = generate(pipe, [case], {**settings, "freeu": None, "free_init": 0,
-                                    "guidance_rescale": 0.0})[0]
+                                    "guidance_rescale": 0.0, "guidance_interval": None})[0]
     assert not np.array_equal(video, plain)
 
 
@@ -260,6 +262,7 @@ def test_readme_demo_command(tmp_path):
     pipe = load_demo_pipeline(DEMO_SOURCE)
     expected = pipe("a red circle moving right", num_frames=8, height=32, width=32, steps=25,
                     guidance_scale=5.0, sampler="dpmsolver++", seed=1,
+                    guidance_interval=(600, 999),
                     progress=False).frames[0].numpy()
     assert np.abs(frames.astype(int) - expected.astype(int)).mean() < 6  # codec noise only
     from_file, from_pipe = classify(frames), classify(expected)

@@ -537,6 +537,50 @@ def test_guidance_rescale_reaches_the_sampler(components):
         ours(PROMPTS, guidance_rescale=1.5, **kwargs)
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "euler"])
+def test_guidance_interval_guides_only_inside_it(components, sampler):
+    """guidance_interval (low, high): the UNet sees [x, x] with [uncond; cond] at the
+    timesteps inside it and x with the prompt's context alone outside; an interval holding
+    every timestep is the plain guided run bit for bit, one holding none is the unguided
+    (guidance 1) run."""
+    ours, _ = components
+    latents = noise((2, 4, 3, 8, 8), seed=4)
+    kwargs = dict(num_frames=3, height=32, width=32, steps=4, output="latents",
+                  progress=False, sampler=sampler)
+    calls = []
+    original = ours.unet.forward
+
+    def spy(x, t, context, frame_chunk=None, deep_cache=None):
+        calls.append((float(t), x.shape[0], context.shape[0]))
+        return original(x, t, context, frame_chunk, deep_cache)
+
+    ours.unet.forward = spy
+    try:
+        plain = ours(PROMPTS, latents=latents.clone(), **kwargs).frames
+        timesteps = [t for t, _, _ in calls]
+        calls.clear()
+        assert torch.equal(ours(PROMPTS, latents=latents.clone(), guidance_interval=(0, 999),
+                                **kwargs).frames, plain)
+        calls.clear()
+        low = high = timesteps[1]
+        mixed = ours(PROMPTS, latents=latents.clone(), guidance_interval=(low, high),
+                     **kwargs).frames
+        assert [(b, c) for _, b, c in calls] == [(4, 4) if t == low else (2, 2)
+                                                 for t in timesteps]
+        between = (timesteps[0] + timesteps[1]) / 2  # no timestep is inside [between, between]
+        none = ours(PROMPTS, latents=latents.clone(), guidance_interval=(between, between),
+                    **kwargs).frames
+    finally:
+        del ours.unet.forward
+    unguided = ours(PROMPTS, latents=latents.clone(), guidance_scale=1.0, **kwargs).frames
+    assert torch.equal(none, unguided)
+    assert not torch.allclose(mixed, plain) and not torch.allclose(mixed, unguided)
+    with pytest.raises(UserError, match="0 <= low <= high <= 999"):
+        ours(PROMPTS, guidance_interval=(800, 200), **kwargs)
+    with pytest.raises(UserError, match="two timesteps"):
+        ours(PROMPTS, guidance_interval=(800,), **kwargs)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpmsolver++", "euler", "unipc"])
 def test_continue_from_ends_on_the_conditioning_latents(components, sampler):
     """Weights 1 (continue_from): the final latents of the first K frames are exactly the
