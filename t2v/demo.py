@@ -39,7 +39,8 @@ log = logging.getLogger("t2v.demo")
 
 # Stage 3: per round, the overrides of configs/demo_finetune.yaml (fresh clips, a new seed).
 FINETUNE_ROUNDS = (("data.synthetic.seed=2", "train.seed=3"),
-                   ("data.synthetic.seed=4", "train.seed=5"))
+                   ("data.synthetic.seed=4", "train.seed=5"),
+                   ("data.synthetic.seed=6", "train.seed=7"))
 
 
 def export(model_dir: Path, target: Path, overwrite: bool = False) -> Path:
@@ -106,9 +107,12 @@ GIF_SCALE = 4
 
 def demo_gif(path: Path, source: str = "t2v:demo", overwrite: bool = False, columns: int = 4,
              steps: int = 25, guidance: float = 5.0) -> Path:
-    """A grid of demo-model videos (GIF_PROMPTS, seed GIF_SEED + i), each pixel enlarged to
-    GIF_SCALE x GIF_SCALE (nearest neighbour: the real pixels), one GIF."""
+    """A grid of demo-model videos (GIF_PROMPTS, seed GIF_SEED + i; configs/demo.yaml's
+    sampling, guided at t >= 600), each pixel enlarged to GIF_SCALE x GIF_SCALE (nearest
+    neighbour: the real pixels), one GIF."""
     import numpy as np
+
+    from t2v.eval import DEFAULT_GUIDANCE_INTERVAL
 
     from t2v.pipeline import TextToVideo
     from t2v.video_io import write_gif
@@ -116,7 +120,8 @@ def demo_gif(path: Path, source: str = "t2v:demo", overwrite: bool = False, colu
     pipe = TextToVideo.from_pretrained(source, dtype=torch.float32)
     tiles = [pipe(prompt, num_frames=8, height=32, width=32, steps=steps,
                   guidance_scale=guidance, sampler="dpmsolver++", seed=GIF_SEED + i,
-                  progress=False).frames[0].numpy() for i, prompt in enumerate(GIF_PROMPTS)]
+                  guidance_interval=DEFAULT_GUIDANCE_INTERVAL, progress=False).frames[0].numpy()
+             for i, prompt in enumerate(GIF_PROMPTS)]
     tiles = [t.repeat(GIF_SCALE, axis=1).repeat(GIF_SCALE, axis=2) for t in tiles]
     rows = [np.concatenate(tiles[i:i + columns], axis=2) for i in range(0, len(tiles), columns)]
     return write_gif(np.concatenate(rows, axis=1), path, fps=8, overwrite=overwrite)
