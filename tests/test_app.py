@@ -187,11 +187,13 @@ def test_lora_applies_to_its_run_only(demo_studio, tmp_path):
     unet = copy.deepcopy(demo_studio.pipe.unet)
     # Seeded before add_lora: peft draws lora_A from the global RNG, which earlier tests leave
     # in any state; unseeded, the LoRA's effect varied from run to run (22.6 to 32.0 dB).
+    # lora_B at std 1: the video moves to 13.2 dB; at std 0.3 the model shipped on 2026-12-03
+    # (sampled with the demo config's guidance interval) stayed at 31.1 dB, above SAME_VIDEO_DB.
     torch.manual_seed(0)
     add_lora(unet, rank=4, targets=["attention"])
     for name, p in unet.named_parameters():
         if "lora_B" in name:
-            p.data.normal_(0, 0.3)
+            p.data.normal_(0, 1.0)
     save_lora(unet, lora_dir / "style.safetensors")
     studio = studio_in(demo_studio, tmp_path / "out", lora_dir)
     before = {k: v.clone() for k, v in studio.pipe.unet.state_dict().items()}
