@@ -356,22 +356,18 @@ class TextToVideo:
         guided = guidance_scale > 1.0
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-            if guided and guidance_interval is not None and \
-                    not guidance_interval[0] <= t <= guidance_interval[1]:
-                if deep_cache is None:
-                    cond_context = context.chunk(2)[1]
-                    return self.unet(x.to(self.dtype), t, cond_context,
-                                     frame_chunk=frame_chunk or 0).to(x.dtype)
-                eps = self.unet(torch.cat([x, x]).to(self.dtype), t, context,
-                                frame_chunk=frame_chunk or 0, deep_cache=deep_cache)
-                return eps.chunk(2)[1].to(x.dtype)
+            inside = guidance_interval is None or \
+                guidance_interval[0] <= t <= guidance_interval[1]
+            if guided and not inside and deep_cache is None:  # the conditional pass alone
+                return self.unet(x.to(self.dtype), t, context.chunk(2)[1],
+                                 frame_chunk=frame_chunk or 0).to(x.dtype)
             model_input = (torch.cat([x, x]) if guided else x).to(self.dtype)
             eps = self.unet(model_input, t, context, frame_chunk=frame_chunk or 0,  # 0: none
                             deep_cache=deep_cache).to(x.dtype)
             if not guided:
                 return eps
             uncond, cond = eps.chunk(2)
-            return guide(uncond, cond, guidance_scale, guidance_rescale)
+            return guide(uncond, cond, guidance_scale, guidance_rescale) if inside else cond
 
         return denoise
 
