@@ -112,6 +112,25 @@ def diffusion_loss(unet, x0: torch.Tensor, context: torch.Tensor, t: torch.Tenso
     return (per_clip * weight).mean()
 
 
+def timestep_weights(tc, num_timesteps: int) -> torch.Tensor | None:
+    """The sampling weights of the training timesteps under train.timestep_bias_* (diffusers'
+    generate_timestep_weights of train_text_to_image_sdxl.py), normalised; None: uniform."""
+    if tc.timestep_bias_strategy == "none":
+        return None
+    weights = torch.ones(num_timesteps, dtype=torch.float64)
+    count = int(tc.timestep_bias_portion * num_timesteps)
+    if tc.timestep_bias_strategy == "range":
+        if tc.timestep_bias_end > num_timesteps:
+            raise UserError(f"train.timestep_bias_end is {tc.timestep_bias_end} but the model "
+                            f"has {num_timesteps} training timesteps; set it to at most that")
+        biased = slice(tc.timestep_bias_begin, tc.timestep_bias_end)
+    else:
+        biased = slice(num_timesteps - count, None) if tc.timestep_bias_strategy == "later" \
+            else slice(0, count)
+    weights[biased] *= tc.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
 def global_seed(seed: int, rank: int) -> int:
     """The seed of this process's global torch RNG: distinct per (seed, rank)."""
     return int(np.random.SeedSequence([seed, rank, 0x7E]).generate_state(1, dtype=np.uint64)[0]
@@ -208,6 +227,7 @@ class Trainer:
         # a resumed run restores its saved state instead.
         torch.manual_seed(global_seed(tc.seed, self.dist.rank))
         self.schedule = noise_schedule(self.model_cfg.schedule)
+        self.timestep_weights = timestep_weights(cfg.train, self.schedule.num_train_timesteps)
         self.tokenizer = Tokenizer(context_length=self.model_cfg.text_encoder.context_length)
         self.target = tc.target or self.model_cfg.schedule.prediction_type
 
@@ -324,8 +344,11 @@ class Trainer:
             latents.append(x0.to(device, torch.float32))
             captions.append("" if float(torch.rand((), generator=g)) < tc.text_dropout
                             else caption)
-            timesteps.append(int(torch.randint(0, self.schedule.num_train_timesteps, (1,),
-                                               generator=g)))
+            if self.timestep_weights is None:
+                timesteps.append(int(torch.randint(0, self.schedule.num_train_timesteps, (1,),
+                                                   generator=g)))
+            else:
+                timesteps.append(int(torch.multinomial(self.timestep_weights, 1, generator=g)))
             noises.append(randn(latents[-1].shape, g))
         ids = self.text_encoder_tokens(captions)
         context = self.text_encoder(ids.to(device))

@@ -17,6 +17,7 @@ TRAINED_MODELS = ("unet", "vae")
 LR_SCHEDULES = ("constant", "cosine")
 SYNTHETIC_SPLITS = ("trained", "heldout", "all")
 STRATEGIES = ("ddp", "fsdp")
+TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
 FSDP_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -113,6 +114,15 @@ class OptimConfig:
     target: str | None = None  # epsilon / v_prediction; null: model.schedule.prediction_type
     # Min-SNR-gamma loss weighting (diffusers' --snr_gamma; 5.0 is the paper's choice); null: off
     snr_gamma: float | None = None
+    # Timestep sampling bias, as diffusers' --timestep_bias_*: the training timesteps of the
+    # biased part are drawn timestep_bias_multiplier times as often as the others. earlier /
+    # later: the first / last timestep_bias_portion of the timesteps; range: timesteps
+    # timestep_bias_begin <= t < timestep_bias_end; none: t uniform over all timesteps.
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
     ema_decay: float | None = None  # null: no EMA; e.g. 0.9999
     gradient_checkpointing: bool = True
     mixed_precision: str = "no"  # bf16 (CPU or GPU) or fp16 (CUDA, with loss scaling)
@@ -149,6 +159,16 @@ class OptimConfig:
                f"train.target must be null or one of {TARGETS}, got {self.target!r}")
         _check(self.snr_gamma is None or self.snr_gamma > 0,
                f"train.snr_gamma must be null or > 0, got {self.snr_gamma}")
+        _check(self.timestep_bias_strategy in TIMESTEP_BIAS_STRATEGIES,
+               f"train.timestep_bias_strategy must be one of {TIMESTEP_BIAS_STRATEGIES}, "
+               f"got {self.timestep_bias_strategy!r}")
+        _check(self.timestep_bias_multiplier > 0, f"train.timestep_bias_multiplier must be "
+               f"> 0, got {self.timestep_bias_multiplier}")
+        _check(0.0 < self.timestep_bias_portion <= 1.0, f"train.timestep_bias_portion must be "
+               f"in (0, 1], got {self.timestep_bias_portion}")
+        _check(0 <= self.timestep_bias_begin < self.timestep_bias_end,
+               f"train.timestep_bias_begin and _end must satisfy 0 <= begin < end, got "
+               f"{self.timestep_bias_begin} and {self.timestep_bias_end}")
         _check(self.mixed_precision in MIXED_PRECISION,
                f"train.mixed_precision must be one of {MIXED_PRECISION}, "
                f"got {self.mixed_precision!r}")

@@ -18,8 +18,8 @@ from synthetic import write_squares
 from t2v.config import load_config
 from t2v.data import frame_indices, list_clips, resize_crop
 from t2v.errors import ConfigError, UserError
-from t2v.train import Trainer, diffusion_loss, main
-from t2v.train_config import TrainRunConfig
+from t2v.train import Trainer, diffusion_loss, main, timestep_weights
+from t2v.train_config import OptimConfig, TrainRunConfig
 from weights_convert.diffusers import diffusers_unet_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,6 +338,37 @@ def test_min_snr_weighting_matches_diffusers_training_scripts(target):
     assert torch.allclose(ours, expected.mean(), rtol=1e-5)
     plain = diffusion_loss(model, x0, None, t, noise, alphas, target)
     assert not torch.allclose(ours, plain, rtol=1e-2)  # the weighting changes the loss
+
+
+@pytest.mark.parametrize("strategy,biased", [("later", slice(750, None)),
+                                              ("earlier", slice(0, 250)),
+                                              ("range", slice(100, 300))])
+def test_timestep_bias_weights_are_diffusers(strategy, biased):
+    """train.timestep_bias_*: diffusers' generate_timestep_weights (train_text_to_image_sdxl.py)
+    worked by hand: the biased timesteps weigh `multiplier` times the others, normalised."""
+    tc = OptimConfig(timestep_bias_strategy=strategy, timestep_bias_multiplier=3.0,
+                     timestep_bias_portion=0.25, timestep_bias_begin=100, timestep_bias_end=300)
+    expected = torch.ones(1000, dtype=torch.float64)
+    expected[biased] = 3.0
+    assert torch.equal(timestep_weights(tc, 1000), expected / expected.sum())
+    assert timestep_weights(OptimConfig(), 1000) is None
+    with pytest.raises(UserError, match="timestep_bias_end"):
+        timestep_weights(OptimConfig(timestep_bias_strategy="range", timestep_bias_end=1001),
+                         1000)
+
+
+def test_timestep_bias_reaches_the_batches(squares, tmp_path):
+    """A range bias of 1e9 puts every training timestep of a batch in the range; without a
+    bias the same batch draws timesteps over the whole schedule."""
+    biased = Trainer(run_config(squares, tmp_path / "a", "train.batch_size=8",
+                                "train.timestep_bias_strategy=range",
+                                "train.timestep_bias_multiplier=1e9",
+                                "train.timestep_bias_begin=900"))
+    t = torch.cat([biased.micro_batch(m)[2] for m in range(4)])
+    assert int(t.min()) >= 900, t
+    plain = Trainer(run_config(squares, tmp_path / "b", "train.batch_size=8"))
+    t = torch.cat([plain.micro_batch(m)[2] for m in range(4)])
+    assert int(t.min()) < 900, t
 
 
 def test_text_dropout_one_trains_on_the_empty_caption(squares, tmp_path):
