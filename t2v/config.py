@@ -73,6 +73,11 @@ class UNetConfig:
     # BasicTransformerBlock with positional_embeddings="sinusoidal", as AnimateDiff's motion
     # modules use). ms-1.7b has none (False).
     temporal_position_embedding: bool = False
+    # Add a learned function of the frame index (its sinusoidal embedding through an MLP shaped
+    # like the time embedding's) to each frame's time embedding, so every ResBlock knows the
+    # frame's place from the start of training. ms-1.7b has none (False): no diffusers or
+    # ModelScope checkpoint holds it (docs/architecture.md).
+    frame_embedding: bool = False
 
     def __post_init__(self):
         _check(len(self.channels) == len(self.attention),

@@ -30,6 +30,10 @@ class SyntheticDataConfig:
     clips: int = 10_000  # the dataset size: clips cycle over the split's combinations
     split: str = "trained"  # trained / heldout / all (t2v.synthetic.HELDOUT)
     colours: tuple[str, ...] = ()  # instead of the split: every combination of these colours
+    # UNet training: the second clip of every pair of batch slots is the first played
+    # backwards, with the opposite motion word and the same noise and timestep (when that
+    # combination is in the split; else an ordinary clip). docs/demo.md, "Reversed pairs".
+    reversed_pairs: bool = False
 
     def __post_init__(self):
         _check(self.clips >= 1, f"data.synthetic.clips must be >= 1, got {self.clips}")
@@ -212,3 +216,9 @@ class TrainRunConfig:
     train: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)  # for the periodic samples
+
+    def __post_init__(self):
+        pairs = self.data.synthetic.enabled and self.data.synthetic.reversed_pairs
+        _check(not pairs or self.train.model == "vae" or self.train.batch_size % 2 == 0,
+               f"data.synthetic.reversed_pairs pairs the batch's clips: train.batch_size must "
+               f"be even, got {self.train.batch_size}")

@@ -411,6 +411,8 @@ class UNet3D(nn.Module):
         self.freeu: FreeU | None = None
 
         self.time_embedding = TimestepMLP(ch[0], cfg.time_embed_dim)
+        self.frame_embedding = (TimestepMLP(ch[0], cfg.time_embed_dim)
+                                if cfg.frame_embedding else None)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.transformer_in = TemporalTransformer(ch[0], cfg.transformer_in_heads, cfg.head_dim,
                                                   cfg.norm_groups,
@@ -492,6 +494,11 @@ class UNet3D(nn.Module):
         # The time embedding is shared by the frames of a sample: one row per (b f). The text
         # context stays (B, L, D); cross-attention folds the frames into its queries.
         emb = emb.repeat_interleave(num_frames, dim=0)
+        if self.frame_embedding is not None:  # + a function of the frame index, 0..F-1
+            frames = timestep_embedding(torch.arange(num_frames, device=x.device),
+                                        self.cfg.channels[0])
+            frames = self.frame_embedding(frames.to(emb.dtype))  # (F, E)
+            emb = emb + frames.repeat(b, 1)  # rows (b f), batch-major
 
         x = rearrange(x, "b c f h w -> (b f) c h w")
         chunk = self.frame_chunk if frame_chunk is None else (frame_chunk or None)

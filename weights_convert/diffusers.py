@@ -139,6 +139,9 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
     if cfg.temporal_position_embedding:
         raise ConfigError("diffusers' UNet3DConditionModel has no frame-position embedding; "
                           "model.unet.temporal_position_embedding must be false to export")
+    if cfg.frame_embedding:
+        raise ConfigError("diffusers' UNet3DConditionModel has no frame-index embedding; "
+                          "model.unet.frame_embedding must be false to export")
     return dict(
         in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         block_out_channels=cfg.channels,

@@ -137,6 +137,9 @@ def unet_to_modelscope(state: Mapping[str, torch.Tensor],
     if cfg.temporal_position_embedding:
         raise ConversionError("ModelScope's UNetSD has no frame-position embedding; a UNet "
                               "with model.unet.temporal_position_embedding cannot be exported")
+    if cfg.frame_embedding:
+        raise ConversionError("ModelScope's UNetSD has no frame-index embedding; a UNet with "
+                              "model.unet.frame_embedding cannot be exported")
     return convert(state, invert(unet_rules(cfg)), (), "UNet3D state dict")
 
 
