@@ -338,7 +338,7 @@ class Trainer:
                        if pairs and slot % 2 == 1 and index is not None else None)
             if reverse is not None:
                 # The previous slot's clip played backwards: x0 (C, F, h, w) flipped over F,
-                # the opposite motion word, the same timestep and noise (docs/demo.md).
+                # the opposite motion word, the same timestep and noise (docs/finetuning.md).
                 latents.append(latents[-1].flip(1))
                 captions.append("" if float(torch.rand((), generator=g)) < tc.text_dropout
                                 else reverse)

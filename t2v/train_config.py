@@ -32,7 +32,7 @@ class SyntheticDataConfig:
     colours: tuple[str, ...] = ()  # instead of the split: every combination of these colours
     # UNet training: the second clip of every pair of batch slots is the first played
     # backwards, with the opposite motion word and the same noise and timestep (when that
-    # combination is in the split; else an ordinary clip). docs/demo.md, "Reversed pairs".
+    # combination is in the split; else an ordinary clip). docs/finetuning.md.
     reversed_pairs: bool = False
 
     def __post_init__(self):
