@@ -93,6 +93,12 @@ class UNetConfig:
     def time_embed_dim(self) -> int:
         return 4 * self.channels[0]
 
+    def beyond_reference(self) -> list[str]:
+        """The options set here that no diffusers or ModelScope checkpoint of this family
+        holds (exporting to those layouts refuses them)."""
+        return [name for name in ("temporal_position_embedding", "frame_embedding")
+                if getattr(self, name)]
+
 
 @dataclass(frozen=True)
 class VAEConfig:

@@ -136,12 +136,10 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
     if cfg.transformer_in_heads != 8:
         raise ConfigError("diffusers' UNet3DConditionModel fixes transformer_in to 8 heads; "
                           f"model.unet.transformer_in_heads={cfg.transformer_in_heads}")
-    if cfg.temporal_position_embedding:
-        raise ConfigError("diffusers' UNet3DConditionModel has no frame-position embedding; "
-                          "model.unet.temporal_position_embedding must be false to export")
-    if cfg.frame_embedding:
-        raise ConfigError("diffusers' UNet3DConditionModel has no frame-index embedding; "
-                          "model.unet.frame_embedding must be false to export")
+    if cfg.beyond_reference():
+        raise ConfigError("diffusers' UNet3DConditionModel has no equivalent of model.unet."
+                          f"{', model.unet.'.join(cfg.beyond_reference())}: set it to false "
+                          "to export")
     return dict(
         in_channels=cfg.in_channels, out_channels=cfg.out_channels,
         block_out_channels=cfg.channels,

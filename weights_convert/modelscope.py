@@ -134,12 +134,10 @@ def unet_from_modelscope(state: Mapping[str, torch.Tensor],
 def unet_to_modelscope(state: Mapping[str, torch.Tensor],
                        cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """The inverse: UNet3D keys -> ModelScope UNetSD keys."""
-    if cfg.temporal_position_embedding:
-        raise ConversionError("ModelScope's UNetSD has no frame-position embedding; a UNet "
-                              "with model.unet.temporal_position_embedding cannot be exported")
-    if cfg.frame_embedding:
-        raise ConversionError("ModelScope's UNetSD has no frame-index embedding; a UNet with "
-                              "model.unet.frame_embedding cannot be exported")
+    if cfg.beyond_reference():
+        raise ConversionError("ModelScope's UNetSD has no equivalent of model.unet."
+                              f"{', model.unet.'.join(cfg.beyond_reference())}: a UNet with it "
+                              "cannot be exported")
     return convert(state, invert(unet_rules(cfg)), (), "UNet3D state dict")
 
 
