@@ -15,7 +15,9 @@ seen in training, only the combination is new).
 
 A clip is a pure function of (seed, index): object size 10-13 px (diameter, side, or base and
 height of an upward triangle), speed 1.25-2.25 px per frame, a start position that keeps the
-object inside the frame for the whole clip, drawn 4x supersampled so edges are anti-aliased.
+object inside the frame for the whole clip (with `start_spread` < 1, only the share of that
+range nearest the edge the object comes from), drawn 4x supersampled so edges are
+anti-aliased.
 
     clips = SyntheticClips(seed=0, count=10_000)        # the training split
     video, caption = clips.load(7)                      # (3, F, H, W) in [-1, 1], str
@@ -124,8 +126,11 @@ def _shape_mask(shape: str, cy: float, cx: float, extent: float, yy: np.ndarray,
 
 
 def render(attributes: Attributes, rng: np.random.Generator, num_frames: int = 8,
-           size: int = 32) -> np.ndarray:
-    """uint8 (F, size, size, 3): the object crossing the frame as the attributes say."""
+           size: int = 32, start_spread: float = 1.0) -> np.ndarray:
+    """uint8 (F, size, size, 3): the object crossing the frame as the attributes say.
+    `start_spread` (0-1] is the share of the start range used, from its back end: 1 starts
+    anywhere that keeps the object in view; smaller values start it near the edge it comes
+    from, so the motion word also says where the object is (docs/demo.md)."""
     colour = np.array({**COLOURS, **EXTRA_COLOURS}[attributes.colour], dtype=np.float32)
     background = np.array(BACKGROUNDS[attributes.background], dtype=np.float32)
     scale = size / 32
@@ -136,7 +141,10 @@ def render(attributes: Attributes, rng: np.random.Generator, num_frames: int = 8
     # Long clips move slower, so that the object stays in view (8 frames: never capped).
     speed = min(speed, (high - low) / max(num_frames - 1, 1))
     travel = speed * (num_frames - 1)
-    along = rng.uniform(low, high - travel)  # start on the motion axis, measured forwards
+    # The start on the motion axis, measured forwards (start_spread 1: the whole range).
+    last_start = high - travel if start_spread == 1.0 else (
+        low + start_spread * (high - travel - low))
+    along = rng.uniform(low, last_start)
     across = rng.uniform(low, high)
     # Pixel centres on a supersampled grid, in pixel units.
     grid = (np.arange(size * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
@@ -171,10 +179,13 @@ class SyntheticClips:
 
     def __init__(self, seed: int = 0, count: int = 10_000, num_frames: int = 8, size: int = 32,
                  combinations: tuple[Attributes, ...] | list[Attributes] = TRAINED,
-                 short_captions: float = SHORT_CAPTIONS):
+                 short_captions: float = SHORT_CAPTIONS, start_spread: float = 1.0):
         if not combinations:
             raise ValueError("no attribute combinations to draw clips from")
+        if not 0.0 < start_spread <= 1.0:
+            raise ValueError(f"start_spread must be in (0, 1], got {start_spread}")
         self.seed, self.num_frames, self.size = seed, num_frames, size
+        self.start_spread = start_spread
         self.combinations = tuple(combinations)
         self._combination_set = set(self.combinations)
         short = np.random.default_rng(seed).random(count) < short_captions
@@ -189,18 +200,20 @@ class SyntheticClips:
     def frames(self, index: int) -> np.ndarray:
         """uint8 (F, H, W, 3)."""
         return render(self.clips[index].attributes, np.random.default_rng([self.seed, index]),
-                      self.num_frames, self.size)
+                      self.num_frames, self.size, self.start_spread)
 
     def reversed_caption(self, index: int) -> str | None:
         """The caption of clip `index` played backwards: the opposite motion word, the same
         form (short or full). None when that combination is not one this dataset draws from
-        (e.g. a held-out one). Exact: a clip's start position is uniform over the range that
-        keeps it in view, a range symmetric about the frame's centre, so the reversed clip is
-        a clip of the opposite motion with the same size, speed and across-axis position."""
+        (e.g. a held-out one), or when clips start near their back edge (start_spread < 1:
+        a reversed clip would end there instead). Exact: a clip's start position is uniform
+        over the range that keeps it in view, a range symmetric about the frame's centre, so
+        the reversed clip is a clip of the opposite motion with the same size, speed and
+        across-axis position."""
         clip = self.clips[index]
         a = clip.attributes
         opposite = Attributes(a.colour, a.shape, OPPOSITE[a.motion], a.background)
-        if opposite not in self._combination_set:
+        if opposite not in self._combination_set or self.start_spread != 1.0:
             return None
         return opposite.caption if clip.caption == a.caption else opposite.short_caption
 
@@ -239,16 +252,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--split", default="trained", choices=("trained", "heldout", "all"))
+    parser.add_argument("--start-spread", type=float, default=1.0,
+                        help="share of the start range used, from the edge the object comes "
+                             "from (1: anywhere in view)")
     try:
         args = parser.parse_args(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not 0.0 < args.start_spread <= 1.0:
+        print(f"error: --start-spread must be in (0, 1], got {args.start_spread}",
+              file=sys.stderr)
+        return 2
     if args.folder.exists() and any(args.folder.iterdir()):
         print(f"error: {args.folder} is not empty; choose a new folder", file=sys.stderr)
         return 2
     clips = SyntheticClips(args.seed, args.count, args.frames, args.size,
-                           combinations_named(split=args.split))
+                           combinations_named(split=args.split), start_spread=args.start_spread)
     args.folder.mkdir(parents=True, exist_ok=True)
     for i, clip in enumerate(clips.clips):
         name = f"{i:06d}"

@@ -284,7 +284,7 @@ class Trainer:
             except ValueError as exc:
                 raise UserError(f"data.synthetic: {exc}") from None
             self.clips = SyntheticClips(syn.seed, syn.clips, d.num_frames, d.height,
-                                        combinations)
+                                        combinations, start_spread=syn.start_spread)
         else:
             self.clips = VideoClips(d.path, d.num_frames, d.stride, d.height, d.width)
         self.cache = (LatentCache(d.cache_latents, self.clips, self.vae,

@@ -34,9 +34,17 @@ class SyntheticDataConfig:
     # backwards, with the opposite motion word and the same noise and timestep (when that
     # combination is in the split; else an ordinary clip). docs/finetuning.md.
     reversed_pairs: bool = False
+    # Share of the start range used, from the edge the object comes from: 1 anywhere in
+    # view; smaller starts it near that edge (t2v.synthetic.render, docs/demo.md).
+    start_spread: float = 1.0
 
     def __post_init__(self):
         _check(self.clips >= 1, f"data.synthetic.clips must be >= 1, got {self.clips}")
+        _check(0.0 < self.start_spread <= 1.0, f"data.synthetic.start_spread must be in "
+               f"(0, 1], got {self.start_spread}")
+        _check(not (self.reversed_pairs and self.start_spread != 1.0),
+               "data.synthetic.reversed_pairs needs start_spread 1 (a reversed clip of a "
+               "clip that starts near its back edge ends there): set one of them back")
         _check(self.split in SYNTHETIC_SPLITS, f"data.synthetic.split must be one of "
                f"{SYNTHETIC_SPLITS}, got {self.split!r}")
 

@@ -331,6 +331,9 @@ def test_synthetic_writer_makes_a_folder_the_trainer_reads(tmp_path, capsys):
     assert (p.colour, p.direction) == (a.colour, a.motion)  # survives H.264
     assert rendered.shape == (8, 32, 32, 3)
     assert main([str(folder), "--count", "1"]) == 2  # not empty: refused
+    assert main([str(tmp_path / "new"), "--start-spread", "0"]) == 2
+    assert "--start-spread must be in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 def test_quality_grid_measures_the_tools(tmp_path, capsys):
@@ -427,7 +430,7 @@ def test_reversed_pairs_reach_the_batches(tmp_path):
     combination is held out: then it is an ordinary sample. An odd batch is a config error."""
     cfg = load_config(CONFIGS / "demo_unet.yaml", [
         f"weights.source={DEMO_SOURCE}", f"train.output_dir={tmp_path / 'u'}",
-        "train.text_dropout=0", "data.synthetic.clips=400",
+        "train.text_dropout=0", "data.synthetic.clips=400", "data.synthetic.start_spread=1",
         "data.synthetic.reversed_pairs=true"], schema=TrainRunConfig)
     trainer = Trainer(cfg)
     paired = unpaired = 0
@@ -456,5 +459,51 @@ def test_reversed_pairs_reach_the_batches(tmp_path):
     assert paired >= 8 and unpaired >= 1, (paired, unpaired)
     with pytest.raises(ConfigError, match="train.batch_size must be even"):
         load_config(CONFIGS / "demo_unet.yaml", ["train.batch_size=3",
+                                                 "data.synthetic.start_spread=1",
                                                  "data.synthetic.reversed_pairs=true"],
+                    schema=TrainRunConfig)
+
+
+def test_start_spread_starts_clips_near_the_edge_they_come_from():
+    """data.synthetic.start_spread s: the object starts in the first share s of the start
+    range, measured from the edge it comes from, and stays in view; s = 1 is the default
+    dataset, frame for frame. The motion word then also says where the object is on average
+    over the clip (a main effect, docs/demo.md)."""
+    default, full = SyntheticClips(seed=3, count=40), SyntheticClips(seed=3, count=40,
+                                                                      start_spread=1.0)
+    for i in (0, 11, 39):
+        assert np.array_equal(default.frames(i), full.frames(i))
+    near = SyntheticClips(seed=3, count=400, start_spread=0.25)
+    mean_x = collections.defaultdict(list)
+    for i, clip in enumerate(near.clips):
+        a = clip.attributes
+        if a.motion not in ("left", "right") or a.background != "black":
+            continue
+        frames = near.frames(i).astype(np.float64).sum(axis=-1)  # (F, H, W)
+        xs = (frames * np.arange(32)).sum(axis=(1, 2)) / frames.sum(axis=(1, 2))
+        # Start range of the centre: [extent/2 + 1, 31 - extent/2 - travel] with extent
+        # 10-13 px, travel >= 7 x 1.25 px: its first quarter ends by x = extent/4 + 6.31 <= 9.57.
+        start = xs[0] if a.motion == "right" else 32 - xs[0]
+        assert start < 9.57 + GROUND_TRUTH_JITTER, (i, a, xs)
+        assert 4.5 < xs.min() and xs.max() < 27.5, (i, a, xs)
+        mean_x[a.motion].append(xs.mean())
+    assert np.mean(mean_x["left"]) - np.mean(mean_x["right"]) > 3.0, mean_x
+    # The whole range: no main effect (the start range is symmetric about the centre).
+    spread = SyntheticClips(seed=3, count=400)
+    means = collections.defaultdict(list)
+    for i, clip in enumerate(spread.clips):
+        a = clip.attributes
+        if a.motion in ("left", "right") and a.background == "black":
+            frames = spread.frames(i).astype(np.float64).sum(axis=-1)
+            means[a.motion].append(((frames * np.arange(32)).sum() / frames.sum()))
+    assert abs(np.mean(means["left"]) - np.mean(means["right"])) < 1.0, means
+    assert near.reversed_caption(0) is None
+    with pytest.raises(ValueError, match="start_spread"):
+        SyntheticClips(seed=0, count=4, start_spread=0.0)
+    with pytest.raises(ConfigError, match="reversed_pairs needs start_spread 1"):
+        load_config(CONFIGS / "demo_unet.yaml", ["data.synthetic.start_spread=0.5",
+                                                 "data.synthetic.reversed_pairs=true"],
+                    schema=TrainRunConfig)
+    with pytest.raises(ConfigError, match="start_spread must be in"):
+        load_config(CONFIGS / "demo_unet.yaml", ["data.synthetic.start_spread=1.5"],
                     schema=TrainRunConfig)
