@@ -9,7 +9,7 @@ Stage 1 trains the KL VAE (configs/demo_vae.yaml, `train.model=vae`), which also
 architecture, the noise schedule (zero terminal SNR, v-prediction), the frozen random text
 encoder and the UNet's initial weights (train.seed 0: `TextToVideo.from_config` draws the text
 encoder from seed 0, the UNet from 1, the VAE from 2); stage 2 trains every UNet parameter on
-top of it (configs/demo_unet.yaml, weights.source set to stage 1's model: 7,000 steps of a
+top of it (configs/demo_unet.yaml, weights.source set to stage 1's model: 4,000 steps of a
 cosine schedule); stage 3 fine-tunes that model in FINETUNE_ROUNDS rounds at a lower learning
 rate (configs/demo_finetune.yaml), each round from the previous round's EMA model on fresh
 clips. `--start-from SOURCE` runs stage 3 alone on SOURCE (any weights source, e.g. a stage 2

@@ -189,8 +189,8 @@ def test_demo_source_is_the_package_folder():
 
 DEMO_TEST_STEPS = 10  # DPM-Solver++, guidance 5 at t >= 600: a few seconds for 2 x 20 videos
 # Accuracy floors on the 20 trained cases below (every fifth of the evaluation's list). Measured
-# on the shipped model at these settings (2026-12-03): colour 100%, shape 95%, direction 100%,
-# background 100%. Videos made from the wrong prompts score colour 0%, shape 25%, direction
+# on the shipped model at these settings (2026-12-04): colour 100%, shape 95%, direction 100%,
+# background 100%. Videos made from the wrong prompts score colour 0%, shape 20%, direction
 # 5%, background 70% (half the neighbours share it); chance is 20%, 33%, 25% and 50%. The
 # floors sit between, so the test fails when the stack breaks (guidance sign, sampler,
 # schedule, weights, text encoder, VAE) without failing on a few of the model's own mistakes
