@@ -199,12 +199,12 @@ class SampleConfig:
     timestep_spacing: str | None = None
     solver_order: int = 2  # DPM-Solver and UniPC samplers: 1, 2 or 3
     # Dynamic thresholding of the x0 predictions (diffusers' thresholding=True; samplers
-    # t2v.samplers.THRESHOLDING_SAMPLERS): per frame s = clamp(quantile(|x0|, ratio), 1, max).
+    # t2v.sampling.samplers.THRESHOLDING_SAMPLERS): per frame s = clamp(quantile(|x0|, ratio), 1, max).
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
     init_video: str | None = None  # video-to-video input (SDEdit)
-    # First-frame conditioning (t2v/first_frames.py): an image kept in the first init_frames
+    # First-frame conditioning (t2v/sampling/first_frames.py): an image kept in the first init_frames
     # frames (weights 1 - f/K unless init_weights), or the last continue_frames frames of a
     # video continued.
     init_image: str | None = None
@@ -213,27 +213,27 @@ class SampleConfig:
     continue_from: str | None = None
     continue_frames: int = 4
     strength: float = 0.6  # video-to-video: share of the steps that run (diffusers' default)
-    # Windowed sampling for long videos (t2v/windows.py): null = the UNet sees all frames.
+    # Windowed sampling for long videos (t2v/sampling/windows.py): null = the UNet sees all frames.
     window: int | None = None
     window_overlap: int = 4
     loop: bool = False  # windows wrap around the frame axis: a seamless loop
     freenoise: bool = True  # FreeNoise's noise rescheduling when windowed
     # Prompt tools (docs/sampling-tools.md): A1111's weighting syntax, (word:1.3), and prompts
-    # past 77 tokens (t2v/prompt_weighting.py); a per-frame prompt schedule for windowed runs,
-    # "0: a red ball | 32: a blue ball", in place of the prompt (t2v/prompt_travel.py).
+    # past 77 tokens (t2v/sampling/prompt_weighting.py); a per-frame prompt schedule for windowed runs,
+    # "0: a red ball | 32: a blue ball", in place of the prompt (t2v/sampling/prompt_travel.py).
     prompt_weighting: bool = False
     prompt_schedule: str | None = None
-    # Guidance rescale (t2v/guidance.py; 0: off), FreeU's [b1, b2, s1, s2] (t2v/freeu.py;
-    # null: off; ms-1.7b and zeroscope: [1.2, 1.4, 0.9, 0.2]) and FreeInit (t2v/freeinit.py).
+    # Guidance rescale (t2v/sampling/guidance.py; 0: off), FreeU's [b1, b2, s1, s2] (t2v/sampling/freeu.py;
+    # null: off; ms-1.7b and zeroscope: [1.2, 1.4, 0.9, 0.2]) and FreeInit (t2v/sampling/freeinit.py).
     guidance_rescale: float = 0.0
     # Guidance only at timesteps low <= t <= high ([low, high], 0-999; null: every step), the
-    # conditional prediction alone at the others (t2v/pipeline.py; docs/sampling-tools.md).
+    # conditional prediction alone at the others (t2v/pipeline/text_to_video.py; docs/sampling-tools.md).
     guidance_interval: tuple[float, float] | None = None
-    # Guidance-parallel sampling (t2v/guidance_parallel.py): under torchrun with 2 processes,
+    # Guidance-parallel sampling (t2v/sampling/guidance_parallel.py): under torchrun with 2 processes,
     # the unconditional pass on rank 0 and the conditional one on rank 1, every step.
     guidance_parallel: bool = False
     freeu: tuple[float, ...] | None = None
-    # DeepCache (t2v/deep_cache.py): a full UNet call every N calls, shallow ones reusing its
+    # DeepCache (t2v/sampling/deep_cache.py): a full UNet call every N calls, shallow ones reusing its
     # deep features between; 1: off. An approximation (docs/sampling-tools.md).
     cache_interval: int = 1
     # The skip branch DeepCache's shallow calls recompute: the first `cache_branch` layers of
@@ -276,7 +276,7 @@ class SampleConfig:
                "sample.cache_interval (DeepCache) does not combine with sample.window or "
                "sample.guidance_parallel yet; set it to 1")
         # the one list of names and option rules (samplers import config)
-        from t2v.samplers import SAMPLERS, sampler_options
+        from t2v.sampling.samplers import SAMPLERS, sampler_options
 
         _check(self.sampler in SAMPLERS,
                f"sample.sampler must be one of {tuple(SAMPLERS)}, got {self.sampler!r}")
@@ -306,7 +306,7 @@ class SampleConfig:
             self._check_prompt_schedule()
 
     def _check_prompt_schedule(self) -> None:
-        from t2v.prompt_travel import resolve_schedule
+        from t2v.sampling.prompt_travel import resolve_schedule
 
         try:
             resolve_schedule(self.prompt_schedule, self.num_frames)
@@ -325,7 +325,7 @@ class WeightsConfig:
     source: str | None = None
     revision: str | None = None
     variant: str | None = None  # diffusers weight variant, e.g. "fp16" (half the download)
-    # LoRA files (t2v.lora format) merged into the UNet after loading, "PATH" or "PATH:scale".
+    # LoRA files (t2v.models.lora format) merged into the UNet after loading, "PATH" or "PATH:scale".
     lora: tuple[str, ...] = ()
 
 
@@ -410,7 +410,7 @@ def _nest(parts: list[str], value: Any) -> dict:
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 schema: type[T] = Config) -> T:
     """Read a YAML config (missing keys take the dataclass defaults) and apply overrides.
-    `schema` is the root dataclass: `Config` for sampling, `t2v.train_config.TrainRunConfig`
+    `schema` is the root dataclass: `Config` for sampling, `t2v.training.config.TrainRunConfig`
     for fine-tuning."""
     merged = OmegaConf.structured(schema)
     source = "defaults"

@@ -21,7 +21,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 class NumericalError(RuntimeError):
-    """The latents stopped being finite (t2v.pipeline raises it)."""
+    """The latents stopped being finite (t2v.pipeline.text_to_video raises it)."""
 
 
 def fail(exc: Exception) -> int:

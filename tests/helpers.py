@@ -8,7 +8,7 @@ import torch
 
 from t2v.bench.common import trained_like_
 from t2v.config import UNetConfig
-from t2v.unet import UNet3D
+from t2v.models.unet import UNet3D
 
 # fp32 parity tolerance: max |ours - reference| relative to max |reference|.
 PARITY_TOL = 1e-5
@@ -75,7 +75,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_config(data: Path, out: Path, *extra: str):
     """The tiny model on 4-frame 32x32 clips of the squares."""
     from t2v.config import load_config
-    from t2v.train_config import TrainRunConfig
+    from t2v.training.config import TrainRunConfig
 
     base = [f"data.path={data}", "data.num_frames=4", "data.stride=2", "data.height=32",
             "data.width=32", f"train.output_dir={out}", "train.log_every=1"]

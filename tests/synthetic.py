@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from t2v.video_io import write_mp4
+from t2v.pipeline.video_io import write_mp4
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230),
            "yellow": (230, 210, 40)}

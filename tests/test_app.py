@@ -21,15 +21,15 @@ import pytest
 import torch
 
 from helpers import free_port
-from t2v.app import (EXAMPLES, FORM, Cancelled, build_parser, example_prompts, form_defaults,
+from t2v.cli.app import (EXAMPLES, FORM, Cancelled, build_parser, example_prompts, form_defaults,
                      form_values, free_output_path, gallery_record, host_warning, load_studio,
                      lora_specs, sample_settings)
 from t2v.config import Config
 from t2v.errors import UserError
-from t2v.sample import main as sample_main
-from t2v.sample import output_paths
-from t2v.synthetic import parse_caption
-from t2v.video_io import probe, read_video
+from t2v.cli.sample import main as sample_main
+from t2v.cli.sample import output_paths
+from t2v.training.synthetic import parse_caption
+from t2v.pipeline.video_io import probe, read_video
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "demo.yaml"
@@ -181,7 +181,7 @@ def test_bad_input_writes_nothing(demo_studio, tmp_path):
 
 
 def test_lora_applies_to_its_run_only(demo_studio, tmp_path):
-    from t2v.lora import add_lora, save_lora
+    from t2v.models.lora import add_lora, save_lora
 
     lora_dir = tmp_path / "loras"
     unet = copy.deepcopy(demo_studio.pipe.unet)
@@ -228,7 +228,7 @@ def test_cancel_stops_at_the_next_step(demo_studio, tmp_path):
 
 def test_the_page_builds(demo_studio):
     pytest.importorskip("gradio")
-    from t2v.app import build_ui
+    from t2v.cli.app import build_ui
 
     ui = build_ui(demo_studio)
     labels = {getattr(block, "label", None) for block in ui.blocks.values()}

@@ -82,7 +82,7 @@ def test_end_to_end_runs_every_component_in_the_benchmark_dtype(tmp_path, monkey
     casts the whole pipeline, so the t2v command line must set the VAE's dtype too (its
     default is float32), and it must parse as `python -m t2v.sample` reads it."""
     from t2v.bench.end_to_end import commands
-    from t2v.sample import parse
+    from t2v.cli.sample import parse
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs/ms17b.yaml
     for dtype in ("float32", "bfloat16"):

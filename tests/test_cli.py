@@ -12,9 +12,9 @@ import torch
 
 from helpers import free_port
 from t2v.config import load_config
-from t2v.pipeline import TextToVideo
-from t2v.sample import main
-from t2v.video_io import probe, read_video, write_mp4
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.cli.sample import main
+from t2v.pipeline.video_io import probe, read_video, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -194,12 +194,12 @@ def test_unwritable_outputs_fail_before_loading_with_one_line(cli, tmp_path, mon
 
 
 def test_write_errors_become_one_line(cli, tmp_path, monkeypatch):
-    import t2v.sample
+    import t2v.cli.sample
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(t2v.sample, "write_mp4", refuse)
+    monkeypatch.setattr(t2v.cli.sample, "write_mp4", refuse)
     code, _, stderr = cli("--config", TINY, "--prompt", "x", "--out", tmp_path / "v.mp4",
                           "--no-progress")
     assert code == 2 and stderr[-1].startswith("error:") and "Permission denied" in stderr[-1]

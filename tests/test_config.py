@@ -98,4 +98,4 @@ def test_section_from_dict_is_strict():
     with pytest.raises(ConfigError, match="head_dimm"):
         config_from_dict(UNetConfig, {"head_dimm": 3}, "unet metadata")
     with pytest.raises(ConfigError, match=r"sample.sampler must be one of \('ddim', "):
-        SampleConfig(sampler="heun")  # the names are t2v.samplers.SAMPLERS' keys
+        SampleConfig(sampler="heun")  # the names are t2v.sampling.samplers.SAMPLERS' keys

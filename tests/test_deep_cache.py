@@ -1,4 +1,4 @@
-"""DeepCache (t2v/deep_cache.py): exact where it must be, an approximation where it may be."""
+"""DeepCache (t2v/sampling/deep_cache.py): exact where it must be, an approximation where it may be."""
 
 from pathlib import Path
 
@@ -7,10 +7,10 @@ import torch
 
 from helpers import TINY, inputs, randomize_
 from t2v.config import load_config
-from t2v.deep_cache import DeepCache
+from t2v.sampling.deep_cache import DeepCache
 from t2v.errors import UserError
-from t2v.pipeline import TextToVideo
-from t2v.unet import UNet3D
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.models.unet import UNet3D
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_a_reused_call_on_the_same_inputs_gives_the_full_output(unet, branch):
     assert torch.equal(full, unet(x, 700, context))
     assert torch.equal(reused, full)
     # The same with FreeU and frame chunks, which the shallow path must apply alike.
-    from t2v.freeu import RECOMMENDED
+    from t2v.sampling.freeu import RECOMMENDED
     unet.freeu = RECOMMENDED
     try:
         cache = DeepCache(2, branch=branch)
@@ -150,7 +150,7 @@ def test_pipeline_cache_interval(pipe):
 
 def test_cli_flag_and_config_key():
     from t2v.errors import ConfigError
-    from t2v.sample import parse
+    from t2v.cli.sample import parse
 
     base = ["--config", str(ROOT / "configs" / "tiny.yaml"), "--prompt", "a red circle"]
     _, cfg = parse([*base, "--cache-interval", "3"])

@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from t2v import synthetic
+from t2v.training import synthetic
 from t2v.config import load_config
 from t2v.errors import ConfigError
-from t2v.eval import (DEFAULT_GUIDANCE_INTERVAL, Case, cases, classify, evaluate, generate,
+from t2v.demo.evaluate import (DEFAULT_GUIDANCE_INTERVAL, Case, cases, classify, evaluate, generate,
                       load_demo_pipeline, score)
-from t2v.synthetic import (HELDOUT, TRAINED, Attributes, SyntheticClips, all_combinations,
+from t2v.training.synthetic import (HELDOUT, TRAINED, Attributes, SyntheticClips, all_combinations,
                            parse_caption, render)
-from t2v.train import Trainer, latent_scaling_factor, vae_loss
-from t2v.train_config import TrainRunConfig
-from t2v.weights import DEMO_FOLDER, DEMO_SOURCE, resolve_source
+from t2v.training.trainer import Trainer, latent_scaling_factor, vae_loss
+from t2v.training.config import TrainRunConfig
+from t2v.loading.weights import DEMO_FOLDER, DEMO_SOURCE, resolve_source
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Pixel rounding of the centroid of a rendered, anti-aliased object: up to 0.30 px measured.
@@ -153,7 +153,7 @@ def test_vae_training_mode(tmp_path):
     assert last < 0.5 * first, (first, last)  # measured 6977 -> 1279 (25 steps)
     model = tmp_path / "vae" / "model"
     written = load_config(None, []).model  # defaults, to compare the folder's config with
-    from t2v.weights import read_checkpoint
+    from t2v.loading.weights import read_checkpoint
     _, model_cfg, states = read_checkpoint(model, layout="native")
     assert model_cfg.vae.scaling_factor != written.vae.scaling_factor
     vae = trainer.vae.eval()
@@ -164,7 +164,7 @@ def test_vae_training_mode(tmp_path):
 
 
 def test_vae_loss_matches_its_definition():
-    from t2v.vae import AutoencoderKL
+    from t2v.models.vae import AutoencoderKL
     from t2v.config import VAEConfig
 
     torch.manual_seed(0)
@@ -255,8 +255,8 @@ def test_readme_demo_command(tmp_path):
     """The README's offline command: an 8-frame 32x32 H.264 MP4 of the shipped model's video
     for that prompt and seed (the pipeline's frames, read back through the codec: yuv420p
     halves the colour resolution, so compared by what the classifier reads from them)."""
-    from t2v.sample import main
-    from t2v.video_io import probe, read_video
+    from t2v.cli.sample import main
+    from t2v.pipeline.video_io import probe, read_video
 
     out = tmp_path / "v.mp4"
     code = main(["--config", str(CONFIGS / "demo.yaml"), "--prompt", "a red circle moving right",
@@ -280,8 +280,8 @@ def test_readme_demo_command(tmp_path):
 def test_demo_train_command_runs_every_stage_and_exports(tmp_path, capsys):
     """python -m t2v.demo train, shortened: VAE stage, UNet stage, the fine-tune rounds (each
     from the previous model), fp16 export, timings; then --start-from runs stage 3 alone."""
-    from t2v.demo import FINETUNE_ROUNDS, main
-    from t2v.weights import read_checkpoint
+    from t2v.demo.recipe import FINETUNE_ROUNDS, main
+    from t2v.loading.weights import read_checkpoint
 
     out = tmp_path / "demo"
     short = ["train.steps=2", "train.warmup_steps=1", "data.synthetic.clips=16"]
@@ -316,8 +316,8 @@ def test_demo_train_command_runs_every_stage_and_exports(tmp_path, capsys):
 
 
 def test_synthetic_writer_makes_a_folder_the_trainer_reads(tmp_path, capsys):
-    from t2v.data import VideoClips
-    from t2v.synthetic import main
+    from t2v.training.data import VideoClips
+    from t2v.training.synthetic import main
 
     folder = tmp_path / "clips"
     assert main([str(folder), "--count", "6", "--seed", "2"]) == 0
@@ -337,17 +337,17 @@ def test_synthetic_writer_makes_a_folder_the_trainer_reads(tmp_path, capsys):
 
 
 def test_quality_grid_measures_the_tools(tmp_path, capsys):
-    """python -m t2v.quality_grid, shortened: the tool measurements on one video each (the
+    """python -m t2v.demo.quality_grid, shortened: the tool measurements on one video each (the
     kept first frame and the repeated frames of a continuation are close to their sources;
     a plain video's first frame is not; bf16 and fp16 videos are close to fp32's), and grid.md
     from the reports."""
-    from t2v.quality_grid import (DTYPE_SEED, dtype_agreement, first_frame_and_continuation,
+    from t2v.demo.quality_grid import (DTYPE_SEED, dtype_agreement, first_frame_and_continuation,
                                   grid_markdown, main, psnr, prompt_travel)
-    from t2v.synthetic import render
+    from t2v.training.synthetic import render
 
     pipe = load_demo_pipeline(DEMO_SOURCE)
     first = first_frame_and_continuation(pipe, videos=1, steps=4)
-    from t2v.quality_grid import COMMON, INIT_SEED, TRAINED
+    from t2v.demo.quality_grid import COMMON, INIT_SEED, TRAINED
     clip = render(TRAINED[0], np.random.default_rng(INIT_SEED))
     plain = pipe(TRAINED[0].caption, num_frames=8, seed=INIT_SEED,
                  **{**COMMON, "steps": 4}).frames[0].numpy()
@@ -386,8 +386,8 @@ MIN_BACKGROUND_AGAINST_NOISE = 6
 
 def test_demo_model_takes_the_background_from_the_prompt_not_the_noise():
     """Initial noise shifted towards the other background by what ms-1.7b's schedule leaves of
-    it in x_T (t2v.eval.background_trace): the prompt's background still wins."""
-    from t2v.eval import background_trace
+    it in x_T (t2v.demo.evaluate.background_trace): the prompt's background still wins."""
+    from t2v.demo.evaluate import background_trace
 
     pipe = load_demo_pipeline(DEMO_SOURCE)
     trace = background_trace(pipe)[None, :, None, None, None]

@@ -1,4 +1,4 @@
-"""train.strategy=fsdp (t2v/fsdp.py): FSDP2 on CPU with gloo, 2 processes under torchrun against
+"""train.strategy=fsdp (t2v/training/fsdp.py): FSDP2 on CPU with gloo, 2 processes under torchrun against
 one process with the combined batch; sharded checkpoints resumed on 2 and on 1 process; LoRA."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from helpers import free_port, max_rel_diff, run_config
 from synthetic import write_squares
 from t2v.errors import UserError
-from t2v.train import Trainer
+from t2v.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 processes x batch 1 vs 1 process x batch 2, float32 compute: the same maths, rounded
@@ -49,8 +49,8 @@ import torch.distributed as dist
 from pathlib import Path
 from safetensors.torch import save_file
 from helpers import run_config
-from t2v.fsdp import full_value
-from t2v.train import Trainer
+from t2v.training.fsdp import full_value
+from t2v.training.trainer import Trainer
 trainer = Trainer(run_config(Path({data!r}), Path({out!r}), *{extra!r}))
 init = {{"init." + n: full_value(p.detach()).clone() for n, p in trainer.trained.items()}}
 grads = {{}}
@@ -157,8 +157,8 @@ def test_two_processes_equal_one_and_resume_anywhere(squares, tmp_path):
 
 def test_bf16_policy_computes_in_bf16(squares, tmp_path, one_thread):
     """train.fsdp.param_dtype=bfloat16: the gathered weights and the forward are bf16, the
-    sharded master weights float32; "auto" is float32 on the CPU (t2v.fsdp.fsdp_param_dtype)."""
-    from t2v.train import diffusion_loss
+    sharded master weights float32; "auto" is float32 on the CPU (t2v.training.fsdp.fsdp_param_dtype)."""
+    from t2v.training.trainer import diffusion_loss
 
     losses = {}
     try:
@@ -206,7 +206,7 @@ def test_lora_sharded_equals_lora_alone(squares, tmp_path):
 def test_strategy_mismatch_and_bad_settings_are_clear(squares, tmp_path, one_thread):
     from t2v.config import load_config
     from t2v.errors import ConfigError
-    from t2v.train_config import TrainRunConfig
+    from t2v.training.config import TrainRunConfig
 
     Trainer(run_config(squares, tmp_path, "train.steps=1")).run(progress=False)
     try:
@@ -228,7 +228,7 @@ def test_strategy_mismatch_and_bad_settings_are_clear(squares, tmp_path, one_thr
 
 def test_training_memory_model_terms():
     from t2v.config import load_config
-    from t2v.memory import largest_block_parameters, parameter_counts, training_memory
+    from t2v.models.memory import largest_block_parameters, parameter_counts, training_memory
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", []).model
     unet = parameter_counts(cfg)["unet"]
@@ -250,10 +250,10 @@ def test_training_memory_model_terms():
 
 
 def test_clip_grad_norm_equals_torch():
-    """t2v.fsdp.clip_grad_norm_ (sum of squares of the local shards, one all-reduce) against
+    """t2v.training.fsdp.clip_grad_norm_ (sum of squares of the local shards, one all-reduce) against
     torch.nn.utils.clip_grad_norm_ on plain tensors in a one-process group: the norm and the
     clipped gradients, clipping on and off; float32 rounding of a different summation order."""
-    from t2v.fsdp import clip_grad_norm_
+    from t2v.training.fsdp import clip_grad_norm_
 
     g = torch.Generator().manual_seed(0)
     shapes = [(3, 4), (7,), (2, 3, 5), (1,)]

@@ -1,4 +1,4 @@
-"""Guidance-parallel sampling (t2v.guidance_parallel): 2 processes under torchrun (gloo, CPU)
+"""Guidance-parallel sampling (t2v.sampling.guidance_parallel): 2 processes under torchrun (gloo, CPU)
 against one process, through the Python API and the CLI, and the refusals."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch.distributed as dist
 from helpers import free_port, max_rel_diff
 from t2v.config import load_config
 from t2v.errors import UserError
-from t2v.guidance import guide
-from t2v.pipeline import TextToVideo
-from t2v.sample import main
+from t2v.sampling.guidance import guide
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.cli.sample import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")

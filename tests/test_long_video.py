@@ -13,10 +13,10 @@ from helpers import assert_parity, randomize_
 from t2v.bench.long_video import SIZE, WINDOW
 from t2v.bench.memory import measure_in_subprocess
 from t2v.config import ModelConfig, UNetConfig, load_config
-from t2v.memory import SAMPLER_LATENT_COPIES, estimate_memory, parse_size, resident_bytes
-from t2v.pipeline import TextToVideo
-from t2v.sample import main as sample_main
-from t2v.unet import UNet3D
+from t2v.models.memory import SAMPLER_LATENT_COPIES, estimate_memory, parse_size, resident_bytes
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.cli.sample import main as sample_main
+from t2v.models.unet import UNet3D
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -122,7 +122,7 @@ def test_max_memory_refuses_with_the_settings_that_fit(tmp_path, capsys, caplog)
 
 
 def test_streamed_mp4_has_every_frame(tmp_path):
-    from t2v.video_io import read_video, write_mp4
+    from t2v.pipeline.video_io import read_video, write_mp4
     frames = (np.arange(10)[:, None, None, None] * 20 + np.zeros((10, 16, 16, 3))).astype(np.uint8)
     write_mp4((frames[i:i + 3] for i in range(0, 10, 3)), tmp_path / "s.mp4", fps=8)
     back, _ = read_video(tmp_path / "s.mp4")
@@ -132,8 +132,8 @@ def test_streamed_mp4_has_every_frame(tmp_path):
 def test_parameter_counts_without_building_the_text_encoder():
     """The estimate counts the text encoder by formula (building it, even on the meta device,
     cost 0.8 s and 150 MB); the formula equals the built model at full size and tiny."""
-    from t2v.memory import parameter_counts, text_encoder_parameters
-    from t2v.text_encoder import TextEncoder
+    from t2v.models.memory import parameter_counts, text_encoder_parameters
+    from t2v.models.text_encoder import TextEncoder
 
     for cfg in (ModelConfig(), load_config(TINY).model):
         built = sum(p.numel() for p in TextEncoder(cfg.text_encoder).parameters())

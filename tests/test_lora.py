@@ -1,4 +1,4 @@
-"""LoRA (t2v.lora through peft): merging, files, what trains, the pipeline and the CLI."""
+"""LoRA (t2v.models.lora through peft): merging, files, what trains, the pipeline and the CLI."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from helpers import assert_parity, randomize_
 from synthetic import write_squares
 from t2v.config import load_config
 from t2v.errors import UserError
-from t2v.lora import (add_lora, lora_state_dict, lora_target_names, load_lora, merge_lora,
+from t2v.models.lora import (add_lora, lora_state_dict, lora_target_names, load_lora, merge_lora,
                       parse_lora_arg, save_lora)
-from t2v.pipeline import TextToVideo
-from t2v.sample import main as sample_main
-from t2v.train import Trainer
-from t2v.train_config import TrainRunConfig
-from t2v.unet import UNet3D
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.cli.sample import main as sample_main
+from t2v.training.trainer import Trainer
+from t2v.training.config import TrainRunConfig
+from t2v.models.unet import UNet3D
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = load_config(ROOT / "configs" / "tiny.yaml")
@@ -123,7 +123,7 @@ def test_bad_lora_files_are_clear_errors(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(UserError, match="not a t2v LoRA"):
         load_lora(unet, tmp_path / "other.safetensors")
-    from t2v.lora import LORA_FORMAT
+    from t2v.models.lora import LORA_FORMAT
     save_file({"x": torch.zeros(1)}, str(tmp_path / "partial.safetensors"),
               metadata={"format": LORA_FORMAT, "rank": "4"})  # no alpha, no targets
     with pytest.raises(UserError, match="incomplete t2v LoRA metadata \\(no 'alpha'\\)"):

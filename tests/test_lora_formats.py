@@ -1,4 +1,4 @@
-"""LoRA files of other tools (t2v.lora_formats), built the way those tools write them:
+"""LoRA files of other tools (t2v.loading.lora_formats), built the way those tools write them:
 diffusers/PEFT files written by peft and diffusers' own save_lora_weights, the layouts older
 diffusers and its training scripts wrote, kohya files, and Text-To-Video-Finetuning's Stable
 LoRA files (its `full_weights` export in diffusers names and its webui export in ModelScope
@@ -26,14 +26,14 @@ from layouts import DIFF_TEXT, DIFF_UNET, DIFF_VAE, HUB_SCHEDULER, diffusers_mod
 from reference import modelscope_module
 from t2v.config import ModelConfig, UNetConfig, load_config
 from t2v.errors import UserError
-from t2v.lora_formats import merge_foreign_lora
-from t2v.pipeline import TextToVideo
-from t2v.sample import main as sample_main
-from t2v.text_encoder import TextEncoder
-from t2v.unet import UNet3D
-from t2v.vae import AutoencoderKL
-from t2v.video_io import read_video
-from t2v.weights import build
+from t2v.loading.lora_formats import merge_foreign_lora
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.cli.sample import main as sample_main
+from t2v.models.text_encoder import TextEncoder
+from t2v.models.unet import UNet3D
+from t2v.models.vae import AutoencoderKL
+from t2v.pipeline.video_io import read_video
+from t2v.loading.weights import build
 from weights_convert.diffusers import schedule_config, tokenizer_files
 from weights_convert.modelscope import unet_from_modelscope
 

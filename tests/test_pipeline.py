@@ -17,11 +17,11 @@ from helpers import assert_parity, diffusers_scheduler
 from reference import modelscope_module
 from t2v.config import ModelConfig
 from t2v.errors import UserError
-from t2v.pipeline import NumericalError, TextToVideo
-from t2v.text_encoder import TextEncoder
-from t2v.unet import UNet3D
-from t2v.vae import AutoencoderKL
-from t2v.weights import build
+from t2v.pipeline.text_to_video import NumericalError, TextToVideo
+from t2v.models.text_encoder import TextEncoder
+from t2v.models.unet import UNet3D
+from t2v.models.vae import AutoencoderKL
+from t2v.loading.weights import build
 from weights_convert.diffusers import schedule_config, tokenizer_files
 from weights_convert.modelscope import unet_from_modelscope, vae_from_modelscope
 
@@ -91,7 +91,7 @@ def test_frames_match_diffusers_text_to_video(components, sampler, steps, negati
 
 @pytest.mark.parametrize("sampler", ["unipc", "euler", "euler_a", "sde-dpmsolver++"])
 def test_more_samplers_match_diffusers_text_to_video(components, sampler):
-    """t2v.unipc, t2v.samplers_sigma and the SDE solver in the whole pipeline; the same
+    """t2v.sampling.unipc, t2v.sampling.samplers_sigma and the SDE solver in the whole pipeline; the same
     generator gives the stochastic ones diffusers' step noise."""
     ours, reference = components
     latents = noise((2, 4, 3, 8, 8), seed=5)
@@ -379,9 +379,9 @@ def test_model_card_snippet_runs_with_the_import_changed(tmp_path):
     output_type "np" (diffusers' default) gives frames in [0, 1] equal to t2v's float
     output; the MP4 holds them."""
     from t2v.config import load_config
-    from t2v.pipeline import TextToVideo as DiffusionPipeline
-    from t2v.video_io import export_to_video, read_video
-    from t2v.weights import save_native
+    from t2v.pipeline.text_to_video import TextToVideo as DiffusionPipeline
+    from t2v.pipeline.video_io import export_to_video, read_video
+    from t2v.loading.weights import save_native
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     source = TextToVideo.from_config(cfg.model, seed=0)
@@ -480,9 +480,9 @@ def test_freeu_matches_diffusers(components):
 @pytest.mark.parametrize("fast", [False, True])
 def test_free_init_runs_the_written_passes(components, fast):
     """free_init=FreeInit(3) equals three runs by hand: pass k > 0 starts from
-    t2v.freeinit.reinitialize(previous result, the initial noise), drawing from the same
+    t2v.sampling.freeinit.reinitialize(previous result, the initial noise), drawing from the same
     generator (DDIM with eta > 0, so the sampler draws too and the order of draws matters)."""
-    from t2v.freeinit import FreeInit, reinitialize
+    from t2v.sampling.freeinit import FreeInit, reinitialize
 
     ours, _ = components
     free_init = FreeInit(num_iters=3, use_fast_sampling=fast)
@@ -503,8 +503,8 @@ def test_free_init_runs_the_written_passes(components, fast):
 
 def test_guidance_rescale_reaches_the_sampler(components):
     """guidance_rescale=0 is the plain run bit for bit; > 0 rescales each step's guided
-    output (t2v.guidance.guide, tested against diffusers' rescale_noise_cfg)."""
-    from t2v.guidance import guide
+    output (t2v.sampling.guidance.guide, tested against diffusers' rescale_noise_cfg)."""
+    from t2v.sampling.guidance import guide
 
     ours, _ = components
     latents = noise((2, 4, 3, 8, 8), seed=2)
@@ -527,7 +527,7 @@ def test_guidance_rescale_reaches_the_sampler(components):
     finally:
         del ours.unet.forward
     # DDIM: x0 of step 0 follows from the rescaled guided eps at the first timestep
-    from t2v.schedule import eps_to_x0
+    from t2v.sampling.schedule import eps_to_x0
 
     t, x0 = calls[1]
     assert torch.allclose(x0, eps_to_x0(latents, calls[0], ours.schedule.alphas_cumprod[t]),
@@ -602,7 +602,7 @@ def test_continue_from_ends_on_the_conditioning_latents(components, sampler):
 def test_init_image_fades_with_the_written_weights(components):
     """init_image with the default schedule w_f = 1 - f / K: frame 0 ends on the image's
     latent; explicit weights of 0 leave the run as without conditioning (but for the draws)."""
-    from t2v.first_frames import fading_weights
+    from t2v.sampling.first_frames import fading_weights
 
     ours, _ = components
     assert fading_weights(4) == (1.0, 0.75, 0.5, 0.25)

@@ -1,4 +1,4 @@
-"""Prompt travel (t2v.prompt_travel): the schedule, the per-window embedding, the pipeline
+"""Prompt travel (t2v.sampling.prompt_travel): the schedule, the per-window embedding, the pipeline
 and the CLI, against the semantics of docs/sampling-tools.md."""
 
 import json
@@ -11,11 +11,11 @@ from PIL import Image
 
 from t2v.config import load_config
 from t2v.errors import ConfigError, UserError
-from t2v.pipeline import TextToVideo
-from t2v.prompt_travel import (parse_prompt_schedule, resolve_schedule, schedule_embedding,
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.sampling.prompt_travel import (parse_prompt_schedule, resolve_schedule, schedule_embedding,
                                segment, window_centre)
-from t2v.sample import main
-from t2v.windows import window_starts, windowed
+from t2v.cli.sample import main
+from t2v.sampling.windows import window_starts, windowed
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 SCHEDULE = "0: a red circle moving right | 6: a blue circle moving right"
@@ -241,9 +241,9 @@ def test_cli_bad_schedules_exit_2_with_one_line(tmp_path, capsys, args, needle):
 
 
 def test_window_colours_find_where_the_colour_changes():
-    """The helper for measuring prompt travel on the demo model (t2v.eval)."""
-    from t2v.eval import window_colours
-    from t2v.synthetic import Attributes, render
+    """The helper for measuring prompt travel on the demo model (t2v.demo.evaluate)."""
+    from t2v.demo.evaluate import window_colours
+    from t2v.training.synthetic import Attributes, render
 
     rng = np.random.default_rng(0)
     red = render(Attributes("red", "circle", "right", "black"), rng, num_frames=8)

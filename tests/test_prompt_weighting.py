@@ -1,4 +1,4 @@
-"""Prompt weighting (t2v.prompt_weighting) against the semantics of docs/sampling-tools.md."""
+"""Prompt weighting (t2v.sampling.prompt_weighting) against the semantics of docs/sampling-tools.md."""
 
 import json
 from pathlib import Path
@@ -10,12 +10,12 @@ from PIL import Image
 
 from t2v.config import load_config
 from t2v.errors import UserError
-from t2v.pipeline import TextToVideo
-from t2v.prompt_weighting import (BREAK, apply_weights, chunk_tokens, empty_chunk,
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.sampling.prompt_weighting import (BREAK, apply_weights, chunk_tokens, empty_chunk,
                                   encode_weighted, parse_prompt_attention, prompt_chunks,
                                   weighted_tokens)
-from t2v.sample import main
-from t2v.tokenizer import Tokenizer
+from t2v.cli.sample import main
+from t2v.models.tokenizer import Tokenizer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 UP, DOWN = 1.1, 1 / 1.1

@@ -9,8 +9,8 @@ from helpers import max_rel_diff
 from reference import modelscope_module
 from t2v.config import TIMESTEP_SPACINGS, ScheduleConfig
 from t2v.errors import ConfigError
-from t2v.samplers import SAMPLERS, ddim, dpm_solver, first_alpha_cumprod, first_timestep
-from t2v.schedule import (add_noise, ddim_timesteps, dpm_timesteps, eps_to_x0,
+from t2v.sampling.samplers import SAMPLERS, ddim, dpm_solver, first_alpha_cumprod, first_timestep
+from t2v.sampling.schedule import (add_noise, ddim_timesteps, dpm_timesteps, eps_to_x0,
                           noise_schedule, sigmas_at, v_to_eps, v_to_x0, velocity, x0_to_eps)
 
 STATE_TOL = 1e-6  # every intermediate sample vs diffusers, relative to its max magnitude

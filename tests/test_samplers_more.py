@@ -11,11 +11,11 @@ from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as re
 from helpers import diffusers_scheduler, max_rel_diff
 from t2v.config import TIMESTEP_SPACINGS, SampleConfig, ScheduleConfig
 from t2v.errors import ConfigError
-from t2v.samplers import (SAMPLERS, THRESHOLDING_SAMPLERS, first_alpha_cumprod, first_timestep,
+from t2v.sampling.samplers import (SAMPLERS, THRESHOLDING_SAMPLERS, first_alpha_cumprod, first_timestep,
                           sampler_options)
-from t2v.schedule import (ZERO_SNR_ALPHA_CUMPROD, add_noise, betas, dynamic_threshold,
+from t2v.sampling.schedule import (ZERO_SNR_ALPHA_CUMPROD, add_noise, betas, dynamic_threshold,
                           noise_schedule, rescale_zero_terminal_snr, sigma_table)
-from t2v.unipc import unipc
+from t2v.sampling.unipc import unipc
 
 # Every intermediate sample vs diffusers, max |diff| relative to max |reference| (as
 # tests/test_samplers.py). For Euler, diffusers' sigma-space states s are compared as
@@ -314,7 +314,7 @@ def test_bad_options_are_refused():
 
 
 def test_cli_flags_reach_the_sample_config(capsys):
-    from t2v.sample import main, parse
+    from t2v.cli.sample import main, parse
 
     _, cfg = parse(["--sampler", "unipc", "--thresholding", "--dynamic-thresholding-ratio",
                     "0.9", "--sample-max-value", "2.5", "sample.solver_order=3"])
@@ -332,7 +332,7 @@ def test_pipeline_refuses_options_the_sampler_has_not():
 
     from t2v.config import load_config
     from t2v.errors import UserError
-    from t2v.pipeline import TextToVideo
+    from t2v.pipeline.text_to_video import TextToVideo
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
     pipe = TextToVideo.from_config(load_config(tiny).model, seed=0)

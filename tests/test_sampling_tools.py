@@ -1,5 +1,5 @@
-"""FreeU, guidance rescale and FreeInit against diffusers (t2v/freeu.py, t2v/guidance.py,
-t2v/freeinit.py); the pipeline-level FreeU parity is in tests/test_pipeline.py."""
+"""FreeU, guidance rescale and FreeInit against diffusers (t2v/sampling/freeu.py, t2v/sampling/guidance.py,
+t2v/sampling/freeinit.py); the pipeline-level FreeU parity is in tests/test_pipeline.py."""
 
 import pytest
 import torch
@@ -10,10 +10,10 @@ from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import resca
 from helpers import TINY, assert_parity, inputs, matched_unets
 from layouts import HUB_SCHEDULER
 from t2v.errors import UserError
-from t2v.freeinit import FreeInit, low_pass_filter, mix_frequencies, reinitialize
-from t2v.freeu import RECOMMENDED, FreeU, low_frequency_scale
-from t2v.guidance import guide
-from t2v.schedule import noise_schedule
+from t2v.sampling.freeinit import FreeInit, low_pass_filter, mix_frequencies, reinitialize
+from t2v.sampling.freeu import RECOMMENDED, FreeU, low_frequency_scale
+from t2v.sampling.guidance import guide
+from t2v.sampling.schedule import noise_schedule
 from weights_convert.diffusers import schedule_config
 
 UNET_TOL = 1e-5  # fp32 UNet outputs, as the UNet parity tests (tests/helpers.PARITY_TOL)

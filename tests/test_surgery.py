@@ -6,8 +6,8 @@ from diffusers import UNet2DConditionModel
 
 from helpers import assert_parity, randomize_
 from t2v.config import UNetConfig
-from t2v.surgery import capture, inflate, is_temporal, parameter_summary, set_trainable
-from t2v.unet import UNet3D
+from t2v.training.surgery import capture, inflate, is_temporal, parameter_summary, set_trainable
+from t2v.models.unet import UNet3D
 from weights_convert import ConversionError
 
 CFG = UNetConfig(channels=(32, 64, 64, 64), head_dim=8, context_dim=32, norm_groups=4)

@@ -9,8 +9,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from helpers import assert_parity, randomize_
 from t2v.config import TextEncoderConfig, load_config
 from t2v.errors import ConfigError
-from t2v.text_encoder import TextEncoder
-from t2v.tokenizer import Tokenizer
+from t2v.models.text_encoder import TextEncoder
+from t2v.models.tokenizer import Tokenizer
 from weights_convert import ConversionError
 from weights_convert.diffusers import text_encoder_config, text_encoder_from_transformers
 from weights_convert.open_clip import text_encoder_from_open_clip, text_encoder_to_open_clip

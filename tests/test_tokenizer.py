@@ -4,7 +4,7 @@ import open_clip
 import pytest
 import torch
 
-from t2v.tokenizer import Tokenizer
+from t2v.models.tokenizer import Tokenizer
 
 PROMPTS = [
     "An astronaut riding a horse on the moon",
@@ -56,7 +56,7 @@ def test_single_string_is_a_batch_of_one(tokenizer):
 
 def test_truncation_keeps_end_token_and_warns(tokenizer, caplog):
     prompt = " ".join(["dog"] * 100)
-    with caplog.at_level(logging.WARNING, logger="t2v.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="t2v.models.tokenizer"):
         ids = tokenizer([prompt])[0]
     assert ids[-1].item() == 49407 and ids[0].item() == 49406
     assert (ids[1:-1] != 0).all()
@@ -65,15 +65,15 @@ def test_truncation_keeps_end_token_and_warns(tokenizer, caplog):
 
 
 def test_no_warning_when_it_fits(tokenizer, caplog):
-    with caplog.at_level(logging.WARNING, logger="t2v.tokenizer"):
+    with caplog.at_level(logging.WARNING, logger="t2v.models.tokenizer"):
         tokenizer(["dog " * 75])  # 75 + 2 = 77: fits exactly
     assert not caplog.records
 
 
 def test_word_cache_is_bounded(monkeypatch):
-    import t2v.tokenizer
+    import t2v.models.tokenizer
 
-    monkeypatch.setattr(t2v.tokenizer, "WORD_CACHE_SIZE", 10)
+    monkeypatch.setattr(t2v.models.tokenizer, "WORD_CACHE_SIZE", 10)
     tok = Tokenizer()
     words = " ".join(f"word{i}" for i in range(50))
     ids = tok.encode(words)

@@ -16,10 +16,10 @@ from safetensors.torch import load_file
 from helpers import max_rel_diff, randomize_, run_config
 from synthetic import write_squares
 from t2v.config import load_config
-from t2v.data import frame_indices, list_clips, resize_crop
+from t2v.training.data import frame_indices, list_clips, resize_crop
 from t2v.errors import ConfigError, UserError
-from t2v.train import Trainer, diffusion_loss, main, timestep_weights
-from t2v.train_config import OptimConfig, TrainRunConfig
+from t2v.training.trainer import Trainer, diffusion_loss, main, timestep_weights
+from t2v.training.config import OptimConfig, TrainRunConfig
 from weights_convert.diffusers import diffusers_unet_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,8 +114,8 @@ def test_runs_from_a_weights_folder_are_reproducible(squares, tmp_path):
     dropout still draws from train.seed: identical runs are identical, and N steps equal
     N/2 + resume + N/2. Failed before the trainer seeded the global RNG (loss 1.0428 vs
     1.0360 at step 1 on real weights)."""
-    from t2v.pipeline import TextToVideo
-    from t2v.weights import save_native
+    from t2v.pipeline.text_to_video import TextToVideo
+    from t2v.loading.weights import save_native
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml")
     pipe = TextToVideo.from_config(cfg.model, seed=5)
@@ -151,7 +151,7 @@ def test_overrides_follow_the_schema_types():
 
 
 def test_lr_schedules():
-    from t2v.train import lr_factor
+    from t2v.training.trainer import lr_factor
 
     cfg = load_config(None, ["train.steps=100", "train.warmup_steps=10",
                              "train.lr_schedule=cosine", "train.lr_min_ratio=0.2"],
@@ -176,7 +176,7 @@ sys.path.insert(0, {tests!r})
 import torch
 from safetensors.torch import save_file
 from helpers import run_config
-from t2v.train import Trainer
+from t2v.training.trainer import Trainer
 from pathlib import Path
 trainer = Trainer(run_config(Path({data!r}), Path({out!r}), *{extra!r}))
 grads = {{}}
@@ -391,7 +391,7 @@ def test_bf16_mixed_precision_step_on_cpu(squares, tmp_path):
 
 
 def test_explicit_device_with_several_processes_is_refused(monkeypatch):
-    from t2v.train import Distributed
+    from t2v.training.trainer import Distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -12,7 +12,7 @@ from helpers import (PARITY_TOL, TINY, assert_parity, assert_round_trip, diffuse
 from reference import modelscope_module
 from t2v.config import UNetConfig, load_config
 from t2v.errors import ConfigError
-from t2v.unet import UNet3D
+from t2v.models.unet import UNet3D
 from weights_convert import ConversionError
 from weights_convert.diffusers import diffusers_unet_kwargs, unet_config
 from weights_convert.modelscope import unet_from_modelscope, unet_to_modelscope
@@ -218,7 +218,7 @@ def test_frame_embedding_adds_a_function_of_the_frame_index_to_the_time_embeddin
     """frame_embedding=True: every ResBlock of row (b, f) gets time_embedding(t_b) +
     frame_embedding(sinusoid(f)) (checked at the first ResBlock's input); with the frame MLP's
     last layer zeroed the UNet is the plain one to the bit; no checkpoint format can hold it."""
-    from t2v.unet import ResBlock, timestep_embedding
+    from t2v.models.unet import ResBlock, timestep_embedding
 
     cfg = dataclasses.replace(TINY, frame_embedding=True)
     ours = UNet3D(cfg).eval()

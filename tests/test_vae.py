@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
-from helpers import assert_parity, assert_round_trip, randomize_
+from helpers import PARITY_TOL, assert_parity, assert_round_trip, randomize_
 from reference import modelscope_module
 from t2v.config import VAEConfig, load_config
 from t2v.errors import ConfigError
-from t2v.vae import AutoencoderKL
+from t2v.models.vae import AutoencoderKL
 from weights_convert import ConversionError
 from weights_convert.diffusers import diffusers_vae_kwargs, vae_config, vae_from_diffusers
 from weights_convert.modelscope import vae_from_modelscope, vae_to_modelscope
@@ -144,9 +144,12 @@ def test_decode_video_matches_diffusers_and_ignores_chunk_size(pair):
     for chunk, video in results.items():
         assert video.shape == (2, 3, 5, 24, 40) and video.dtype == torch.float32
         assert_parity(video, expected, what=f"decode_video chunk {chunk} vs diffusers")
-        # Frames are decoded independently; only batch-size-dependent kernel choices can
-        # differ, far below the parity tolerance.
-        assert_parity(video, results[5], tol=1e-6, what=f"decode_video chunk {chunk} vs 5")
+        # Frames are decoded independently; only batch-size-dependent kernel choices differ,
+        # and which kernels those are depends on the CPU. The bound follows from the parity
+        # bound (each chunking is within PARITY_TOL of the reference), not from one machine's
+        # result (1.04e-6 was seen on an AVX-512 EPYC); a chunking bug gives O(1) differences.
+        assert_parity(video, results[5], tol=2 * PARITY_TOL,
+                      what=f"decode_video chunk {chunk} vs 5")
 
 
 def test_decode_video_never_decodes_more_than_a_chunk(pair, monkeypatch):

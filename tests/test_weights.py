@@ -14,9 +14,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from helpers import assert_parity
 from layouts import (DIFF_TEXT, DIFF_UNET, DIFF_VAE, MS_TEXT, MS_UNET, MS_VAE,
                      write_diffusers_folder, write_modelscope_folder)
-from t2v.checkpoint_io import WeightsError, read_pickle
-from t2v.tokenizer import Tokenizer
-from t2v.weights import detect_layout, load_models
+from t2v.loading.checkpoint_io import WeightsError, read_pickle
+from t2v.models.tokenizer import Tokenizer
+from t2v.loading.weights import detect_layout, load_models
 from weights_convert.__main__ import main as convert_main
 
 IDS = Tokenizer()(["a cat playing the piano", ""])
@@ -186,7 +186,7 @@ def test_hub_id_resolves_from_local_cache_offline(folders, tmp_path, monkeypatch
 def test_hub_patterns_fetch_one_precision_and_format(variant, wanted, unwanted):
     from fnmatch import fnmatch
 
-    from t2v.weights import _hub_patterns
+    from t2v.loading.weights import _hub_patterns
     patterns = _hub_patterns(variant)
 
     def fetched(name):
@@ -313,7 +313,7 @@ def test_cli_refuses_to_overwrite_without_force(folders, tmp_path, cli):
 
 
 def test_replacing_a_folder_keeps_the_old_one_until_the_new_one_is_complete(tmp_path):
-    from t2v.video_io import atomic_path
+    from t2v.atomic import atomic_path
 
     target = tmp_path / "model"
     target.mkdir()
@@ -337,7 +337,7 @@ def test_save_native_writes_its_config_last(tmp_path, monkeypatch):
     """A folder whose writing stopped part way is not taken for a native checkpoint."""
     import weights_convert.native
     from t2v.config import ModelConfig
-    from t2v.weights import save_native
+    from t2v.loading.weights import save_native
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""Windowed sampling for long videos (t2v.windows) and its use in the pipeline."""
+"""Windowed sampling for long videos (t2v.sampling.windows) and its use in the pipeline."""
 
 from pathlib import Path
 
@@ -7,8 +7,8 @@ import torch
 
 from t2v.config import load_config
 from t2v.errors import UserError
-from t2v.pipeline import TextToVideo
-from t2v.windows import frame_weights, reschedule_noise, window_starts, windowed
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.sampling.windows import frame_weights, reschedule_noise, window_starts, windowed
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

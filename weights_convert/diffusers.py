@@ -309,7 +309,7 @@ MODEL_INDEX = {
 def tokenizer_files() -> dict[str, str]:
     """transformers CLIPTokenizer files equivalent to open_clip's tokenizer: the same BPE
     vocabulary under HF's special-token names, and pad "!" (id 0) as SD 2's tokenizer has it."""
-    from t2v.tokenizer import END_OF_TEXT, START_OF_TEXT, Tokenizer
+    from t2v.models.tokenizer import END_OF_TEXT, START_OF_TEXT, Tokenizer
 
     tok = Tokenizer()
     hf_names = {START_OF_TEXT: "<|startoftext|>", END_OF_TEXT: "<|endoftext|>"}

@@ -22,8 +22,8 @@ from typing import Mapping
 import torch
 
 from t2v.config import UNetConfig, VAEConfig
-from t2v.unet import UNet3D
-from t2v.vae import AutoencoderKL
+from t2v.models.unet import UNet3D
+from t2v.models.vae import AutoencoderKL
 from weights_convert.table import ConversionError, Rule, convert, invert, rename
 
 # ResBlock leaf names: ours (diffusers) -> ModelScope.

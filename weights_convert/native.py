@@ -4,7 +4,7 @@
     model.yaml                                                     (the ModelConfig, written last)
 
 Each safetensors file also carries its component's config as JSON metadata (`t2v_config`).
-`t2v.weights` reads the layout; `python -m weights_convert` and the trainer write it.
+`t2v.loading.weights` reads the layout; `python -m weights_convert` and the trainer write it.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def save_native(folder: Path, cfg: ModelConfig, states: Mapping[str, Mapping[str
     """Write one safetensors file per component (config in its metadata), then `model.yaml`
     (last: a folder without it is not taken for a native checkpoint). `states` hold t2v keys;
     returns the files written. The folder must exist; callers write into a temporary folder
-    renamed into place (`t2v.video_io.atomic_path`)."""
+    renamed into place (`t2v.atomic.atomic_path`)."""
     written = []
     for name in COMPONENTS:
         path = folder / f"{name}.safetensors"

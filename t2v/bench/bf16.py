@@ -6,7 +6,7 @@ trained-like random weights, alternating runs.
 Prints the four times, t2v bf16 / t2v fp32 (the speed a user gets from `--dtype bfloat16`),
 t2v bf16 against diffusers bf16, and the bf16 outputs' difference from fp32 (relative to the
 fp32 output's largest value). Quality in prompt-following terms is measured on the demo model
-(`python -m t2v.quality_grid --only bf16`, docs/quality.md).
+(`python -m t2v.demo.quality_grid --only bf16`, docs/quality.md).
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def case_main(description: str, run: Callable[[str, int], dict], cases) -> None:
     import json
     from pathlib import Path
 
-    from t2v.video_io import atomic_path
+    from t2v.atomic import atomic_path
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--case", choices=list(cases), default="a")

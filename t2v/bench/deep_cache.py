@@ -1,4 +1,4 @@
-"""DeepCache's speed (t2v/deep_cache.py): a full-size UNet call against a shallow one at each
+"""DeepCache's speed (t2v/sampling/deep_cache.py): a full-size UNet call against a shallow one at each
 skip branch, and what that makes of a video's denoising loop at cache intervals N.
 
     python -m t2v.bench.deep_cache [--case a|b] [--repeat 3] [--steps 25] [--loop-steps 0]
@@ -9,7 +9,7 @@ video: the UNet calls of `--steps` steps with a full call every N, from the per-
 (the sampler's own arithmetic is < 0.1% of a step); `--loop-steps K` also runs the real
 DPM-Solver++ loop of K steps at each N and reports its measured ratio, to check the model.
 Quality (prompt-following accuracy at N = 2, 3, 5) is measured on the demo model by
-`python -m t2v.quality_grid`.
+`python -m t2v.demo.quality_grid`.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 
 from t2v.bench.common import alternate, set_flush_denormal, trained_like_
 from t2v.config import UNetConfig
-from t2v.deep_cache import DEFAULT_BRANCH, DeepCache
-from t2v.unet import UNet3D
+from t2v.sampling.deep_cache import DEFAULT_BRANCH, DeepCache
+from t2v.models.unet import UNet3D
 
 CASES = {"a": (2, 8, 16), "b": (2, 16, 32)}  # batch (guidance: 2 x 1 video), frames, latent
 INTERVALS = (2, 3, 5)
@@ -76,8 +76,8 @@ def run(case: str = "a", repeat: int = 3, steps: int = 25, loop_steps: int = 0) 
               + ", ".join(f"N={n} {v:.2f}x" for n, v in result["per_video_speedup"][b].items()),
               flush=True)
     if loop_steps:
-        from t2v.samplers import SAMPLERS
-        from t2v.schedule import noise_schedule
+        from t2v.sampling.samplers import SAMPLERS
+        from t2v.sampling.schedule import noise_schedule
         from t2v.config import ScheduleConfig
 
         schedule = noise_schedule(ScheduleConfig())
@@ -111,7 +111,7 @@ def main() -> None:
     if args.json:
         from pathlib import Path
 
-        from t2v.video_io import atomic_path
+        from t2v.atomic import atomic_path
         with atomic_path(Path(args.json), overwrite=False) as tmp:
             tmp.write_text(json.dumps(result, indent=2))
 

@@ -38,7 +38,7 @@ DIFFUSERS_SCRIPT = """
 import sys, torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.pipelines.deprecated.text_to_video_synthesis import TextToVideoSDPipeline
-from t2v.video_io import export_to_video
+from t2v.pipeline.video_io import export_to_video
 folder, out, steps, dtype = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 pipe = TextToVideoSDPipeline.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
 pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
@@ -53,7 +53,7 @@ def prepare_weights(folder: Path) -> tuple[Path, Path]:
     """Full-size weights in the native and the diffusers layout (written once)."""
     from t2v.bench.common import trained_like_
     from t2v.config import ModelConfig
-    from t2v.pipeline import TextToVideo
+    from t2v.pipeline.text_to_video import TextToVideo
     from weights_convert.diffusers import save_diffusers
     from weights_convert.native import save_native
 
@@ -139,7 +139,7 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
-        from t2v.video_io import atomic_path
+        from t2v.atomic import atomic_path
         with atomic_path(args.json, overwrite=False) as tmp:
             tmp.write_text(json.dumps(result, indent=2))
 

@@ -1,10 +1,10 @@
 """Per-rank peak memory of full fine-tuning (every UNet parameter, AdamW) with train.strategy
-fsdp on 1, 2, ... CPU processes (gloo), measured next to t2v.memory.training_memory.
+fsdp on 1, 2, ... CPU processes (gloo), measured next to t2v.models.memory.training_memory.
 
     python -m t2v.bench.fsdp_memory [--ranks 1 2] [--width 0.5] [--frames 8] [--latent 16]
 
 A mid-size UNet (the full-size architecture with channels x --width) is built with random
-weights on every rank, sharded like t2v.train does (t2v.fsdp.shard_unet, bf16 compute), then
+weights on every rank, sharded like t2v.training.trainer does (t2v.training.fsdp.shard_unet, bf16 compute), then
 runs two steps (forward, backward with gradient checkpointing, AdamW). Each rank measures its
 resident memory after the libraries load and its peak (VmHWM, reset once the model is sharded,
 so the full copy every rank builds first is not counted); the step peak is the difference.
@@ -41,10 +41,10 @@ def child(width: float, frames: int, latent: int) -> None:
     import torch.distributed as dist
 
     from t2v.bench.common import trained_like_
-    from t2v.fsdp import shard_unet
-    from t2v.train import diffusion_loss
-    from t2v.train_config import FSDPConfig
-    from t2v.unet import UNet3D
+    from t2v.training.fsdp import shard_unet
+    from t2v.training.trainer import diffusion_loss
+    from t2v.training.config import FSDPConfig
+    from t2v.models.unet import UNet3D
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -92,7 +92,7 @@ def measure(ranks: int, width: float, frames: int, latent: int) -> list[float]:
 
 
 def main() -> None:
-    from t2v.memory import parameter_counts, training_memory
+    from t2v.models.memory import parameter_counts, training_memory
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])

@@ -1,5 +1,5 @@
 """Load time and peak memory of the full-size UNet (random weights, fp32, 5.6 GB): t2v's
-native `unet.safetensors` through `t2v.weights.build` against diffusers'
+native `unet.safetensors` through `t2v.loading.weights.build` against diffusers'
 `UNet3DConditionModel.from_pretrained` of the same tensors, one fresh process per case.
 
     python -m t2v.bench.load [--dir DIR] [--repeat 2]     # DIR defaults to the temp dir
@@ -37,9 +37,9 @@ def child(impl: str, folder: Path) -> None:
     baseline = status_kib("VmRSS")
     start = time.perf_counter()
     if impl == "t2v":
-        from t2v.checkpoint_io import read_state_dict
-        from t2v.unet import UNet3D
-        from t2v.weights import build
+        from t2v.loading.checkpoint_io import read_state_dict
+        from t2v.models.unet import UNet3D
+        from t2v.loading.weights import build
         model = build(lambda: UNet3D(UNetConfig()), read_state_dict(folder / "unet.safetensors"),
                       "unet")
     else:

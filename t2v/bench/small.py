@@ -18,9 +18,9 @@ import torch
 
 from t2v.bench.common import alternate, report_line, trained_like_
 from t2v.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from t2v.pipeline import TextToVideo
-from t2v.text_encoder import TextEncoder
-from t2v.tokenizer import Tokenizer
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.models.text_encoder import TextEncoder
+from t2v.models.tokenizer import Tokenizer
 
 PROMPTS = ["an astronaut riding a horse on the moon", ""]
 
@@ -62,9 +62,9 @@ def bench_tiny_pipeline(repeat: int) -> dict[str, float]:
     from diffusers.pipelines.deprecated.text_to_video_synthesis import TextToVideoSDPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from t2v.unet import UNet3D
-    from t2v.vae import AutoencoderKL
-    from t2v.weights import build
+    from t2v.models.unet import UNet3D
+    from t2v.models.vae import AutoencoderKL
+    from t2v.loading.weights import build
     from weights_convert.diffusers import (diffusers_scheduler_config,
                                            diffusers_text_encoder_config, diffusers_unet_kwargs,
                                            diffusers_vae_kwargs, tokenizer_files)
@@ -111,7 +111,7 @@ def main() -> None:
     for name, seconds in results.items():
         print(report_line(name, seconds))
     if args.json:
-        from t2v.video_io import atomic_path
+        from t2v.atomic import atomic_path
         with atomic_path(Path(args.json), overwrite=args.overwrite) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
 

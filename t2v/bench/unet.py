@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from t2v.bench.common import alternate, set_flush_denormal, trained_like_
 from t2v.config import UNetConfig
-from t2v.unet import UNet3D
+from t2v.models.unet import UNet3D
 
 CASES = {"a": (2, 8, 16), "b": (2, 16, 32)}  # batch, frames, latent size
 
@@ -120,7 +120,7 @@ def main() -> None:
     if args.json:
         from pathlib import Path
 
-        from t2v.video_io import atomic_path
+        from t2v.atomic import atomic_path
         with atomic_path(Path(args.json), overwrite=args.overwrite) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
 

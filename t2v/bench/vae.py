@@ -27,7 +27,7 @@ def models(cfg: VAEConfig, seed: int = 0):
     """(t2v AutoencoderKL, diffusers AutoencoderKL), same trained-like weights, eval mode."""
     from diffusers import AutoencoderKL as DiffusersVAE
 
-    from t2v.vae import AutoencoderKL
+    from t2v.models.vae import AutoencoderKL
     from weights_convert.diffusers import diffusers_vae_kwargs
     reference = trained_like_(DiffusersVAE(**diffusers_vae_kwargs(cfg)), seed).eval()
     ours = AutoencoderKL(cfg).eval()
@@ -80,7 +80,7 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from t2v.video_io import atomic_path
+    from t2v.atomic import atomic_path
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=256)

@@ -16,7 +16,7 @@ import torch
 from t2v.bench.common import trained_like_
 from t2v.bench.memory import measure_in_subprocess, report, status_kib
 from t2v.config import VAEConfig
-from t2v.vae import DEFAULT_CHUNK_FRAMES, AutoencoderKL
+from t2v.models.vae import DEFAULT_CHUNK_FRAMES, AutoencoderKL
 
 
 def child(impl: str, frames: int, size: int) -> None:

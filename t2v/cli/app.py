@@ -1,0 +1,413 @@
+"""python -m t2v.app: a web UI for generating videos (Gradio), on this machine.
+
+    python -m t2v.app                                   # the demo model (configs/demo.yaml)
+    python -m t2v.app --config configs/ms17b.yaml --lora-dir loras/ --max-memory 16GB
+
+The models load once, at start. The page: prompt and negative prompt, Generate and Cancel, an
+"Advanced options" accordion (seed, frames, size, steps, guidance, sampler, fps, windowed
+sampling, LoRA files from --lora-dir), example prompts, a per-step progress bar, the MP4
+inline with download buttons for it and its JSON sidecar, and this session's outputs with
+their settings and "Reuse these settings". One generation runs at a time; others wait in a
+queue with their position shown. Outputs are written as `python -m t2v.sample` writes them
+(same folder, names and sidecars, atomically). Needs the `app` extra (gradio). docs/app.md.
+"""
+# No `from __future__ import annotations`: Gradio resolves the handlers' annotations
+# (gr.Request, gr.SelectData) at run time, in the scope where gradio is imported.
+
+import argparse
+import dataclasses
+import logging
+import os
+import random
+import sys
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from t2v.config import Config, ConfigError, SampleConfig
+from t2v.errors import NumericalError, OneLineParser, UserError, fail
+from t2v.sampling.samplers import SAMPLERS
+from t2v.cli.sample import (DTYPES, build_pipeline, check_memory, generate, output_paths,
+                        read_config, resolve_device, sidecar_record, write_outputs)
+
+log = logging.getLogger("t2v.cli.app")
+
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+# The form, in the order of the page's inputs: name -> label.
+FORM = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "seed": "Seed (-1 = random)",
+        "frames": "Frames", "width": "Width", "height": "Height", "steps": "Steps",
+        "guidance": "Guidance scale", "sampler": "Sampler", "fps": "FPS",
+        "window": "Window (frames; 0 = off)", "window_overlap": "Window overlap",
+        "loop": "Loop (windows wrap around)", "loras": "LoRA files", "lora_scale": "LoRA scale"}
+INTEGERS = ("seed", "frames", "width", "height", "steps", "fps", "window", "window_overlap")
+# The model card's examples, for models other than the demo model.
+EXAMPLES = ("An astronaut riding a horse", "Spiderman is surfing",
+            "A panda eating bamboo on a rock", "Darth Vader surfing in waves")
+
+
+class Cancelled(Exception):
+    """The session asked to stop its generation (Cancel)."""
+
+
+# -- pure logic: the form, names, LoRA files, gallery records ---------------------------------
+
+def example_prompts(cfg: Config, count: int = 8) -> list[str]:
+    """Prompts the model knows: for the demo model, captions of its grammar (trained
+    combinations, spread over colours, shapes and motions); otherwise the model card's."""
+    from t2v.loading.weights import DEMO_SOURCE
+
+    if cfg.weights.source != DEMO_SOURCE:
+        return list(EXAMPLES)
+    from t2v.training.synthetic import TRAINED
+
+    return [TRAINED[i * len(TRAINED) // count].caption for i in range(count)]
+
+
+def form_defaults(s: SampleConfig) -> dict:
+    """The form's initial values from the config's sample settings."""
+    return {"prompt": s.prompt, "negative_prompt": s.negative_prompt,
+            "seed": -1 if s.seed is None else s.seed, "frames": s.num_frames,
+            "width": s.width, "height": s.height, "steps": s.steps,
+            "guidance": s.guidance_scale, "sampler": s.sampler, "fps": s.fps,
+            "window": s.window or 0, "window_overlap": s.window_overlap, "loop": s.loop,
+            "loras": [], "lora_scale": 1.0}
+
+
+def sample_settings(base: SampleConfig, form: dict) -> SampleConfig:
+    """The form -> sample settings (the config's, with the form's values). A seed < 0 draws
+    a random one (as the CLI does); window 0 is off. Bad values raise UserError with the
+    config's own message (e.g. "sample.width must be a positive multiple of 8, got 30")."""
+    values = {}
+    for name in INTEGERS:
+        value = form[name]
+        if value is None or float(value) != int(value):
+            raise UserError(f"{FORM[name]}: give a whole number, got {value!r}")
+        values[name] = int(value)
+    prompt = (form["prompt"] or "").strip()
+    if not prompt:
+        raise UserError("no prompt: type what the video should show")
+    seed = values["seed"] if values["seed"] >= 0 else random.randrange(2**31 - 10**6)
+    try:
+        return dataclasses.replace(
+            base, prompt=prompt, negative_prompt=form["negative_prompt"] or "", seed=seed,
+            num_frames=values["frames"], width=values["width"], height=values["height"],
+            steps=values["steps"], guidance_scale=float(form["guidance"]),
+            sampler=form["sampler"], fps=values["fps"], window=values["window"] or None,
+            window_overlap=values["window_overlap"], loop=bool(form["loop"]))
+    except ConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
+def lora_files(folder: Path | None) -> list[str]:
+    """The LoRA files the page may pick: *.safetensors names directly in --lora-dir."""
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file())
+
+
+def lora_specs(folder: Path | None, names: list[str] | None, scale: float) -> list[str]:
+    """Picked names -> "PATH:SCALE" entries of weights.lora. Only names listed by
+    lora_files reach the file system: the page cannot name any other path."""
+    allowed = lora_files(folder)
+    for name in names or []:
+        if name not in allowed:
+            raise UserError(f"LoRA {name!r} is not a file of the LoRA folder")
+    return [f"{folder / name}:{float(scale):g}" for name in names or []]
+
+
+def free_output_path(folder: Path, prompt: str, seed: int) -> Path:
+    """The CLI's name for this prompt and seed in `folder` (t2v.cli.sample.output_paths); when
+    it or its sidecar exists, the first free `<name>-2.mp4`, `-3`, ... (the app never
+    replaces an output)."""
+    path = output_paths(argparse.Namespace(format="mp4", out=folder), [prompt], [seed])[0]
+    candidate, n = path, 1
+    while candidate.exists() or candidate.with_name(candidate.name + ".json").exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def gallery_record(path: Path, form: dict, seed: int) -> dict:
+    """One output of the session: the video, its sidecar and the form that made it (with the
+    seed used, so "Reuse these settings" reproduces it)."""
+    return {"video": str(path), "sidecar": str(path) + ".json",
+            "caption": f"{form['prompt'].strip()} (seed {seed})",
+            "settings": {**form, "seed": seed}}
+
+
+def form_values(record: dict) -> list:
+    """A record's settings in the order of FORM (the outputs of "Reuse these settings")."""
+    return [record["settings"][name] for name in FORM]
+
+
+@contextmanager
+def merged_loras(pipe, specs: list[str]):
+    """Merge LoRA files (any format TextToVideo.load_lora reads) for the block, then put back
+    the exact weights, also when a file fails. The layers a file changes are found by merging
+    it at scale 0 first (W + 0 * delta = W: a dry run), and kept aside before the real merge."""
+    from t2v.models.lora import parse_lora_arg, strip_lora
+
+    def layer(name: str):
+        if name.startswith("text_encoder."):
+            return pipe.text_encoder.get_submodule(name.removeprefix("text_encoder."))
+        return pipe.unet.get_submodule(name)
+
+    saved = {}
+    try:
+        for spec in specs:
+            path, scale = parse_lora_arg(spec)
+            for name in pipe.load_lora(path, 0.0):
+                saved.setdefault(name, {k: v.clone() for k, v in layer(name).state_dict().items()})
+            pipe.load_lora(path, scale)
+        yield
+    finally:
+        strip_lora(pipe.unet)  # peft adapters left by a file that failed half-way
+        for name, state in saved.items():
+            layer(name).load_state_dict(state)
+
+
+# -- the server: models loaded once, one generation at a time --------------------------------
+
+@dataclass
+class Studio:
+    """What the page's handlers share: the pipeline and where outputs go."""
+
+    pipe: object
+    cfg: Config
+    layout: str
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    out_dir: Path
+    lora_dir: Path | None = None
+    max_memory: str | None = None
+    baseline: int = 0  # process memory before the models loaded (t2v.cli.sample.check_memory)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop_requests: set = field(default_factory=set)
+
+    def generate(self, form: dict, session: str = "", on_step=None) -> dict:
+        """Check the form, generate, write the MP4 and sidecar; returns the gallery record.
+        Every check runs before the model does; a failure writes nothing.
+        `on_step(done, total)` after each sampling step."""
+        s = sample_settings(self.cfg.sample, form)
+        loras = lora_specs(self.lora_dir, form.get("loras"), form.get("lora_scale", 1.0))
+        run_cfg = dataclasses.replace(self.cfg, sample=s, weights=dataclasses.replace(
+            self.cfg.weights, lora=tuple(self.cfg.weights.lora) + tuple(loras)))
+        self.pipe.check_inputs(sampler=s.sampler, eta=s.eta, window=s.window,
+                               window_overlap=s.window_overlap, loop=s.loop, height=s.height,
+                               width=s.width, num_frames=s.num_frames, steps=s.steps,
+                               num_videos_per_prompt=1)
+        check_memory(argparse.Namespace(max_memory=self.max_memory), run_cfg, self.device,
+                     self.dtype, self.vae_dtype, offload=False, streamed=True,
+                     baseline=self.baseline)
+
+        def step(i, t, x, x0):
+            if session in self.stop_requests:
+                raise Cancelled("cancelled")
+            if on_step is not None:
+                on_step(i + 1, s.steps)
+
+        with self.lock:
+            self.stop_requests.discard(session)
+            with merged_loras(self.pipe, loras):
+                latents = generate(self.pipe, s, None, progress=False, callback=step)
+            path = free_output_path(self.out_dir, s.prompt, s.seed)
+            sidecar = sidecar_record(path, "mp4", run_cfg, self.layout, self.device,
+                                     self.dtype, self.vae_dtype)
+            write_outputs(self.pipe, latents, run_cfg, path, "mp4", sidecar, overwrite=False,
+                          progress=False)
+        log.info("wrote %s", path)
+        return gallery_record(path, form, s.seed)
+
+
+# -- the page ---------------------------------------------------------------------------------
+
+def build_ui(studio: Studio):
+    import gradio as gr
+
+    defaults = form_defaults(studio.cfg.sample)
+    loras = lora_files(studio.lora_dir)
+    source = studio.cfg.weights.source or "random weights"
+    out = studio.out_dir
+    shown = os.path.relpath(out) if out.is_relative_to(Path.cwd()) else str(out)
+    with gr.Blocks(title="t2v") as ui:
+        gr.Markdown(f"## t2v: text to video\nModel: `{source}` ({studio.layout}), "
+                    f"{studio.device}. Outputs: `{shown}/`.")
+        records = gr.State([])
+        selected = gr.State(None)
+        with gr.Row():
+            with gr.Column():
+                inputs = {"prompt": gr.Textbox(label=FORM["prompt"], lines=2,
+                                               elem_id="prompt")}
+                inputs["negative_prompt"] = gr.Textbox(label=FORM["negative_prompt"],
+                                                       value=defaults["negative_prompt"])
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="generate")
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
+                    def number(name, **kw):
+                        return gr.Number(label=FORM[name], value=defaults[name], precision=0,
+                                         elem_id=name, **kw)
+                    inputs["seed"] = number("seed")
+                    with gr.Row():
+                        inputs["frames"], inputs["fps"] = number("frames"), number("fps")
+                    with gr.Row():
+                        inputs["width"] = number("width", step=8)
+                        inputs["height"] = number("height", step=8)
+                    with gr.Row():
+                        inputs["steps"] = number("steps")
+                        inputs["guidance"] = gr.Slider(1, 30, value=defaults["guidance"],
+                                                       step=0.5, label=FORM["guidance"])
+                    inputs["sampler"] = gr.Dropdown(list(SAMPLERS), value=defaults["sampler"],
+                                                    label=FORM["sampler"])
+                    with gr.Row():
+                        inputs["window"] = number("window")
+                        inputs["window_overlap"] = number("window_overlap")
+                        inputs["loop"] = gr.Checkbox(value=defaults["loop"], label=FORM["loop"])
+                    with gr.Row(visible=bool(loras)):
+                        inputs["loras"] = gr.Dropdown(loras, value=[], multiselect=True,
+                                                      label=FORM["loras"], elem_id="loras")
+                        inputs["lora_scale"] = gr.Slider(0, 2, value=1.0, step=0.05,
+                                                         label=FORM["lora_scale"])
+                gr.Examples([[p] for p in example_prompts(studio.cfg)], [inputs["prompt"]],
+                            label="Example prompts")
+            with gr.Column():
+                video = gr.Video(label="Video", autoplay=True, loop=True, interactive=False,
+                                 height=360, elem_id="video")
+                used_seed = gr.Number(label="Seed used", interactive=False, elem_id="used-seed")
+                with gr.Row():
+                    mp4 = gr.DownloadButton("Download MP4", visible=False, elem_id="download-mp4")
+                    sidecar = gr.DownloadButton("Download JSON", visible=False,
+                                                elem_id="download-json")
+        gr.Markdown("### This session's outputs")
+        with gr.Row():
+            gallery = gr.Gallery(label="Outputs (select one)", columns=6, height=240,
+                                 object_fit="contain", allow_preview=False, elem_id="gallery",
+                                 scale=2)
+            with gr.Column(scale=1):
+                details = gr.JSON(label="Its settings", elem_id="details")
+                reuse = gr.Button("Reuse these settings", elem_id="reuse")
+
+        components = [inputs[name] for name in FORM]  # the order of form_values
+
+        def on_generate(data: dict, request: gr.Request, progress=gr.Progress()):
+            form = {name: data[inputs[name]] for name in FORM}
+            history = data[records]
+            progress(0, desc="starting")
+            try:
+                record = studio.generate(form, request.session_hash,
+                                         lambda done, total: progress((done, total),
+                                                                      desc="sampling",
+                                                                      unit="steps"))
+            except (UserError, NumericalError) as exc:
+                raise gr.Error(str(exc), print_exception=False) from None
+            except Cancelled:
+                raise gr.Error("cancelled: nothing was written", print_exception=False) \
+                    from None
+            history = [*history, record]
+            return (record["video"], record["settings"]["seed"],
+                    gr.DownloadButton(value=record["video"], visible=True),
+                    gr.DownloadButton(value=record["sidecar"], visible=True),
+                    [(r["video"], r["caption"]) for r in history], history)
+
+        def on_cancel(request: gr.Request):
+            studio.stop_requests.add(request.session_hash)
+
+        def on_select(history, evt: gr.SelectData):
+            return evt.index, history[evt.index]["settings"]
+
+        def on_reuse(history, index):
+            if index is None:
+                raise gr.Error("select an output in the gallery first", print_exception=False)
+            return form_values(history[index])
+
+        outputs = [video, used_seed, mp4, sidecar, gallery, records]
+        event = run.click(on_generate, {*components, records}, outputs,
+                          show_progress_on=[video], concurrency_limit=1,
+                          concurrency_id="generate")
+        cancel.click(on_cancel, None, None, cancels=[event], queue=False)
+        gallery.select(on_select, [records], [selected, details])
+        reuse.click(on_reuse, [records, selected], components)
+    return ui
+
+
+# -- the command ------------------------------------------------------------------------------
+
+def host_warning(host: str) -> str | None:
+    """The warning printed when the page listens beyond this machine."""
+    if host in LOCAL_HOSTS:
+        return None
+    return (f"warning: --host {host}: the page, its outputs and the machine's compute are open "
+            "to every machine that can reach this one, with no login")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="python -m t2v.app", description="A web UI for generating videos.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None,
+                   help="YAML config or sidecar .json, as python -m t2v.sample takes "
+                   "(default: configs/demo.yaml, the demo model, offline)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on; 0.0.0.0 opens the page to the network")
+    p.add_argument("--port", type=int, default=7860, help="port")
+    p.add_argument("--out", type=Path, default=Path("outputs"), help="output folder")
+    p.add_argument("--lora-dir", type=Path, default=None,
+                   help="folder of LoRA files (*.safetensors) the page may pick from")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="refuse generations whose estimated peak memory exceeds SIZE (16GB)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights and activations (auto: float16 on cuda, float32 on cpu)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def load_studio(args: argparse.Namespace) -> Studio:
+    """Read the config and load the models (once)."""
+    from t2v.models.memory import parse_size, resident_bytes
+
+    if args.max_memory is not None:
+        try:
+            parse_size(args.max_memory)
+        except ValueError as exc:
+            raise UserError(f"--max-memory: {exc}") from None
+    if args.lora_dir is not None and not args.lora_dir.is_dir():
+        raise UserError(f"--lora-dir {args.lora_dir}: not a folder")
+    cfg = read_config(str(args.config or DEMO_CONFIG), args.overrides)
+    device = resolve_device(args.device, 0)
+    dtype = DTYPES[args.dtype] if args.dtype != "auto" else \
+        (torch.float16 if device.type == "cuda" else torch.float32)
+    baseline = resident_bytes() if device.type == "cpu" else 0
+    pipe, cfg, layout = build_pipeline(cfg, device, dtype, torch.float32, offload=False)
+    return Studio(pipe, cfg, layout, device, dtype, torch.float32, args.out.resolve(),
+                  args.lora_dir.resolve() if args.lora_dir else None, args.max_memory, baseline)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry calls
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            raise UserError("the web UI needs gradio: pip install -e \".[app]\"") from None
+        studio = load_studio(args)
+    except UserError as exc:
+        return fail(exc)
+    warning = host_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    ui = build_ui(studio)
+    ui.queue(default_concurrency_limit=1)
+    ui.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(studio.out_dir)],
+              share=False, inbrowser=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+"""Prompt in, frames out: TextToVideo, the generation options, video files
+(docs/architecture.md, "Layers").
+"""
