@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from t2v import __version__
+from t2v.atomic import atomic_path
 from t2v.errors import UserError
+from t2v.loading.weights import read_checkpoint, resolve_source, save_native
 from t2v.models.text_encoder import TextEncoder
 from t2v.models.unet import UNet3D
 from t2v.models.vae import AutoencoderKL
-from t2v.atomic import atomic_path
-from t2v.loading.weights import read_checkpoint, resolve_source, save_native
 from weights_convert.diffusers import save_diffusers
 from weights_convert.table import check_shapes
 

@@ -15,6 +15,8 @@ import torch
 
 from t2v.config import ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from t2v.errors import ConfigError
+from t2v.models.tokenizer import END_OF_TEXT, START_OF_TEXT, Tokenizer
+from weights_convert.native import owned
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +311,6 @@ MODEL_INDEX = {
 def tokenizer_files() -> dict[str, str]:
     """transformers CLIPTokenizer files equivalent to open_clip's tokenizer: the same BPE
     vocabulary under HF's special-token names, and pad "!" (id 0) as SD 2's tokenizer has it."""
-    from t2v.models.tokenizer import END_OF_TEXT, START_OF_TEXT, Tokenizer
 
     tok = Tokenizer()
     hf_names = {START_OF_TEXT: "<|startoftext|>", END_OF_TEXT: "<|endoftext|>"}
@@ -337,7 +338,6 @@ def save_diffusers(folder: Path, cfg, states: Mapping[str, Mapping[str, torch.Te
     so fine-tuned weights can go back to the diffusers ecosystem. The folder must exist."""
     from safetensors.torch import save_file
 
-    from weights_convert.native import owned
 
     def write_json(path: Path, data: dict) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)

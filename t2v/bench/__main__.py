@@ -22,6 +22,10 @@ from pathlib import Path
 
 import torch
 
+from t2v.bench import load, small, unet
+from t2v.bench.common import report_line
+from t2v.bench.memory import measure_in_subprocess
+
 SECTIONS = ("unet_a", "unet_b", "text", "vae", "tiny_pipeline", "load",
             "vae_memory", "unet_memory")
 
@@ -54,9 +58,6 @@ def machine() -> dict:
 
 
 def run_sections(todo: list[str], repeat: int) -> dict:
-    from t2v.bench import load, small, unet
-    from t2v.bench.common import report_line
-    from t2v.bench.memory import measure_in_subprocess
     results: dict = {}
     cases = [c for c in ("a", "b") if f"unet_{c}" in todo]
     if cases:

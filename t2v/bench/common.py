@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from t2v.atomic import atomic_path
+
 
 @torch.no_grad()
 def trained_like_(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -79,7 +81,6 @@ def case_main(description: str, run: Callable[[str, int], dict], cases) -> None:
     import json
     from pathlib import Path
 
-    from t2v.atomic import atomic_path
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--case", choices=list(cases), default="a")

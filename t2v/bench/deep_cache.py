@@ -21,10 +21,13 @@ import time
 
 import torch
 
+from t2v.atomic import atomic_path
 from t2v.bench.common import alternate, set_flush_denormal, trained_like_
-from t2v.config import UNetConfig
-from t2v.sampling.deep_cache import DEFAULT_BRANCH, DeepCache
+from t2v.config import ScheduleConfig, UNetConfig
 from t2v.models.unet import UNet3D
+from t2v.sampling.deep_cache import DEFAULT_BRANCH, DeepCache
+from t2v.sampling.samplers import SAMPLERS
+from t2v.sampling.schedule import noise_schedule
 
 CASES = {"a": (2, 8, 16), "b": (2, 16, 32)}  # batch (guidance: 2 x 1 video), frames, latent
 INTERVALS = (2, 3, 5)
@@ -76,9 +79,6 @@ def run(case: str = "a", repeat: int = 3, steps: int = 25, loop_steps: int = 0) 
               + ", ".join(f"N={n} {v:.2f}x" for n, v in result["per_video_speedup"][b].items()),
               flush=True)
     if loop_steps:
-        from t2v.sampling.samplers import SAMPLERS
-        from t2v.sampling.schedule import noise_schedule
-        from t2v.config import ScheduleConfig
 
         schedule = noise_schedule(ScheduleConfig())
         loops = {}
@@ -111,7 +111,6 @@ def main() -> None:
     if args.json:
         from pathlib import Path
 
-        from t2v.atomic import atomic_path
         with atomic_path(Path(args.json), overwrite=False) as tmp:
             tmp.write_text(json.dumps(result, indent=2))
 

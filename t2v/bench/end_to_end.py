@@ -32,6 +32,13 @@ from pathlib import Path
 
 import torch
 
+from t2v.atomic import atomic_path
+from t2v.bench.common import trained_like_
+from t2v.config import ModelConfig
+from t2v.pipeline.text_to_video import TextToVideo
+from weights_convert.diffusers import save_diffusers
+from weights_convert.native import save_native
+
 PROMPT = "an astronaut riding a horse on the moon"
 
 DIFFUSERS_SCRIPT = """
@@ -51,11 +58,6 @@ export_to_video(frames, out, fps=8)
 
 def prepare_weights(folder: Path) -> tuple[Path, Path]:
     """Full-size weights in the native and the diffusers layout (written once)."""
-    from t2v.bench.common import trained_like_
-    from t2v.config import ModelConfig
-    from t2v.pipeline.text_to_video import TextToVideo
-    from weights_convert.diffusers import save_diffusers
-    from weights_convert.native import save_native
 
     native, diffusers = folder / "native", folder / "diffusers"
     if (native / "model.yaml").exists() and (diffusers / "model_index.json").exists():
@@ -139,7 +141,6 @@ def main() -> None:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
-        from t2v.atomic import atomic_path
         with atomic_path(args.json, overwrite=False) as tmp:
             tmp.write_text(json.dumps(result, indent=2))
 

@@ -22,13 +22,19 @@ import sys
 
 import torch
 
+from t2v.bench.common import trained_like_
 from t2v.bench.memory import MALLOC_ENV, status_kib
+from t2v.config import ModelConfig, UNetConfig
+from t2v.models.memory import parameter_counts, training_memory
+from t2v.models.unet import UNet3D
+from t2v.training.config import FSDPConfig
+from t2v.training.fsdp import shard_unet
+from t2v.training.trainer import diffusion_loss
 
 MIB = 2 ** 20
 
 
 def mid_config(width: float):
-    from t2v.config import ModelConfig, UNetConfig
 
     full = UNetConfig()
     channels = tuple(int(c * width) for c in full.channels)
@@ -40,11 +46,6 @@ def child(width: float, frames: int, latent: int) -> None:
 
     import torch.distributed as dist
 
-    from t2v.bench.common import trained_like_
-    from t2v.training.fsdp import shard_unet
-    from t2v.training.trainer import diffusion_loss
-    from t2v.training.config import FSDPConfig
-    from t2v.models.unet import UNet3D
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -92,7 +93,6 @@ def measure(ranks: int, width: float, frames: int, latent: int) -> list[float]:
 
 
 def main() -> None:
-    from t2v.models.memory import parameter_counts, training_memory
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])

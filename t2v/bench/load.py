@@ -17,13 +17,16 @@ from pathlib import Path
 from t2v.bench.common import trained_like_
 from t2v.bench.memory import measure_in_subprocess, report, status_kib
 from t2v.config import UNetConfig
+from t2v.loading.checkpoint_io import read_state_dict
+from t2v.loading.weights import build
+from t2v.models.unet import UNet3D
+from weights_convert.diffusers import diffusers_unet_kwargs
 
 
 def prepare(folder: Path) -> None:
     from diffusers import UNet3DConditionModel
     from safetensors.torch import save_file
 
-    from weights_convert.diffusers import diffusers_unet_kwargs
     if (folder / "unet.safetensors").exists() and (folder / "diffusers").exists():
         return
     folder.mkdir(parents=True, exist_ok=True)
@@ -37,9 +40,6 @@ def child(impl: str, folder: Path) -> None:
     baseline = status_kib("VmRSS")
     start = time.perf_counter()
     if impl == "t2v":
-        from t2v.loading.checkpoint_io import read_state_dict
-        from t2v.models.unet import UNet3D
-        from t2v.loading.weights import build
         model = build(lambda: UNet3D(UNetConfig()), read_state_dict(folder / "unet.safetensors"),
                       "unet")
     else:

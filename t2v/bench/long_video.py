@@ -20,6 +20,9 @@ from t2v.bench.common import trained_like_
 from t2v.bench.memory import measure_in_subprocess, report, status_kib
 from t2v.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
 from t2v.models.memory import estimate_memory
+from t2v.models.unet import UNet3D
+from t2v.pipeline.text_to_video import TextToVideo, auto_frame_chunk
+from weights_convert.diffusers import diffusers_unet_kwargs
 
 MID = ModelConfig(
     text_encoder=TextEncoderConfig(width=64, heads=2, layers=2, mlp_width=128),
@@ -33,7 +36,6 @@ WINDOW, OVERLAP = 16, 4
 def child_mid(frames: int, mode: str) -> None:
     """mode: "window" (WINDOW frames at a time), "auto" (all frames, the pipeline's automatic
     frame chunks) or "unchunked" (all frames at once: the control)."""
-    from t2v.pipeline.text_to_video import TextToVideo, auto_frame_chunk
 
     pipe = TextToVideo.from_config(MID, seed=0)
     for module in (pipe.text_encoder, pipe.unet, pipe.vae):
@@ -54,8 +56,6 @@ def child_mid(frames: int, mode: str) -> None:
 def child_full_unet(frames: int, latent: int, impl: str = "t2v") -> None:
     """One full-size UNet forward, batch 2: t2v (frame chunks as the pipeline picks them) or
     diffusers' UNet3DConditionModel."""
-    from t2v.pipeline.text_to_video import auto_frame_chunk
-    from t2v.models.unet import UNet3D
 
     cfg = ModelConfig()
     chunk = auto_frame_chunk(frames)
@@ -65,7 +65,6 @@ def child_full_unet(frames: int, latent: int, impl: str = "t2v") -> None:
     else:
         from diffusers import UNet3DConditionModel
 
-        from weights_convert.diffusers import diffusers_unet_kwargs
         unet = trained_like_(UNet3DConditionModel(**diffusers_unet_kwargs(cfg.unet)), 0).eval()
     x = torch.randn(2, 4, frames, latent, latent)
     context = torch.randn(2, 77, 1024)

@@ -16,11 +16,23 @@ from pathlib import Path
 
 import torch
 
+from t2v.atomic import atomic_path
 from t2v.bench.common import alternate, report_line, trained_like_
+from t2v.bench.vae import models
 from t2v.config import ModelConfig, ScheduleConfig, TextEncoderConfig, UNetConfig, VAEConfig
-from t2v.pipeline.text_to_video import TextToVideo
+from t2v.loading.weights import build
 from t2v.models.text_encoder import TextEncoder
 from t2v.models.tokenizer import Tokenizer
+from t2v.models.unet import UNet3D
+from t2v.models.vae import AutoencoderKL
+from t2v.pipeline.text_to_video import TextToVideo
+from weights_convert.diffusers import (
+    diffusers_scheduler_config,
+    diffusers_text_encoder_config,
+    diffusers_unet_kwargs,
+    diffusers_vae_kwargs,
+    tokenizer_files,
+)
 
 PROMPTS = ["an astronaut riding a horse on the moon", ""]
 
@@ -28,7 +40,6 @@ PROMPTS = ["an astronaut riding a horse on the moon", ""]
 def bench_text(repeat: int) -> dict[str, float]:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from weights_convert.diffusers import diffusers_text_encoder_config
     cfg = TextEncoderConfig()
     hf = {k: v for k, v in diffusers_text_encoder_config(cfg).items()
           if k not in ("architectures", "model_type", "torch_dtype")}
@@ -44,7 +55,6 @@ def bench_text(repeat: int) -> dict[str, float]:
 def bench_vae_decode(repeat: int, frames: int = 16, size: int = 256) -> dict[str, float]:
     """t2v's chunked `decode_video` (8 frames at a time, into uint8-ready float frames) against
     diffusers' `decode` of all frames in one batch, as its text-to-video pipeline does."""
-    from t2v.bench.vae import models
     cfg = VAEConfig()
     ours, reference = models(cfg)
     latents = torch.randn(1, 4, frames, size // 8, size // 8)
@@ -56,18 +66,11 @@ def bench_vae_decode(repeat: int, frames: int = 16, size: int = 256) -> dict[str
 
 
 def bench_tiny_pipeline(repeat: int) -> dict[str, float]:
-    from diffusers import DDIMScheduler
     from diffusers import AutoencoderKL as DiffusersVAE
-    from diffusers import UNet3DConditionModel
+    from diffusers import DDIMScheduler, UNet3DConditionModel
     from diffusers.pipelines.deprecated.text_to_video_synthesis import TextToVideoSDPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from t2v.models.unet import UNet3D
-    from t2v.models.vae import AutoencoderKL
-    from t2v.loading.weights import build
-    from weights_convert.diffusers import (diffusers_scheduler_config,
-                                           diffusers_text_encoder_config, diffusers_unet_kwargs,
-                                           diffusers_vae_kwargs, tokenizer_files)
     cfg = ModelConfig(
         text_encoder=TextEncoderConfig(width=32, heads=2, layers=2, mlp_width=64),
         unet=UNetConfig(channels=(32, 64, 64, 64), head_dim=8, context_dim=32, norm_groups=4),
@@ -111,7 +114,6 @@ def main() -> None:
     for name, seconds in results.items():
         print(report_line(name, seconds))
     if args.json:
-        from t2v.atomic import atomic_path
         with atomic_path(Path(args.json), overwrite=args.overwrite) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
 

@@ -18,8 +18,10 @@ import torch
 from t2v.bench.common import trained_like_
 from t2v.bench.memory import measure_in_subprocess, report, status_kib
 from t2v.config import UNetConfig
-from t2v.training.trainer import diffusion_loss
+from t2v.models.lora import add_lora
 from t2v.models.unet import UNet3D
+from t2v.training.surgery import set_trainable
+from t2v.training.trainer import diffusion_loss
 
 
 def child(mode: str, checkpointing: bool, frames: int, latent: int, rank: int,
@@ -27,10 +29,8 @@ def child(mode: str, checkpointing: bool, frames: int, latent: int, rank: int,
     torch.manual_seed(0)
     unet = trained_like_(UNet3D(UNetConfig()), 0)
     if mode == "lora":
-        from t2v.models.lora import add_lora
         add_lora(unet, rank)
     else:
-        from t2v.training.surgery import set_trainable
         set_trainable(unet, [mode])
     unet.train().gradient_checkpointing = checkpointing
     params = [p for p in unet.parameters() if p.requires_grad]

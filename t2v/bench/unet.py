@@ -21,9 +21,11 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from t2v.atomic import atomic_path
 from t2v.bench.common import alternate, set_flush_denormal, trained_like_
 from t2v.config import UNetConfig
 from t2v.models.unet import UNet3D
+from weights_convert.diffusers import diffusers_unet_kwargs
 
 CASES = {"a": (2, 8, 16), "b": (2, 16, 32)}  # batch, frames, latent size
 
@@ -61,7 +63,6 @@ def build_pair(cfg: UNetConfig, seed: int = 0):
     at a trained-like scale (t2v.bench.common.trained_like_), never a default init."""
     from diffusers import UNet3DConditionModel
 
-    from weights_convert.diffusers import diffusers_unet_kwargs
     reference = trained_like_(UNet3DConditionModel(**diffusers_unet_kwargs(cfg)), seed).eval()
     ours = UNet3D(cfg).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
@@ -120,7 +121,6 @@ def main() -> None:
     if args.json:
         from pathlib import Path
 
-        from t2v.atomic import atomic_path
         with atomic_path(Path(args.json), overwrite=args.overwrite) as tmp:
             tmp.write_text(json.dumps(results, indent=2))
 

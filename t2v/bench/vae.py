@@ -17,8 +17,11 @@ from pathlib import Path
 
 import torch
 
+from t2v.atomic import atomic_path
 from t2v.bench.common import alternate, set_flush_denormal, trained_like_
 from t2v.config import VAEConfig
+from t2v.models.vae import AutoencoderKL
+from weights_convert.diffusers import diffusers_vae_kwargs
 
 PARITY_TOL = 1e-4  # max |t2v - diffusers| / max |diffusers|, fp32 (sums in another order)
 
@@ -27,8 +30,6 @@ def models(cfg: VAEConfig, seed: int = 0):
     """(t2v AutoencoderKL, diffusers AutoencoderKL), same trained-like weights, eval mode."""
     from diffusers import AutoencoderKL as DiffusersVAE
 
-    from t2v.models.vae import AutoencoderKL
-    from weights_convert.diffusers import diffusers_vae_kwargs
     reference = trained_like_(DiffusersVAE(**diffusers_vae_kwargs(cfg)), seed).eval()
     ours = AutoencoderKL(cfg).eval()
     ours.load_state_dict(reference.state_dict(), strict=True)
@@ -80,7 +81,6 @@ def report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from t2v.atomic import atomic_path
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=256)

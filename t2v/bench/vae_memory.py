@@ -17,6 +17,7 @@ from t2v.bench.common import trained_like_
 from t2v.bench.memory import measure_in_subprocess, report, status_kib
 from t2v.config import VAEConfig
 from t2v.models.vae import DEFAULT_CHUNK_FRAMES, AutoencoderKL
+from weights_convert.diffusers import diffusers_vae_kwargs
 
 
 def child(impl: str, frames: int, size: int) -> None:
@@ -29,7 +30,6 @@ def child(impl: str, frames: int, size: int) -> None:
         video = model.decode_video(latents)
     else:
         from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-        from weights_convert.diffusers import diffusers_vae_kwargs
         model = trained_like_(DiffusersAutoencoderKL(**diffusers_vae_kwargs(cfg)), 0).eval()
         baseline = status_kib("VmRSS")
         with torch.no_grad():  # as the diffusers pipeline's decode_latents: one batch

@@ -27,11 +27,24 @@ from pathlib import Path
 
 import torch
 
+from t2v.cli.sample import (
+    DTYPES,
+    build_pipeline,
+    check_memory,
+    generate,
+    output_paths,
+    read_config,
+    resolve_device,
+    sidecar_record,
+    write_outputs,
+)
 from t2v.config import Config, ConfigError, SampleConfig
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
+from t2v.loading.weights import DEMO_SOURCE
+from t2v.models.lora import parse_lora_arg, strip_lora
+from t2v.models.memory import parse_size, resident_bytes
 from t2v.sampling.samplers import SAMPLERS
-from t2v.cli.sample import (DTYPES, build_pipeline, check_memory, generate, output_paths,
-                        read_config, resolve_device, sidecar_record, write_outputs)
+from t2v.training.synthetic import TRAINED
 
 log = logging.getLogger("t2v.cli.app")
 
@@ -58,11 +71,9 @@ class Cancelled(Exception):
 def example_prompts(cfg: Config, count: int = 8) -> list[str]:
     """Prompts the model knows: for the demo model, captions of its grammar (trained
     combinations, spread over colours, shapes and motions); otherwise the model card's."""
-    from t2v.loading.weights import DEMO_SOURCE
 
     if cfg.weights.source != DEMO_SOURCE:
         return list(EXAMPLES)
-    from t2v.training.synthetic import TRAINED
 
     return [TRAINED[i * len(TRAINED) // count].caption for i in range(count)]
 
@@ -149,7 +160,6 @@ def merged_loras(pipe, specs: list[str]):
     """Merge LoRA files (any format TextToVideo.load_lora reads) for the block, then put back
     the exact weights, also when a file fails. The layers a file changes are found by merging
     it at scale 0 first (W + 0 * delta = W: a dry run), and kept aside before the real merge."""
-    from t2v.models.lora import parse_lora_arg, strip_lora
 
     def layer(name: str):
         if name.startswith("text_encoder."):
@@ -368,7 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def load_studio(args: argparse.Namespace) -> Studio:
     """Read the config and load the models (once)."""
-    from t2v.models.memory import parse_size, resident_bytes
 
     if args.max_memory is not None:
         try:

@@ -26,14 +26,22 @@ import numpy as np
 import torch
 
 from t2v import __version__
-from t2v.config import (Config, apply_overrides, config_from_dict, config_to_dict,
-                        load_config)
-from t2v.errors import ConfigError, NumericalError, OneLineParser, UserError, fail
-from t2v.sampling.freeu import RECOMMENDED as FREEU_RECOMMENDED
-from t2v.pipeline.text_to_video import TextToVideo, frames_to_video_tensor, load_pipeline
-from t2v.sampling.samplers import SAMPLERS
 from t2v.atomic import atomic_path
+from t2v.config import Config, apply_overrides, config_from_dict, config_to_dict, load_config
+from t2v.errors import ConfigError, NumericalError, OneLineParser, UserError, fail
+from t2v.models.lora import parse_lora_arg
+from t2v.models.memory import GIB, estimate_memory, parse_size, resident_bytes
+from t2v.pipeline.text_to_video import (
+    TextToVideo,
+    auto_frame_chunk,
+    frames_to_video_tensor,
+    load_pipeline,
+)
 from t2v.pipeline.video_io import read_video, write_gif, write_mp4, write_png_frames
+from t2v.sampling import guidance_parallel
+from t2v.sampling.freeu import RECOMMENDED as FREEU_RECOMMENDED
+from t2v.sampling.guidance_parallel import shared_seed
+from t2v.sampling.samplers import SAMPLERS
 
 log = logging.getLogger("t2v.cli.sample")
 
@@ -314,7 +322,6 @@ def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offl
                  streamed: bool, baseline: int | None = None) -> None:
     """Print the memory estimate for long runs; refuse runs over --max-memory. `baseline`:
     the process's memory before the models loaded (default: measured now, on CPU runs)."""
-    from t2v.models.memory import GIB, estimate_memory, parse_size, resident_bytes
 
     budget = None
     if args.max_memory is not None:
@@ -326,7 +333,6 @@ def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offl
     if budget is None and s.num_frames <= LONG_RUN_FRAMES:
         return
 
-    from t2v.pipeline.text_to_video import auto_frame_chunk
 
     if baseline is None:
         baseline = resident_bytes() if device.type == "cpu" else 0  # host memory: CPU only
@@ -368,7 +374,6 @@ def run(argv: list[str]) -> list[Path]:
         start_guidance_parallel(world, cfg.sample.guidance_scale, device)
     base_seed = cfg.sample.seed if cfg.sample.seed is not None else random.randrange(2**31 - 10**6)
     if parallel and cfg.sample.seed is None:
-        from t2v.sampling.guidance_parallel import shared_seed
 
         base_seed = shared_seed() % (2**31 - 10**6)
     elif world > 1 and cfg.sample.seed is None:
@@ -420,7 +425,6 @@ def run(argv: list[str]) -> list[Path]:
 
 def start_guidance_parallel(world: int, guidance_scale: float, device: torch.device) -> None:
     """--guidance-parallel: guidance on, exactly 2 processes; joins their process group."""
-    from t2v.sampling import guidance_parallel
     guidance_parallel.check_scale(guidance_scale)
     if world != guidance_parallel.RANKS:
         raise UserError(f"--guidance-parallel needs exactly {guidance_parallel.RANKS} processes "
@@ -440,7 +444,6 @@ def build_pipeline(cfg: Config, device: torch.device, dtype, vae_dtype,
                                  device=device, offload=offload)
     cfg = dataclasses.replace(cfg, model=pipe.config)  # what was actually loaded
     for spec in cfg.weights.lora:
-        from t2v.models.lora import parse_lora_arg  # imports peft: only when asked for
 
         path, scale = parse_lora_arg(spec)
         names = pipe.load_lora(path, scale)

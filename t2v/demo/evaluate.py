@@ -45,12 +45,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2v.sampling.deep_cache import DEFAULT_BRANCH
+from t2v.atomic import atomic_path
+from t2v.config import ScheduleConfig
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
+from t2v.loading.weights import DEMO_SOURCE
+from t2v.models.lora import parse_lora_arg
 from t2v.noise import randn
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.sampling.deep_cache import DEFAULT_BRANCH
 from t2v.sampling.samplers import SAMPLERS
-from t2v.training.synthetic import (BACKGROUNDS, COLOURS, EXTRA_COLOURS, HELDOUT, TRAINED, Attributes,
-                           all_combinations)
+from t2v.sampling.schedule import noise_schedule
+from t2v.sampling.windows import reschedule_noise
+from t2v.training.synthetic import (
+    BACKGROUNDS,
+    COLOURS,
+    EXTRA_COLOURS,
+    HELDOUT,
+    TRAINED,
+    Attributes,
+    SyntheticClips,
+    all_combinations,
+)
 
 OBJECT_DISTANCE = 80.0  # RGB distance from the background that counts as object
 MIN_BLOB_PIXELS = 4  # smaller specks are not blobs
@@ -278,9 +293,6 @@ def background_trace(pipe, count: int = 32, seed: int = 99) -> torch.Tensor:
     posterior means, scaled), shape (C,). Added to initial noise (towards white) or subtracted
     (towards black), it tests whether a model takes the background from the noise instead of
     the prompt (docs/demo.md, "Why zero terminal SNR")."""
-    from t2v.config import ScheduleConfig
-    from t2v.sampling.schedule import noise_schedule
-    from t2v.training.synthetic import SyntheticClips
 
     clips = SyntheticClips(seed=seed, count=count)
     means = {"white": [], "black": []}
@@ -305,7 +317,6 @@ def generate(pipe, batch: list[Case], settings: dict) -> np.ndarray:
     latent_shape = (pipe.config.unet.in_channels, settings["frames"], settings["size"] // f,
                     settings["size"] // f)
     if settings.get("window") is not None and settings.get("freenoise", True):
-        from t2v.sampling.windows import reschedule_noise
 
         window, overlap = settings["window"], settings["window_overlap"]
         noise = [reschedule_noise(randn((1, *latent_shape), g), window, window - overlap, g)[0]
@@ -404,12 +415,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_demo_pipeline(source: str, dtype: str = "float32", loras: tuple[str, ...] = ()):
-    from t2v.pipeline.text_to_video import TextToVideo
 
     pipe = TextToVideo.from_pretrained(source, dtype=DTYPES[dtype],
                                        vae_dtype=torch.float32)
     if loras:
-        from t2v.models.lora import parse_lora_arg
 
         for spec in loras:
             pipe.load_lora(*parse_lora_arg(spec))
@@ -417,7 +426,6 @@ def load_demo_pipeline(source: str, dtype: str = "float32", loras: tuple[str, ..
 
 
 def main(argv: list[str] | None = None) -> int:
-    from t2v.loading.weights import DEMO_SOURCE
 
     parser = OneLineParser(prog="python -m t2v.eval",
                            description="Prompt-following evaluation of the demo model.")
@@ -491,7 +499,6 @@ def main(argv: list[str] | None = None) -> int:
         return fail(exc)
     print(format_table(report))
     if args.json is not None:
-        from t2v.atomic import atomic_path
 
         with atomic_path(args.json, overwrite=args.overwrite) as tmp:
             tmp.write_text(json.dumps(report, indent=1))

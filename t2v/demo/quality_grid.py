@@ -25,10 +25,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2v.sampling.deep_cache import DEFAULT_BRANCH
+from t2v.atomic import atomic_path
+from t2v.demo.evaluate import (
+    DEFAULT_GUIDANCE_INTERVAL,
+    EVAL_SEED_BASE,
+    TRAINED,
+    cases,
+    classify,
+    evaluate,
+    load_demo_pipeline,
+    window_colours,
+)
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
-from t2v.demo.evaluate import (DEFAULT_GUIDANCE_INTERVAL, EVAL_SEED_BASE, TRAINED, cases, classify,
-                      evaluate, load_demo_pipeline, window_colours)
+from t2v.loading.weights import DEMO_SOURCE
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.sampling.deep_cache import DEFAULT_BRANCH
 from t2v.training.synthetic import COLOURS, render
 
 DEFAULTS = {"sampler": "dpmsolver++", "steps": 25, "guidance": 5.0, "eta": 0.0,
@@ -181,7 +192,6 @@ def dtype_agreement(pipe, videos: int = 20, steps: int = 25) -> dict:
     against its float32 twin, and how often the classified attributes agree with float32's."""
     import copy
 
-    from t2v.pipeline.text_to_video import TextToVideo
 
     common = {**COMMON, "steps": steps}
     chosen = [TRAINED[(i * 3) % len(TRAINED)] for i in range(videos)]
@@ -283,14 +293,12 @@ def grid_markdown(reports: list[dict], tools: dict) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-    from t2v.atomic import atomic_path
 
     with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
-    from t2v.loading.weights import DEMO_SOURCE
 
     names = [r.name for r in GRID] + list(TOOLS)
     parser = OneLineParser(prog="python -m t2v.demo.quality_grid",

@@ -28,12 +28,15 @@ from pathlib import Path
 
 import torch
 
-from t2v.config import load_config
-from t2v.errors import NumericalError, OneLineParser, UserError, fail
-from t2v.training.trainer import Trainer
-from t2v.training.config import TrainRunConfig
 from t2v.atomic import atomic_path
+from t2v.config import load_config
+from t2v.demo.evaluate import DEFAULT_GUIDANCE_INTERVAL
+from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.loading.weights import DEMO_FOLDER, read_checkpoint, save_native
+from t2v.pipeline.text_to_video import TextToVideo
+from t2v.pipeline.video_io import write_gif
+from t2v.training.config import TrainRunConfig
+from t2v.training.trainer import Trainer
 
 log = logging.getLogger("t2v.demo.recipe")
 
@@ -112,10 +115,7 @@ def demo_gif(path: Path, source: str = "t2v:demo", overwrite: bool = False, colu
     neighbour: the real pixels), one GIF."""
     import numpy as np
 
-    from t2v.demo.evaluate import DEFAULT_GUIDANCE_INTERVAL
 
-    from t2v.pipeline.text_to_video import TextToVideo
-    from t2v.pipeline.video_io import write_gif
 
     pipe = TextToVideo.from_pretrained(source, dtype=torch.float32)
     tiles = [pipe(prompt, num_frames=8, height=32, width=32, steps=steps,

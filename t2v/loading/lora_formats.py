@@ -40,6 +40,14 @@ import torch
 import torch.nn as nn
 
 from t2v.errors import UserError
+from t2v.loading.checkpoint_io import (
+    PICKLE_SUFFIXES,
+    read_pickle,
+    read_safetensors,
+    safetensors_metadata,
+)
+from t2v.models.lora import LORA_FORMAT, load_lora, merge_lora
+from weights_convert.modelscope import unet_rules
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -85,8 +93,6 @@ class Update:
 def read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and safetensors metadata of a LoRA file; pickles (`.pt`, `.bin`) through the
     restricted unpickler of t2v.loading.checkpoint_io (no code runs), without metadata."""
-    from t2v.loading.checkpoint_io import PICKLE_SUFFIXES, read_pickle, read_safetensors
-    from t2v.loading.checkpoint_io import safetensors_metadata
 
     if not path.is_file():
         raise UserError(f"{path}: LoRA file not found")
@@ -106,7 +112,6 @@ def read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 def detect_format(keys: list[str], metadata: dict[str, str]) -> str:
     """'t2v', 'kohya', 'stable_lora' or 'diffusers' (the last is parsed key by key, so an
     unknown layout fails there naming its first key)."""
-    from t2v.models.lora import LORA_FORMAT
 
     if metadata.get("format") == LORA_FORMAT:
         return "t2v"
@@ -148,7 +153,6 @@ def unet_aliases(unet: nn.Module) -> dict[str, str]:
     names = {n: n for n in _owning_modules(unet)}
     cfg = getattr(unet, "cfg", None)
     if cfg is not None:
-        from weights_convert.modelscope import unet_rules
 
         for rule in unet_rules(cfg):
             ms, ours = rule.source[0].rpartition(".")[0], rule.target[0].rpartition(".")[0]
@@ -460,7 +464,6 @@ def merge_lora_file(path, scale: float, unet: nn.Module,
                     text_encoder: nn.Module | None = None) -> list[str]:
     """Any LoRA file t2v reads, merged into the models: t2v's own through peft
     (t2v.models.lora.load_lora + merge_lora), the others through `merge_foreign_lora`."""
-    from t2v.models.lora import load_lora, merge_lora
 
     path = Path(path)
     tensors, metadata = read_lora_tensors(path)

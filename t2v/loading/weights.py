@@ -29,16 +29,21 @@ from typing import Callable, Mapping
 import torch
 import yaml
 
-
-from t2v.loading.checkpoint_io import (WeightsError, read_pickle, read_sharded, read_state_dict,
-                               safetensors_metadata)
 from t2v.config import ModelConfig, ScheduleConfig, UNetConfig, config_from_dict
+from t2v.loading.checkpoint_io import (
+    WeightsError,
+    read_pickle,
+    read_sharded,
+    read_state_dict,
+    safetensors_metadata,
+)
 from t2v.models.text_encoder import TextEncoder
 from t2v.models.unet import UNet3D
 from t2v.models.vae import AutoencoderKL
 from weights_convert import diffusers as from_diffusers
 from weights_convert import modelscope as from_modelscope
 from weights_convert import open_clip as from_open_clip
+
 # The native layout's writer lives with the other writers; these names stay importable here.
 from weights_convert.native import COMPONENTS, NATIVE_CONFIG, owned, save_native  # noqa: F401
 from weights_convert.table import check_shapes

@@ -20,14 +20,18 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-from peft import set_peft_model_state_dict
+from peft import (
+    LoraConfig,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from t2v.errors import UserError
 from t2v.atomic import atomic_path
+from t2v.errors import UserError
 
 LORA_FORMAT = "t2v-lora"
 ADAPTER = "default"

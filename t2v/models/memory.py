@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from t2v.config import ModelConfig
+from t2v.models.unet import UNet3D
+from t2v.models.vae import AutoencoderKL
 
 GEGLU_VALUES_PER_CHANNEL = 20  # transient of the feed-forward, in units of C0 x h x w
 VAE_VALUES_PER_PIXEL_PER_CHANNEL = 4  # x channels[1]
@@ -57,8 +59,6 @@ def text_encoder_parameters(cfg) -> int:
 def parameter_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameters of each component, from the config: the UNet and VAE built on the meta device
     (no memory, 0.07 s at full size), the text encoder by formula; once per config."""
-    from t2v.models.unet import UNet3D
-    from t2v.models.vae import AutoencoderKL
 
     with torch.device("meta"):
         models = {"unet": UNet3D(cfg.unet), "vae": AutoencoderKL(cfg.vae)}
@@ -206,7 +206,6 @@ class TrainingMemory:
 
 def largest_block_parameters(cfg: ModelConfig) -> int:
     """Parameters of the largest unit of sharding (a down, mid or up block) of the UNet."""
-    from t2v.models.unet import UNet3D
 
     with torch.device("meta"):
         unet = UNet3D(cfg.unet)

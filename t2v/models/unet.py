@@ -26,10 +26,10 @@ from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 from t2v.config import UNetConfig
+from t2v.models.layers import attention
 from t2v.sampling.deep_cache import DeepCache
 from t2v.sampling.freeu import FreeU
 from t2v.sampling.freeu import apply as freeu_apply
-from t2v.models.layers import attention
 
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm at the entry of spatial and temporal transformers
 LAYER_NORM_EPS = 1e-5  # LayerNorms inside transformer blocks

@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-
 from tqdm.auto import tqdm
 
 from t2v.config import VAEConfig

@@ -32,21 +32,23 @@ from tqdm.auto import tqdm
 
 from t2v.config import ModelConfig
 from t2v.errors import NumericalError, UserError  # noqa: F401 (NumericalError: public here too)
-from t2v.sampling.deep_cache import DEFAULT_BRANCH, DeepCache
-from t2v.sampling.freeinit import FreeInit, reinitialize
-from t2v.sampling.first_frames import FirstFrames, check_weights, fading_weights
-from t2v.sampling.freeu import FreeU
-from t2v.sampling import guidance_parallel as cfg_parallel
-from t2v.sampling.guidance import guide
-from t2v.noise import randn
-from t2v.sampling.prompt_travel import resolve_schedule, schedule_embedding, window_centre
-from t2v.sampling.prompt_weighting import count_chunks, encode_weighted
-from t2v.sampling.samplers import SAMPLERS, first_alpha_cumprod, sampler_options
-from t2v.sampling.schedule import add_noise, noise_schedule
+from t2v.loading.lora_formats import merge_lora_file
+from t2v.loading.weights import load_models
 from t2v.models.text_encoder import TextEncoder
 from t2v.models.tokenizer import Tokenizer
 from t2v.models.unet import UNet3D
 from t2v.models.vae import DEFAULT_CHUNK_FRAMES, AutoencoderKL
+from t2v.noise import randn
+from t2v.sampling import guidance_parallel as cfg_parallel
+from t2v.sampling.deep_cache import DEFAULT_BRANCH, DeepCache
+from t2v.sampling.first_frames import FirstFrames, check_weights, fading_weights
+from t2v.sampling.freeinit import FreeInit, reinitialize
+from t2v.sampling.freeu import FreeU
+from t2v.sampling.guidance import guide
+from t2v.sampling.prompt_travel import resolve_schedule, schedule_embedding, window_centre
+from t2v.sampling.prompt_weighting import count_chunks, encode_weighted
+from t2v.sampling.samplers import SAMPLERS, first_alpha_cumprod, sampler_options
+from t2v.sampling.schedule import add_noise, noise_schedule
 from t2v.sampling.windows import reschedule_noise, windowed
 
 log = logging.getLogger(__name__)
@@ -178,7 +180,6 @@ class TextToVideo:
         diffusers/PEFT, kohya or Text-To-Video-Finetuning's Stable LoRA (t2v.loading.lora_formats):
         W += scale * (alpha / rank) B A. Several files merge one after the other. Returns the
         adapted layer names (text-encoder ones as `text_encoder.NAME`)."""
-        from t2v.loading.lora_formats import merge_lora_file
 
         return merge_lora_file(path, scale, self.unet, self.text_encoder)
 
@@ -767,7 +768,6 @@ def load_pipeline(source: str | None, model: ModelConfig | None = None, *,
                                        device=home)
         layout = "random"
     else:
-        from t2v.loading.weights import load_models
 
         m = load_models(source, revision=revision, variant=variant, dtype=dtype,
                         vae_dtype=vae_dtype, device=home, local_files_only=local_files_only)

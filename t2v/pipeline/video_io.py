@@ -13,7 +13,7 @@ import json
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import av
 import numpy as np

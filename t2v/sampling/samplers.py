@@ -35,12 +35,20 @@ import torch
 from t2v.errors import ConfigError
 from t2v.noise import step_noise  # noqa: F401 (public here too)
 from t2v.sampling.samplers_sigma import euler, euler_ancestral
-from t2v.sampling.schedule import (NoiseSchedule, ddim_timesteps, dpm_timesteps, dynamic_threshold,
-                          eps_to_x0, euler_timesteps, sigmas_at, v_to_eps, v_to_x0)
+from t2v.sampling.schedule import (
+    Callback,
+    Denoiser,
+    NoiseSchedule,
+    ddim_timesteps,
+    dpm_timesteps,
+    dynamic_threshold,
+    eps_to_x0,
+    euler_timesteps,
+    sigmas_at,
+    v_to_eps,
+    v_to_x0,
+)
 from t2v.sampling.unipc import unipc
-
-Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
-Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 def _x0_and_eps(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor,

@@ -14,16 +14,11 @@ Shared signature and contract: t2v.sampling.samplers.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from t2v.errors import ConfigError
 from t2v.noise import step_noise
-from t2v.sampling.schedule import NoiseSchedule, euler_timesteps, sigmas_at
-
-if TYPE_CHECKING:
-    from t2v.sampling.samplers import Callback, Denoiser
+from t2v.sampling.schedule import Callback, Denoiser, NoiseSchedule, euler_timesteps, sigmas_at
 
 
 def _denoised(out: torch.Tensor, s: torch.Tensor, sigma: torch.Tensor,

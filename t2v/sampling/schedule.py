@@ -11,12 +11,17 @@ sigma_t = sqrt((1 - a_t) / a_t), the noise-to-signal ratio.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from t2v.config import TIMESTEP_SPACINGS, ScheduleConfig
 from t2v.errors import ConfigError
+
+# A denoiser maps (x_t, t) to the model output; a callback sees (step, t, x, x0) after each step.
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 SPACINGS = TIMESTEP_SPACINGS  # the one list (t2v.config)
 

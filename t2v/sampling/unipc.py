@@ -18,15 +18,19 @@ predictor, so each step costs one model call.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 
 from t2v.errors import ConfigError
-from t2v.sampling.schedule import NoiseSchedule, dpm_timesteps, dynamic_threshold, sigmas_at
-
-if TYPE_CHECKING:
-    from t2v.sampling.samplers import Callback, Denoiser
+from t2v.sampling.schedule import (
+    Callback,
+    Denoiser,
+    NoiseSchedule,
+    dpm_timesteps,
+    dynamic_threshold,
+    sigmas_at,
+)
 
 
 def unipc(model: Denoiser, x: torch.Tensor, schedule: NoiseSchedule, steps: int, *,

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
+from t2v.sampling.schedule import Denoiser
 
 
 def window_starts(num_frames: int, window: int, stride: int, loop: bool = False) -> list[int]:

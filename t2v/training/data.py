@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from t2v.atomic import atomic_path
 from t2v.errors import UserError
 from t2v.models.vae import DEFAULT_CHUNK_FRAMES
-from t2v.atomic import atomic_path
 from t2v.pipeline.video_io import read_video
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from t2v.config import UNetConfig
 from t2v.errors import UserError
+from t2v.loading.weights import diffusers_component_weights
 from t2v.models.unet import UNet3D
 from weights_convert.table import check_shapes
 
@@ -39,7 +40,6 @@ def inflate(image: Mapping[str, torch.Tensor] | str | Path, cfg: UNetConfig) -> 
     its diffusers folder (`unet/` of an SD 2.x repo: safetensors or .bin, read safely). The
     temporal layers start as the identity (last layers zero, the rest default init)."""
     if isinstance(image, (str, Path)):
-        from t2v.loading.weights import diffusers_component_weights
         folder = Path(image)
         if not folder.is_dir():
             raise UserError(f"{folder}: not a folder (give the image UNet's diffusers folder)")

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from t2v.errors import OneLineParser, UserError
+from t2v.pipeline.video_io import write_mp4
 
 COLOURS = {"red": (225, 35, 35), "green": (35, 190, 60), "blue": (45, 80, 235),
            "yellow": (240, 215, 30), "purple": (150, 50, 210)}
@@ -242,7 +243,6 @@ def combinations_named(colours: tuple[str, ...] = (), split: str = "trained"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from t2v.pipeline.video_io import write_mp4
 
     parser = OneLineParser(prog="python -m t2v.training.synthetic",
                            description="Write procedural clips as MP4 + .txt captions.")

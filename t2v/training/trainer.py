@@ -48,15 +48,28 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from t2v.config import config_to_yaml, load_config
-from t2v.training.data import LatentCache, VideoClips, sample_rng
-from t2v.errors import ConfigError, OneLineParser, UserError
-from t2v.noise import randn
-from t2v.sampling.schedule import add_noise, noise_schedule, velocity
-from t2v.training.surgery import set_trainable
-from t2v.models.tokenizer import Tokenizer
-from t2v.training.config import TrainRunConfig
 from t2v.atomic import atomic_path
+from t2v.config import config_to_yaml, load_config
+from t2v.errors import ConfigError, OneLineParser, UserError
+from t2v.loading.weights import save_native
+from t2v.models.lora import add_lora, save_lora
+from t2v.models.tokenizer import Tokenizer
+from t2v.noise import randn
+from t2v.pipeline.text_to_video import TextToVideo, load_pipeline
+from t2v.pipeline.video_io import write_mp4
+from t2v.sampling.schedule import add_noise, noise_schedule, velocity
+from t2v.training.config import TrainRunConfig
+from t2v.training.data import LatentCache, VideoClips, sample_rng
+from t2v.training.fsdp import (
+    clip_grad_norm_,
+    full_model_state,
+    load_sharded,
+    local,
+    save_sharded,
+    shard_unet,
+)
+from t2v.training.surgery import set_trainable
+from t2v.training.synthetic import SyntheticClips, combinations_named
 
 log = logging.getLogger("t2v.training.trainer")
 
@@ -194,7 +207,6 @@ class Distributed:
 def load_components(cfg: TrainRunConfig, device: torch.device):
     """(model config, text encoder, unet, vae): the weights of `weights.source`, or random
     weights from `model` (seeded by train.seed) when it is null."""
-    from t2v.pipeline.text_to_video import load_pipeline
 
     # float32 master weights whatever the files store (e.g. the fp16 demo model).
     pipe, _ = load_pipeline(cfg.weights.source, cfg.model, revision=cfg.weights.revision,
@@ -237,7 +249,6 @@ class Trainer:
             unet = self.vae
             unet.requires_grad_(True)
         elif cfg.lora.rank > 0:
-            from t2v.models.lora import add_lora  # imports peft: only for LoRA runs
 
             add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, cfg.lora.dropout)
         else:
@@ -253,7 +264,6 @@ class Trainer:
                 if isinstance(module, nn.Dropout):
                     module.p = 0.0
         if self.fsdp:
-            from t2v.training.fsdp import shard_unet
 
             shard_unet(unet, device, tc.fsdp)  # parameters become float32 DTensor shards
         self.trained = {n: p for n, p in unet.named_parameters() if p.requires_grad}
@@ -276,7 +286,6 @@ class Trainer:
 
         d = cfg.data
         if d.synthetic.enabled:
-            from t2v.training.synthetic import SyntheticClips, combinations_named
 
             syn = d.synthetic
             try:
@@ -412,7 +421,6 @@ class Trainer:
         params = list(self.trained.values())
         max_norm = tc.max_grad_norm if tc.max_grad_norm is not None else math.inf
         if self.fsdp:
-            from t2v.training.fsdp import clip_grad_norm_
 
             norm = clip_grad_norm_(params, max_norm)
         else:
@@ -434,7 +442,6 @@ class Trainer:
         if self.ema is not None and stepped:
             ema, current = list(self.ema.values()), [p.detach().float() for p in params]
             if self.fsdp:  # DTensors: the local shards update in place
-                from t2v.training.fsdp import local
 
                 ema, current = [local(v) for v in ema], [local(p) for p in current]
             torch._foreach_lerp_(ema, current, 1.0 - tc.ema_decay)
@@ -479,7 +486,6 @@ class Trainer:
         state, rank 0's state.pt and config; renamed into place once all ranks are done."""
         import shutil
 
-        from t2v.training.fsdp import save_sharded
 
         tmp = target.with_name(target.name + ".partial")
         if target.exists():
@@ -552,7 +558,6 @@ class Trainer:
     def _load_sharded_checkpoint(self, path: Path, state: dict) -> None:
         """Shards written by any number of processes (DCP reshards); this rank's RNG state if
         the checkpoint has one for it (same or more processes), else the fresh seed's."""
-        from t2v.training.fsdp import load_sharded
 
         load_sharded(path, self.model, self.optimizer, self.ema)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
@@ -583,8 +588,6 @@ class Trainer:
                     p.copy_(saved[n])
 
     def write_samples(self) -> list[Path]:
-        from t2v.pipeline.text_to_video import TextToVideo
-        from t2v.pipeline.video_io import write_mp4
 
         s = self.cfg.sample
         pipe = TextToVideo(self.model_cfg, self.text_encoder, self.unet, self.vae)
@@ -610,17 +613,14 @@ class Trainer:
         with self._with_ema():
             unet_state = None
             if self.fsdp:
-                from t2v.training.fsdp import full_model_state
 
                 unet_state = full_model_state(self.model)
                 if not self.dist.main:
                     return None
             if self.cfg.lora.rank > 0:
-                from t2v.models.lora import save_lora
 
                 return save_lora(self.unet, self.output / "lora.safetensors", overwrite=True,
                                  state_dict=unet_state)
-            from t2v.loading.weights import save_native
             model_cfg = self.model_cfg
             if self.cfg.train.model == "vae":
                 self.vae.eval()
