@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from t2v.training import synthetic
-from t2v.config import load_config
+from t2v.pipeline.options import load_config
 from t2v.errors import ConfigError
 from t2v.demo.evaluate import (DEFAULT_GUIDANCE_INTERVAL, Case, cases, classify, evaluate, generate,
                       load_demo_pipeline, score)
@@ -402,68 +402,6 @@ def test_demo_model_takes_the_background_from_the_prompt_not_the_noise():
     assert min(followed.values()) >= MIN_BACKGROUND_AGAINST_NOISE, followed
 
 
-def test_a_clip_played_backwards_is_a_clip_of_the_opposite_motion():
-    """data.synthetic.reversed_pairs relies on it: the first-frame centre of a left (up) clip
-    played backwards has the distribution of a right (down) clip's: same range, same mean
-    (800 clips each; the start is uniform on a range symmetric about the frame centre)."""
-    for motion, axis in (("left", 2), ("up", 1)):
-        a = Attributes("red", "circle", motion, "black")
-        b = Attributes("red", "circle", synthetic.OPPOSITE[motion], "black")
-        starts = {}
-        for name, attrs, backwards in (("reversed", a, True), ("opposite", b, False)):
-            centres = []
-            for i in range(800):
-                video = render(attrs, np.random.default_rng([77, i]))
-                frame = (video[-1] if backwards else video[0]).astype(np.float64)[..., 0]
-                weights = frame / frame.sum()
-                grid = np.mgrid[:32, :32][axis - 1]
-                centres.append((weights * grid).sum())
-            starts[name] = np.array(centres)
-        r, o = starts["reversed"], starts["opposite"]
-        assert abs(r.mean() - o.mean()) < 0.3, (motion, r.mean(), o.mean())  # sd/sqrt(800) ~0.1
-        assert abs(r.min() - o.min()) < 0.5 and abs(r.max() - o.max()) < 0.5, (motion,)
-
-
-def test_reversed_pairs_reach_the_batches(tmp_path):
-    """With data.synthetic.reversed_pairs, each odd slot is the even slot's latent clip flipped
-    over frames, with the opposite motion word and the same timestep and noise, unless that
-    combination is held out: then it is an ordinary sample. An odd batch is a config error."""
-    cfg = load_config(CONFIGS / "demo_unet.yaml", [
-        f"weights.source={DEMO_SOURCE}", f"train.output_dir={tmp_path / 'u'}",
-        "train.text_dropout=0", "data.synthetic.clips=400", "data.synthetic.start_spread=1",
-        "data.synthetic.reversed_pairs=true"], schema=TrainRunConfig)
-    trainer = Trainer(cfg)
-    paired = unpaired = 0
-    for micro in range(4):
-        x0, context, t, noise = trainer.micro_batch(micro)
-        for k in range(0, 8, 2):
-            index = trainer._dataset_index(micro * 8 + k)
-            caption = trainer.clips.clips[index].caption
-            reverse = trainer.clips.reversed_caption(index)
-            if reverse is None:
-                unpaired += 1
-                a = trainer.clips.clips[index].attributes
-                assert Attributes(a.colour, a.shape, synthetic.OPPOSITE[a.motion],
-                                  a.background) in HELDOUT
-                assert not torch.equal(noise[k + 1], noise[k])
-                continue
-            paired += 1
-            a, b = parse_caption(caption), parse_caption(reverse)
-            assert (b.colour, b.shape, b.background) == (a.colour, a.shape, a.background)
-            assert b.motion == synthetic.OPPOSITE[a.motion], (caption, reverse)
-            assert torch.equal(x0[k + 1], x0[k].flip(1))
-            assert t[k + 1] == t[k] and torch.equal(noise[k + 1], noise[k])
-            with torch.no_grad():
-                expected = trainer.text_encoder(trainer.text_encoder_tokens([reverse]))[0]
-            assert torch.equal(context[k + 1], expected)
-    assert paired >= 8 and unpaired >= 1, (paired, unpaired)
-    with pytest.raises(ConfigError, match="train.batch_size must be even"):
-        load_config(CONFIGS / "demo_unet.yaml", ["train.batch_size=3",
-                                                 "data.synthetic.start_spread=1",
-                                                 "data.synthetic.reversed_pairs=true"],
-                    schema=TrainRunConfig)
-
-
 def test_start_spread_starts_clips_near_the_edge_they_come_from():
     """data.synthetic.start_spread s: the object starts in the first share s of the start
     range, measured from the edge it comes from, and stays in view; s = 1 is the default
@@ -497,13 +435,8 @@ def test_start_spread_starts_clips_near_the_edge_they_come_from():
             frames = spread.frames(i).astype(np.float64).sum(axis=-1)
             means[a.motion].append(((frames * np.arange(32)).sum() / frames.sum()))
     assert abs(np.mean(means["left"]) - np.mean(means["right"])) < 1.0, means
-    assert near.reversed_caption(0) is None
     with pytest.raises(ValueError, match="start_spread"):
         SyntheticClips(seed=0, count=4, start_spread=0.0)
-    with pytest.raises(ConfigError, match="reversed_pairs needs start_spread 1"):
-        load_config(CONFIGS / "demo_unet.yaml", ["data.synthetic.start_spread=0.5",
-                                                 "data.synthetic.reversed_pairs=true"],
-                    schema=TrainRunConfig)
     with pytest.raises(ConfigError, match="start_spread must be in"):
         load_config(CONFIGS / "demo_unet.yaml", ["data.synthetic.start_spread=1.5"],
                     schema=TrainRunConfig)

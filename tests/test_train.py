@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from helpers import max_rel_diff, randomize_, run_config
 from synthetic import write_squares
-from t2v.config import load_config
+from t2v.pipeline.options import load_config
 from t2v.training.data import frame_indices, list_clips, resize_crop
 from t2v.errors import ConfigError, UserError
 from t2v.training.trainer import Trainer, diffusion_loss, main, timestep_weights
@@ -148,6 +148,16 @@ def test_overrides_follow_the_schema_types():
     assert cfg.sample.prompt == "yes" and cfg.train.steps == 7
     with pytest.raises(ConfigError, match="train.log_every must be >= 1"):
         load_config(None, ["train.log_every=0"], schema=TrainRunConfig)
+
+
+def test_a_removed_key_is_an_unknown_key(tmp_path):
+    """data.synthetic.reversed_pairs (an experiment, removed) gets no shim: a YAML that still
+    sets it fails like any unknown key, naming the key and the file."""
+    path = tmp_path / "old.yaml"
+    path.write_text("data:\n  synthetic:\n    reversed_pairs: true\n")
+    with pytest.raises(ConfigError, match="data.synthetic.reversed_pairs") as err:
+        load_config(path, schema=TrainRunConfig)
+    assert str(path) in str(err.value)
 
 
 def test_lr_schedules():

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from t2v.config import ModelConfig, SampleConfig, WeightsConfig, _check
+from t2v.config import ModelConfig, _check
+from t2v.pipeline.options import GenerationOptions, WeightsConfig
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TARGETS = ("epsilon", "v_prediction")
@@ -30,10 +31,6 @@ class SyntheticDataConfig:
     clips: int = 10_000  # the dataset size: clips cycle over the split's combinations
     split: str = "trained"  # trained / heldout / all (t2v.training.synthetic.HELDOUT)
     colours: tuple[str, ...] = ()  # instead of the split: every combination of these colours
-    # UNet training: the second clip of every pair of batch slots is the first played
-    # backwards, with the opposite motion word and the same noise and timestep (when that
-    # combination is in the split; else an ordinary clip). docs/finetuning.md.
-    reversed_pairs: bool = False
     # Share of the start range used, from the edge the object comes from: 1 anywhere in
     # view; smaller starts it near that edge (t2v.training.synthetic.render, docs/demo.md).
     start_spread: float = 1.0
@@ -42,9 +39,6 @@ class SyntheticDataConfig:
         _check(self.clips >= 1, f"data.synthetic.clips must be >= 1, got {self.clips}")
         _check(0.0 < self.start_spread <= 1.0, f"data.synthetic.start_spread must be in "
                f"(0, 1], got {self.start_spread}")
-        _check(not (self.reversed_pairs and self.start_spread != 1.0),
-               "data.synthetic.reversed_pairs needs start_spread 1 (a reversed clip of a "
-               "clip that starts near its back edge ends there): set one of them back")
         _check(self.split in SYNTHETIC_SPLITS, f"data.synthetic.split must be one of "
                f"{SYNTHETIC_SPLITS}, got {self.split!r}")
 
@@ -223,10 +217,4 @@ class TrainRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)  # for the periodic samples
-
-    def __post_init__(self):
-        pairs = self.data.synthetic.enabled and self.data.synthetic.reversed_pairs
-        _check(not pairs or self.train.model == "vae" or self.train.batch_size % 2 == 0,
-               f"data.synthetic.reversed_pairs pairs the batch's clips: train.batch_size must "
-               f"be even, got {self.train.batch_size}")
+    sample: GenerationOptions = field(default_factory=GenerationOptions)  # for the periodic samples

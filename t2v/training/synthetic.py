@@ -49,7 +49,6 @@ COLOURS = {"red": (225, 35, 35), "green": (35, 190, 60), "blue": (45, 80, 235),
 EXTRA_COLOURS = {"orange": (250, 135, 20)}
 SHAPES = ("circle", "square", "triangle")
 MOTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx)
-OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
 
 SIZE_RANGE = (10.0, 13.0)  # object extent in pixels (at 32x32 frames; scales with the frame)
@@ -188,7 +187,6 @@ class SyntheticClips:
         self.seed, self.num_frames, self.size = seed, num_frames, size
         self.start_spread = start_spread
         self.combinations = tuple(combinations)
-        self._combination_set = set(self.combinations)
         short = np.random.default_rng(seed).random(count) < short_captions
         self.clips = []
         for i in range(count):
@@ -202,21 +200,6 @@ class SyntheticClips:
         """uint8 (F, H, W, 3)."""
         return render(self.clips[index].attributes, np.random.default_rng([self.seed, index]),
                       self.num_frames, self.size, self.start_spread)
-
-    def reversed_caption(self, index: int) -> str | None:
-        """The caption of clip `index` played backwards: the opposite motion word, the same
-        form (short or full). None when that combination is not one this dataset draws from
-        (e.g. a held-out one), or when clips start near their back edge (start_spread < 1:
-        a reversed clip would end there instead). Exact: a clip's start position is uniform
-        over the range that keeps it in view, a range symmetric about the frame's centre, so
-        the reversed clip is a clip of the opposite motion with the same size, speed and
-        across-axis position."""
-        clip = self.clips[index]
-        a = clip.attributes
-        opposite = Attributes(a.colour, a.shape, OPPOSITE[a.motion], a.background)
-        if opposite not in self._combination_set or self.start_spread != 1.0:
-            return None
-        return opposite.caption if clip.caption == a.caption else opposite.short_caption
 
     def load(self, index: int, generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, str]:

@@ -49,7 +49,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from t2v.atomic import atomic_path
-from t2v.config import config_to_yaml, load_config
+from t2v.config import config_to_yaml
+from t2v.pipeline.options import load_config
 from t2v.errors import ConfigError, OneLineParser, UserError
 from t2v.loading.weights import save_native
 from t2v.models.lora import add_lora, save_lora
@@ -337,24 +338,9 @@ class Trainer:
         """This process's share of global micro-batch `micro`: (x0, context, t, noise)."""
         tc, device = self.cfg.train, self.dist.device
         global_batch = tc.batch_size * self.dist.world
-        syn = self.cfg.data.synthetic
-        pairs = syn.enabled and syn.reversed_pairs
         latents, captions, timesteps, noises = [], [], [], []
-        index = None
         for slot in range(self.dist.rank * tc.batch_size, (self.dist.rank + 1) * tc.batch_size):
             g = sample_rng(tc.seed, micro, slot)
-            reverse = (self.clips.reversed_caption(index)
-                       if pairs and slot % 2 == 1 and index is not None else None)
-            if reverse is not None:
-                # The previous slot's clip played backwards: x0 (C, F, h, w) flipped over F,
-                # the opposite motion word, the same timestep and noise (docs/finetuning.md).
-                latents.append(latents[-1].flip(1))
-                captions.append("" if float(torch.rand((), generator=g)) < tc.text_dropout
-                                else reverse)
-                timesteps.append(timesteps[-1])
-                noises.append(noises[-1])
-                index = None
-                continue
             index = self._dataset_index(micro * global_batch + slot)
             if self.cache is not None:
                 mean, std = self.cache.posterior(index)  # (C, F, h, w)
