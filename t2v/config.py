@@ -71,13 +71,12 @@ class UNetConfig:
     norm_eps: float = 1e-5
     # Add a sinusoidal frame-position embedding in every temporal transformer (diffusers'
     # BasicTransformerBlock with positional_embeddings="sinusoidal", as AnimateDiff's motion
-    # modules use). ms-1.7b has none (False).
+    # modules use). No ms-1.7b or zeroscope checkpoint has it (False).
     temporal_position_embedding: bool = False
-    # Add a learned function of the frame index (its sinusoidal embedding through an MLP shaped
-    # like the time embedding's) to each frame's time embedding, so every ResBlock knows the
-    # frame's place from the start of training. ms-1.7b has none (False): no diffusers or
-    # ModelScope checkpoint holds it (docs/architecture.md).
-    frame_embedding: bool = False
+
+    # Options removed from t2v, with the value that meant "off" (not fields): stored configs
+    # of older native folders may still name them at that value (`drop_removed`).
+    REMOVED_OPTIONS = types.MappingProxyType({"frame_embedding": False})
 
     def __post_init__(self):
         _check(len(self.channels) == len(self.attention),
@@ -96,8 +95,18 @@ class UNetConfig:
     def beyond_reference(self) -> list[str]:
         """The options set here that no diffusers or ModelScope checkpoint of this family
         holds (exporting to those layouts refuses them)."""
-        return [name for name in ("temporal_position_embedding", "frame_embedding")
-                if getattr(self, name)]
+        return [name for name in ("temporal_position_embedding",) if getattr(self, name)]
+
+    @classmethod
+    def drop_removed(cls, data: dict, source: str) -> dict:
+        """A stored unet section without the removed options it names at their "off" value;
+        one that is on is a ConfigError: the model needs what t2v no longer has."""
+        for name, off in cls.REMOVED_OPTIONS.items():
+            if name in data and data[name] != off:
+                raise ConfigError(f"{source}: unet.{name} is {data[name]!r}, but t2v removed "
+                                  f"that option (only {off!r} still loads); this model needs "
+                                  "an older t2v")
+        return {k: v for k, v in data.items() if k not in cls.REMOVED_OPTIONS}
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ import torch
 
 from helpers import TINY, inputs, randomize_
 from t2v.config import load_config
-from t2v.sampling.deep_cache import DeepCache
+from t2v.sampling.deep_cache import DeepCache, deep_cached
+from t2v.sampling.freeu import RECOMMENDED, with_freeu
 from t2v.errors import UserError
 from t2v.pipeline.text_to_video import TextToVideo
 from t2v.models.unet import UNet3D
@@ -25,7 +26,7 @@ def test_interval_one_is_the_plain_unet(unet):
     x, context = inputs(2, 3, (8, 8))
     cache = DeepCache(1)
     for t in (900, 500):
-        assert torch.equal(unet(x, t, context, deep_cache=cache), unet(x, t, context))
+        assert torch.equal(deep_cached(unet, cache)(x, t, context), unet(x, t, context))
     assert cache.full_calls == 2
 
 
@@ -37,21 +38,18 @@ def test_a_reused_call_on_the_same_inputs_gives_the_full_output(unet, branch):
     (TINY has 2 layers per block: branches 0, 1, 2)."""
     x, context = inputs(2, 3, (8, 8))
     cache = DeepCache(2, branch=branch)
-    full = unet(x, 700, context, deep_cache=cache)
-    reused = unet(x, 700, context, deep_cache=cache)
+    full = deep_cached(unet, cache)(x, 700, context)
+    reused = deep_cached(unet, cache)(x, 700, context)
     assert cache.full_calls == 1 and cache.calls == 2
     assert torch.equal(full, unet(x, 700, context))
     assert torch.equal(reused, full)
     # The same with FreeU and frame chunks, which the shallow path must apply alike.
-    from t2v.sampling.freeu import RECOMMENDED
-    unet.freeu = RECOMMENDED
-    try:
-        cache = DeepCache(2, branch=branch)
-        full = unet(x, 700, context, frame_chunk=1, deep_cache=cache)
-        assert torch.equal(unet(x, 700, context, frame_chunk=1, deep_cache=cache), full)
-        assert not torch.equal(full, unet(x, 700, context))  # FreeU did act
-    finally:
-        unet.freeu = None
+    cache = DeepCache(2, branch=branch)
+    call = deep_cached(unet, cache, frame_chunk=1, freeu=RECOMMENDED)
+    full = call(x, 700, context)
+    assert torch.equal(call(x, 700, context), full)
+    assert torch.equal(full, with_freeu(unet, RECOMMENDED, frame_chunk=1)(x, 700, context))
+    assert not torch.equal(full, unet(x, 700, context))  # FreeU did act
 
 
 @pytest.mark.parametrize("branch", [0, 1, 2])
@@ -66,9 +64,9 @@ def test_a_shallow_call_runs_the_branch_layers_only(unet, branch):
     try:
         x, context = inputs(2, 3, (8, 8))
         cache = DeepCache(2, branch=branch)
-        unet(x, 700, context, deep_cache=cache)
+        deep_cached(unet, cache)(x, 700, context)
         ran.clear()
-        unet(x, 650, context, deep_cache=cache)
+        deep_cached(unet, cache)(x, 650, context)
     finally:
         for h in hooks:
             h.remove()
@@ -82,21 +80,21 @@ def test_reused_calls_approximate_and_refresh_on_schedule(unet):
     x, context = inputs(2, 3, (8, 8))
     x2 = x + 0.05 * torch.randn_like(x)
     cache = DeepCache(3)
-    unet(x, 700, context, deep_cache=cache)
-    approx = unet(x2, 680, context, deep_cache=cache)
+    deep_cached(unet, cache)(x, 700, context)
+    approx = deep_cached(unet, cache)(x2, 680, context)
     exact = unet(x2, 680, context)
     # Not the full output (deep features are from the previous input), but close to it.
     diff = (approx - exact).abs().max() / exact.abs().max()
     assert 0 < diff < 0.5
-    unet(x2, 660, context, deep_cache=cache)  # call 3: still shallow
+    deep_cached(unet, cache)(x2, 660, context)  # call 3: still shallow
     assert cache.full_calls == 1
-    assert torch.equal(unet(x2, 640, context, deep_cache=cache), unet(x2, 640, context))
+    assert torch.equal(deep_cached(unet, cache)(x2, 640, context), unet(x2, 640, context))
     assert cache.full_calls == 2
     # Inputs of another shape cannot reuse the kept features: such a call runs in full.
     for other, ctx in ((x2[:1], context[:1]), (x2[:, :, :2], context),
                        (x2.reshape(1, 4, 6, 8, 8), context[:1])):  # same batch x frames
         cache.calls = 1
-        assert torch.equal(unet(other, 640, ctx, deep_cache=cache), unet(other, 640, ctx))
+        assert torch.equal(deep_cached(unet, cache)(other, 640, ctx), unet(other, 640, ctx))
     cache.reset()
     assert cache.features is None and cache.calls == 0
 
@@ -114,7 +112,7 @@ def test_interval_is_checked():
 def test_a_branch_beyond_the_first_block_is_refused(unet):
     x, context = inputs(1, 2, (8, 8))
     with pytest.raises(UserError, match="between 0 and 2"):
-        unet(x, 700, context, deep_cache=DeepCache(2, branch=3))
+        deep_cached(unet, DeepCache(2, branch=3))(x, 700, context)
 
 
 @pytest.fixture(scope="module")

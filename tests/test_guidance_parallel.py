@@ -60,13 +60,14 @@ COMMON = dict(prompt="a red ball", num_frames=4, height=64, width=64, steps=3,
 def split_passes(pipe: TextToVideo) -> None:
     """One process, the two passes as two UNet calls on batch B (as the 2 ranks run them)."""
     def guided_denoiser(context, guidance_scale, frame_chunk, guidance_rescale=0.0,
-                        deep_cache=None, guidance_interval=None):
+                        deep_cache=None, guidance_interval=None, freeu=None):
         assert deep_cache is None and guidance_interval is None  # not with guidance_parallel
+        assert freeu is None
         uncond, cond = context.chunk(2)
 
         def denoise(x, t):
-            return guide(pipe.unet(x, t, uncond, frame_chunk=frame_chunk or 0),
-                         pipe.unet(x, t, cond, frame_chunk=frame_chunk or 0),
+            return guide(pipe.unet(x, t, uncond, frame_chunk or None),
+                         pipe.unet(x, t, cond, frame_chunk or None),
                          guidance_scale, guidance_rescale)
         return denoise
 

@@ -37,8 +37,7 @@ def test_frame_chunked_unet_equals_the_plain_unet(chunk):
     x, context = torch.randn(2, 4, 7, 12, 12, generator=g), torch.randn(2, 5, 32, generator=g)
     with torch.no_grad():
         plain = unet(x, 300, context)
-        unet.frame_chunk = chunk
-        chunked = unet(x, 300, context)
+        chunked = unet(x, 300, context, chunk)
     assert_parity(chunked, plain, CHUNK_TOL, f"UNet frame_chunk={chunk} vs all frames")
 
 
@@ -47,14 +46,12 @@ def test_pipeline_chunks_long_runs_per_call():
     pipe = TextToVideo.from_config(cfg.model, seed=0)
     seen = []
     forward = pipe.unet.forward
-    pipe.unet.forward = lambda *a, **k: (seen.append(k.get("frame_chunk")), forward(*a, **k))[1]
+    pipe.unet.forward = lambda x, t, c, chunk=None: (seen.append(chunk), forward(x, t, c, chunk))[1]
     kwargs = dict(num_frames=26, height=32, width=32, steps=1, seed=0, progress=False)
     auto = pipe("x", **kwargs).frames
-    assert seen == [8] and pipe.unet.frame_chunk is None  # per call: the module is untouched
-    pipe.unet.frame_chunk = 4  # frame_chunk=None means no chunks, whatever the attribute
+    assert seen == [8] and not hasattr(pipe.unet, "frame_chunk")  # per call: an argument
     plain = pipe("x", frame_chunk=None, **kwargs).frames
-    assert seen == [8, 0]
-    pipe.unet.frame_chunk = None
+    assert seen == [8, None]  # None: no chunks
     assert (auto.int() - plain.int()).abs().max() <= 1  # uint8 frames: at most one level
 
 

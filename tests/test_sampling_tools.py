@@ -11,7 +11,7 @@ from helpers import TINY, assert_parity, inputs, matched_unets
 from layouts import HUB_SCHEDULER
 from t2v.errors import UserError
 from t2v.sampling.freeinit import FreeInit, low_pass_filter, mix_frequencies, reinitialize
-from t2v.sampling.freeu import RECOMMENDED, FreeU, low_frequency_scale
+from t2v.sampling.freeu import RECOMMENDED, FreeU, low_frequency_scale, with_freeu
 from t2v.sampling.guidance import guide
 from t2v.sampling.schedule import noise_schedule
 from weights_convert.diffusers import schedule_config
@@ -30,14 +30,12 @@ def test_freeu_unet_matches_diffusers(unets, size, freeu):
     ours, reference = unets
     x, context = inputs(2, 3, size, seed=1)
     reference.enable_freeu(s1=freeu.s1, s2=freeu.s2, b1=freeu.b1, b2=freeu.b2)
-    ours.freeu = freeu
     try:
         with torch.no_grad():
             expected = reference(x, 500, context).sample
-            actual = ours(x, 500, context)
+            actual = with_freeu(ours, freeu)(x, 500, context)
     finally:
         reference.disable_freeu()
-        ours.freeu = None
     assert_parity(actual, expected, UNET_TOL, f"FreeU UNet {size}")
     with torch.no_grad():
         without = ours(x, 500, context)

@@ -86,10 +86,9 @@ def test_capture_joins_frame_chunks_and_keeps_the_last_call():
     x, context = torch.randn(2, 4, 5, 8, 8), torch.randn(2, 7, 32)
     with torch.no_grad(), capture(unet, names) as whole:
         unet(x, 5, context)
-    unet.frame_chunk = 2
     with torch.no_grad(), capture(unet, names) as chunked:
-        unet(torch.randn_like(x), 7, context)  # an earlier call: replaced by the next one
-        unet(x, 5, context)
+        unet(torch.randn_like(x), 7, context, 2)  # an earlier call: replaced by the next one
+        unet(x, 5, context, 2)
     for name in names:
         assert chunked[name].shape == whole[name].shape == (10,) + whole[name].shape[1:]
         torch.testing.assert_close(chunked[name], whole[name], rtol=1e-5, atol=1e-5)

@@ -214,42 +214,6 @@ def test_hub_config_translates_to_ms17b():
     assert unet_config(diffusers_unet_kwargs(TINY)) == TINY
 
 
-def test_frame_embedding_adds_a_function_of_the_frame_index_to_the_time_embedding():
-    """frame_embedding=True: every ResBlock of row (b, f) gets time_embedding(t_b) +
-    frame_embedding(sinusoid(f)) (checked at the first ResBlock's input); with the frame MLP's
-    last layer zeroed the UNet is the plain one to the bit; no checkpoint format can hold it."""
-    from t2v.models.unet import ResBlock, timestep_embedding
-
-    cfg = dataclasses.replace(TINY, frame_embedding=True)
-    ours = UNet3D(cfg).eval()
-    x, context = inputs(2, 5, (8, 8))
-    t = torch.tensor([3, 900])
-    seen = []
-    first = next(m for m in ours.modules() if isinstance(m, ResBlock))
-    handle = first.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
-    with torch.no_grad():
-        out = ours(x, t, context)
-        handle.remove()
-        time = ours.time_embedding(timestep_embedding(t, cfg.channels[0]))
-        frame = ours.frame_embedding(timestep_embedding(torch.arange(5), cfg.channels[0]))
-    expected = (time[:, None, :] + frame[None, :, :]).reshape(10, -1)
-    assert torch.allclose(seen[0], expected, rtol=0, atol=1e-6)
-    assert frame.std(0).mean() > 1e-2  # the frames' embeddings differ
-    plain = UNet3D(TINY).eval()
-    plain.load_state_dict({k: v for k, v in ours.state_dict().items()
-                           if not k.startswith("frame_embedding.")})
-    with torch.no_grad():
-        ours.frame_embedding.linear_2.weight.zero_()
-        ours.frame_embedding.linear_2.bias.zero_()
-        assert torch.equal(ours(x, t, context), plain(x, t, context))
-        assert max_rel_diff(out, plain(x, t, context)) > 100 * PARITY_TOL
-    with pytest.raises(ConfigError, match="frame_embedding"):
-        diffusers_unet_kwargs(cfg)
-    ms_cfg = dataclasses.replace(TINY_MS, frame_embedding=True)
-    with pytest.raises(ConversionError, match="frame_embedding"):
-        unet_to_modelscope(UNet3D(ms_cfg).state_dict(), ms_cfg)
-
-
 def test_frame_position_embedding_matches_diffusers_sinusoidal_blocks():
     """temporal_position_embedding=True is diffusers' BasicTransformerBlock with
     positional_embeddings="sinusoidal" in every temporal transformer (transformer_in and the

@@ -352,3 +352,43 @@ def test_save_native_writes_its_config_last(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_native(tmp_path, ModelConfig(), states)
     assert len(calls) == 3 and not (tmp_path / "model.yaml").exists()
+
+
+def test_removed_unet_options_load_when_off_and_are_refused_when_on(tmp_path):
+    """Native folders written before `model.unet.frame_embedding` was removed name it (false)
+    in model.yaml and in unet.safetensors' metadata, as the shipped demo model's metadata
+    still does: such folders load; one with the option on is a one-line UserError."""
+    from safetensors.torch import load_file, save_file
+
+    from t2v.errors import UserError
+    from t2v.loading.checkpoint_io import safetensors_metadata
+    from t2v.loading.weights import DEMO_FOLDER
+
+    old = tmp_path / "old"
+    shutil.copytree(DEMO_FOLDER, old)
+    assert '"frame_embedding": false' in safetensors_metadata(old / "unet.safetensors")[
+        "t2v_config"]
+    text = (old / "model.yaml").read_text()
+    assert "frame_embedding" not in text
+    (old / "model.yaml").write_text(text.replace("  temporal_position_embedding: false\n",
+                                                 "  temporal_position_embedding: false\n"
+                                                 "  frame_embedding: false\n"))
+    assert "frame_embedding: false" in (old / "model.yaml").read_text()
+    loaded, shipped = load_models(old), load_models(DEMO_FOLDER)
+    assert loaded.config == shipped.config
+    assert all(torch.equal(a, b) for a, b in zip(loaded.unet.state_dict().values(),
+                                                 shipped.unet.state_dict().values()))
+
+    (old / "model.yaml").write_text(text.replace("  temporal_position_embedding: false\n",
+                                                 "  temporal_position_embedding: false\n"
+                                                 "  frame_embedding: true\n"))
+    with pytest.raises(UserError, match="unet.frame_embedding is True, but t2v removed") as err:
+        load_models(old)
+    assert "\n" not in str(err.value)
+    (old / "model.yaml").write_text(text)  # only the metadata says it is on
+    metadata = safetensors_metadata(old / "unet.safetensors")
+    stored = json.loads(metadata["t2v_config"])
+    metadata["t2v_config"] = json.dumps({**stored, "frame_embedding": True})
+    save_file(load_file(old / "unet.safetensors"), old / "unet.safetensors", metadata=metadata)
+    with pytest.raises(UserError, match="metadata: unet.frame_embedding is True"):
+        load_models(old)

@@ -25,7 +25,7 @@ from t2v.atomic import atomic_path
 from t2v.bench.common import alternate, set_flush_denormal, trained_like_
 from t2v.config import ScheduleConfig, UNetConfig
 from t2v.models.unet import UNet3D
-from t2v.sampling.deep_cache import DEFAULT_BRANCH, DeepCache
+from t2v.sampling.deep_cache import DEFAULT_BRANCH, DeepCache, deep_cached
 from t2v.sampling.samplers import SAMPLERS
 from t2v.sampling.schedule import noise_schedule
 
@@ -51,14 +51,16 @@ def run(case: str = "a", repeat: int = 3, steps: int = 25, loop_steps: int = 0) 
     caches = {b: DeepCache(10 ** 9, branch=b) for b in branches}  # one full call, then shallow
 
     def shallow(cache):
+        cached = deep_cached(unet, cache)
+
         def call():
             cache.calls = 1  # not a refresh call
-            return unet(x, 500, context, deep_cache=cache)
+            return cached(x, 500, context)
         return call
 
     with torch.no_grad():
         for cache in caches.values():
-            unet(x, 500, context, deep_cache=cache)
+            deep_cached(unet, cache)(x, 500, context)
         seconds = alternate({"full": lambda: unet(x, 500, context),
                              **{f"shallow_branch{b}": shallow(c) for b, c in caches.items()}},
                             repeat)
@@ -83,10 +85,10 @@ def run(case: str = "a", repeat: int = 3, steps: int = 25, loop_steps: int = 0) 
         schedule = noise_schedule(ScheduleConfig())
         loops = {}
         for n in (1, *INTERVALS):
-            cache = DeepCache(n)  # the default branch
+            cached = deep_cached(unet, DeepCache(n))  # the default branch
             start = time.perf_counter()
             with torch.no_grad():
-                SAMPLERS["dpmsolver++"](lambda z, t: unet(z, t, context, deep_cache=cache),
+                SAMPLERS["dpmsolver++"](lambda z, t: cached(z, t, context),
                                         x.clone(), schedule, loop_steps)
             loops[n] = time.perf_counter() - start
         result["loop_seconds"] = loops

@@ -61,7 +61,6 @@ def child_full_unet(frames: int, latent: int, impl: str = "t2v") -> None:
     chunk = auto_frame_chunk(frames)
     if impl == "t2v":
         unet = trained_like_(UNet3D(cfg.unet), 0).eval()
-        unet.frame_chunk = chunk
     else:
         from diffusers import UNet3DConditionModel
 
@@ -70,7 +69,7 @@ def child_full_unet(frames: int, latent: int, impl: str = "t2v") -> None:
     context = torch.randn(2, 77, 1024)
     baseline = status_kib("VmRSS")
     with torch.no_grad():
-        unet(x, 500, context)
+        unet(x, 500, context, chunk) if impl == "t2v" else unet(x, 500, context)
     est = estimate_memory(cfg, frames=frames, height=8 * latent, width=8 * latent,
                           frame_chunk=chunk)
     report(baseline, frames=frames, impl=impl, estimate_mib=est.unet_activations / 2**20)

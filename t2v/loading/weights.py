@@ -164,6 +164,8 @@ def read_native(folder: Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Te
         data = yaml.safe_load((folder / NATIVE_CONFIG).read_text())
     except yaml.YAMLError:
         raise WeightsError(f"{folder / NATIVE_CONFIG}: not valid YAML") from None
+    if isinstance(data, dict) and isinstance(data.get("unet"), dict):
+        data = {**data, "unet": UNetConfig.drop_removed(data["unet"], str(folder / NATIVE_CONFIG))}
     cfg = config_from_dict(ModelConfig, data, str(folder / NATIVE_CONFIG))
     states = {}
     for name in COMPONENTS:
@@ -173,9 +175,13 @@ def read_native(folder: Path) -> tuple[ModelConfig, dict[str, dict[str, torch.Te
                                f"{', '.join(c + '.safetensors' for c in COMPONENTS)})")
         stored = safetensors_metadata(path).get("t2v_config")
         part = getattr(cfg, name)  # compared as configs: keys added later take defaults
-        if stored is not None and config_from_dict(type(part), json.loads(stored),
-                                                   f"{path} metadata") != part:
-            raise WeightsError(f"{path}: its config metadata disagrees with {NATIVE_CONFIG}")
+        if stored is not None:
+            stored = json.loads(stored)
+            if name == "unet":  # keys removed later: dropped when off
+                stored = UNetConfig.drop_removed(stored, f"{path} metadata")
+            if config_from_dict(type(part), stored, f"{path} metadata") != part:
+                raise WeightsError(f"{path}: its config metadata disagrees with "
+                                   f"{NATIVE_CONFIG}")
         states[name] = read_state_dict(path)
     return cfg, states
 

@@ -127,7 +127,7 @@ def estimate_memory(cfg: ModelConfig, *, frames: int, height: int, width: int, b
                     offload: bool = False, output_in_memory: bool = True,
                     baseline: int = 0) -> MemoryEstimate:
     """The memory model above for one call of the pipeline. `frame_chunk`: the UNet's
-    (t2v.models.unet.UNet3D.frame_chunk; the transient then covers that many frames of one sample);
+    (UNet3D.forward's frame_chunk; the transient then covers that many frames of one sample);
     `offload`: only the running model's weights count (model offload);
     `output_in_memory=False`: frames are streamed; `baseline`: bytes the process already holds
     (`resident_bytes()` before loading; the CLI passes it)."""

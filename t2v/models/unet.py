@@ -27,9 +27,6 @@ from torch.utils.checkpoint import checkpoint
 
 from t2v.config import UNetConfig
 from t2v.models.layers import attention
-from t2v.sampling.deep_cache import DeepCache
-from t2v.sampling.freeu import FreeU
-from t2v.sampling.freeu import apply as freeu_apply
 
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm at the entry of spatial and temporal transformers
 LAYER_NORM_EPS = 1e-5  # LayerNorms inside transformer blocks
@@ -342,31 +339,31 @@ class UpBlock(Level):
     """Each layer first concatenates [x, skip] on channels, taking skips from the end."""
 
     def __init__(self, prev_ch: int, out_ch: int, skip_channels: list[int], has_attention: bool,
-                 upsample: bool, cfg: UNetConfig, stage: int = 0):
+                 upsample: bool, cfg: UNetConfig):
         in_channels = [(prev_ch if i == 0 else out_ch) + s for i, s in enumerate(skip_channels)]
         super().__init__(in_channels, out_ch, has_attention, cfg)
         self.upsamplers = nn.ModuleList([Upsample(out_ch)]) if upsample else None
-        self.stage = stage  # 0 = the lowest resolution (FreeU's stage numbering)
 
-    def forward(self, x, skips, emb, context, num_frames, upsample_size=None, chunk=None,
-                freeu: FreeU | None = None, start: int = 0, keep_input_of: int | None = None,
-                keep=None):
-        """Layer i takes skips[n - 1 - i] (n layers; the skips in push order). `start`: begin
-        at that layer, `x` being its input and `skips` the first n - start of the block's
-        skips (DeepCache's shallow calls); `keep(x)` is called with the input of layer
-        `keep_input_of` (DeepCache's full calls)."""
+    def forward(self, x, skips, emb, context, num_frames, upsample_size=None, chunk=None):
+        """Layer i takes skips[n - 1 - i] (n layers; `skips` in push order), then the upsampler
+        (to `upsample_size`, default twice the size)."""
         n = len(self.resnets)
-        for i in range(start, n):
-            if i == keep_input_of:
-                keep(x)
-            x, skip = freeu_apply(freeu, self.stage, x, skips[n - 1 - i])
-            x = torch.cat([x, skip], dim=1)  # not pop(): checkpointing reruns this
-            x = self.layer(i, x, emb, context, num_frames, chunk)
-        if self.upsamplers is not None:
-            size = upsample_size if upsample_size is not None else (2 * x.shape[-2],
-                                                                    2 * x.shape[-1])
-            x = self.upsamplers[0](x, size)
-        return x
+        for i in range(n):
+            x = self.layer_on(i, x, skips[n - 1 - i], emb, context, num_frames, chunk)
+        return self.upsample(x, upsample_size)
+
+    def layer_on(self, i: int, x: torch.Tensor, skip: torch.Tensor, emb: torch.Tensor,
+                 context: torch.Tensor, num_frames: int, chunk: int | None = None
+                 ) -> torch.Tensor:
+        """Layer i on [x, skip] concatenated on channels (one step of `forward`)."""
+        return self.layer(i, torch.cat([x, skip], dim=1), emb, context, num_frames, chunk)
+
+    def upsample(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """The block's upsampler (to `size`, default twice the size); x itself if it has none."""
+        if self.upsamplers is None:
+            return x
+        return self.upsamplers[0](x, size if size is not None else (2 * x.shape[-2],
+                                                                    2 * x.shape[-1]))
 
 
 class MidBlock(nn.Module):
@@ -396,23 +393,21 @@ class MidBlock(nn.Module):
 
 
 class UNet3D(nn.Module):
-    """eps = UNet3D(cfg)(x (B, C, F, h, w), t, context (B, L, context_dim))."""
+    """eps = UNet3D(cfg)(x (B, C, F, h, w), t, context (B, L, context_dim)).
+
+    `forward` is the reference architecture and nothing else. Inference tools that change
+    what runs between the blocks (t2v.sampling: FreeU, DeepCache) compose the same public
+    pieces `forward` is made of: `prepare`, `down_path`, `split_skips`, `run_block`, the up
+    blocks' `layer_on` / `upsample`, and `output`.
+    """
 
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         ch = cfg.channels
         self.gradient_checkpointing = False  # recompute each block's activations in backward
-        # Memory bound for long videos: per-frame layers (ResBlocks, spatial transformers) run
-        # on at most this many frames of a sample at a time, temporal transformers on groups of
-        # positions of the same size. None: all at once. Results are unchanged.
-        self.frame_chunk: int | None = None
-        # FreeU's factors (t2v.sampling.freeu), applied in the two lowest-resolution up blocks; None: off.
-        self.freeu: FreeU | None = None
 
         self.time_embedding = TimestepMLP(ch[0], cfg.time_embed_dim)
-        self.frame_embedding = (TimestepMLP(ch[0], cfg.time_embed_dim)
-                                if cfg.frame_embedding else None)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.transformer_in = TemporalTransformer(ch[0], cfg.transformer_in_heads, cfg.head_dim,
                                                   cfg.norm_groups,
@@ -435,8 +430,7 @@ class UNet3D(nn.Module):
             n = cfg.layers_per_block + 1
             skips, skip_channels = skip_channels[-n:], skip_channels[:-n]
             self.up_blocks.append(UpBlock(prev_ch, ch[level], skips[::-1], cfg.attention[level],
-                                          upsample=level > 0, cfg=cfg,
-                                          stage=len(self.up_blocks)))
+                                          upsample=level > 0, cfg=cfg))
             prev_ch = ch[level]
 
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[0], eps=cfg.norm_eps)
@@ -446,82 +440,86 @@ class UNet3D(nn.Module):
         """The down, mid and up blocks in order (FSDP's units of sharding, memory estimates)."""
         return [*self.down_blocks, self.mid_block, *self.up_blocks]
 
-    def _run(self, block: nn.Module, *args, **kwargs):
+    def run_block(self, block, *args, **kwargs):
+        """block(*args, **kwargs), its activations recomputed in backward when
+        `gradient_checkpointing` is on and gradients are enabled."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)
 
-    def _full_path(self, x, skips, emb, context, num_frames, chunk, deep_cache, cache_key):
-        """Down blocks, mid block, up blocks; keeps the last up block's input in `deep_cache`."""
-        for block in self.down_blocks:
-            x, block_skips = self._run(block, x, emb, context, num_frames, chunk)
-            skips += block_skips
-        x = self._run(self.mid_block, x, emb, context, num_frames, chunk)
-        for block in self.up_blocks:
-            n = len(block.resnets)
-            block_skips, skips = skips[-n:], skips[:-n]
-            # Upsample to the next skip's size: latent sizes need not be multiples of 2^levels.
-            size = tuple(skips[-1].shape[-2:]) if skips else None
-            kept = {}
-            if block is self.up_blocks[-1] and deep_cache is not None:
-                kept = dict(keep_input_of=len(block.resnets) - 1 - deep_cache.branch,
-                            keep=lambda features: deep_cache.keep(features, cache_key))
-            x = self._run(block, x, block_skips, emb, context, num_frames, size, chunk,
-                          freeu=self.freeu, **kept)
-        return x
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor | int | float,
-                context: torch.Tensor, frame_chunk: int | None = None,
-                deep_cache: DeepCache | None = None) -> torch.Tensor:
-        """`frame_chunk` for this call (None: the `frame_chunk` attribute; 0: no chunks):
-        per-frame layers run on at most this many frames of a sample at a time; results are
-        unchanged. `deep_cache`: DeepCache's reuse of the deep features (t2v.sampling.deep_cache)."""
+    def check_inputs(self, x: torch.Tensor, t: torch.Tensor | float,
+                     context: torch.Tensor, frame_chunk: int | None = None) -> torch.Tensor:
+        """Refuse inputs of the wrong shape; returns t as a tensor with one entry per sample."""
         if x.ndim != 5 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"UNet3D: x must be (batch, {self.cfg.in_channels}, frames, height, "
                              f"width), got {tuple(x.shape)}")
-        b, _, num_frames, h, w = x.shape
+        b = x.shape[0]
         if context.ndim != 3 or context.shape[0] != b or \
                 context.shape[2] != self.cfg.context_dim:
             raise ValueError(f"UNet3D: context must be (batch {b}, tokens, "
                              f"{self.cfg.context_dim}) for x of batch {b}, got "
                              f"{tuple(context.shape)}")
+        if frame_chunk is not None and (isinstance(frame_chunk, bool) or frame_chunk < 1):
+            raise ValueError(f"UNet3D: frame_chunk must be None (off) or >= 1, got "
+                             f"{frame_chunk!r}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t[None]
         if t.ndim != 1 or t.shape[0] not in (1, b):
             raise ValueError(f"UNet3D: t must be a number or have 1 or {b} (batch) entries, got "
                              f"shape {tuple(t.shape)}")
-        t = t.expand(b)
+        return t.expand(b)
 
+    def prepare(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
+                frame_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The checks, then (h, emb): h = transformer_in(conv_in(x)) with the frames folded into
+        the batch ((B*F, C, h, w), batch-major), emb the time embedding, one row per (b f)."""
+        t = self.check_inputs(x, t, context, frame_chunk)
         sinusoid = timestep_embedding(t, self.cfg.channels[0])
         emb = self.time_embedding(sinusoid.to(self.conv_in.weight.dtype))
         # The time embedding is shared by the frames of a sample: one row per (b f). The text
         # context stays (B, L, D); cross-attention folds the frames into its queries.
+        num_frames = x.shape[2]
         emb = emb.repeat_interleave(num_frames, dim=0)
-        if self.frame_embedding is not None:  # + a function of the frame index, 0..F-1
-            frames = timestep_embedding(torch.arange(num_frames, device=x.device),
-                                        self.cfg.channels[0])
-            frames = self.frame_embedding(frames.to(emb.dtype))  # (F, E)
-            emb = emb + frames.repeat(b, 1)  # rows (b f), batch-major
+        h = self.conv_in(rearrange(x, "b c f h w -> (b f) c h w"))
+        return self.transformer_in(h, num_frames, frame_chunk), emb
 
-        x = rearrange(x, "b c f h w -> (b f) c h w")
-        chunk = self.frame_chunk if frame_chunk is None else (frame_chunk or None)
-        x = self.transformer_in(self.conv_in(x), num_frames, chunk)
-        skips = [x]
-        cache_key = (tuple(x.shape), num_frames, x.dtype, x.device)
-        if deep_cache is not None:
-            deep_cache.check_branch(len(self.down_blocks[0].resnets))
-        if deep_cache is not None and deep_cache.reuse(cache_key):
-            # Shallow call: the first `branch` layers of down block 0, then the last
-            # branch + 1 layers of the last up block, from the kept features.
-            first, last = self.down_blocks[0], self.up_blocks[-1]
-            for i in range(deep_cache.branch):
-                x = first.layer(i, x, emb, context, num_frames, chunk)
-                skips.append(x)
-            x = self._run(last, deep_cache.features, skips, emb, context, num_frames, None,
-                          chunk, freeu=self.freeu,
-                          start=len(last.resnets) - 1 - deep_cache.branch)
-        else:
-            x = self._full_path(x, skips, emb, context, num_frames, chunk, deep_cache, cache_key)
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
-        return rearrange(x, "(b f) c h w -> b c f h w", b=b).contiguous()
+    def down_path(self, h: torch.Tensor, emb: torch.Tensor, context: torch.Tensor,
+                  num_frames: int, chunk: int | None = None
+                  ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The down blocks and the mid block on `prepare`'s h: (the mid block's output, the
+        skip stack [h, every down block's skips...] in push order)."""
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = self.run_block(block, h, emb, context, num_frames, chunk)
+            skips += block_skips
+        return self.run_block(self.mid_block, h, emb, context, num_frames, chunk), skips
+
+    @staticmethod
+    def split_skips(skips: list[torch.Tensor], block: UpBlock
+                    ) -> tuple[list[torch.Tensor], list[torch.Tensor], tuple[int, int] | None]:
+        """(the skips `block` takes: the last ones, the skips left, the size to upsample to).
+        The size is the next skip's: latent sizes need not be multiples of 2^levels."""
+        n = len(block.resnets)
+        rest = skips[:-n]
+        return skips[-n:], rest, tuple(rest[-1].shape[-2:]) if rest else None
+
+    def output(self, h: torch.Tensor, batch: int) -> torch.Tensor:
+        """The last up block's output -> eps (B, C, F, h, w): norm, SiLU, conv_out, frames
+        unfolded."""
+        h = self.conv_out(F.silu(self.conv_norm_out(h)))
+        return rearrange(h, "(b f) c h w -> b c f h w", b=batch).contiguous()
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float,
+                context: torch.Tensor, frame_chunk: int | None = None) -> torch.Tensor:
+        """`frame_chunk`: None, all frames at once; n >= 1, per-frame layers run on at most n
+        frames of a sample at a time and temporal transformers on groups of positions of the
+        same size (a memory bound for long videos; results are unchanged)."""
+        h, emb = self.prepare(x, t, context, frame_chunk)
+        num_frames = x.shape[2]
+        h, skips = self.down_path(h, emb, context, num_frames, frame_chunk)
+        for block in self.up_blocks:
+            block_skips, skips, size = self.split_skips(skips, block)
+            h = self.run_block(block, h, block_skips, emb, context, num_frames, size,
+                               frame_chunk)
+        return self.output(h, x.shape[0])

@@ -49,6 +49,7 @@ from t2v.sampling.prompt_travel import resolve_schedule, schedule_embedding, win
 from t2v.sampling.prompt_weighting import count_chunks, encode_weighted
 from t2v.sampling.samplers import SAMPLERS, first_alpha_cumprod, sampler_options
 from t2v.sampling.schedule import add_noise, noise_schedule
+from t2v.sampling.unet_call import unet_call
 from t2v.sampling.windows import reschedule_noise, windowed
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ OUTPUTS = ("uint8", "float", "latents")
 OUTPUT_TYPES = {"np": "float", "pt": "float", "pil": "float", "latent": "latents"}
 DEFAULT_STEPS = 50  # diffusers' TextToVideoSDPipeline default
 # Above this many frames in the UNet's view, its per-frame layers run in chunks of
-# AUTO_FRAME_CHUNK frames (t2v.models.unet.UNet3D.frame_chunk): bounded working memory, same results.
+# AUTO_FRAME_CHUNK frames (UNet3D.forward's frame_chunk): bounded working memory, same results.
 AUTO_FRAME_CHUNK_ABOVE = 24
 AUTO_FRAME_CHUNK = 8
 Generators = torch.Generator | list  # one generator, or one per video
@@ -346,25 +347,27 @@ class TextToVideo:
     def guided_denoiser(self, context: torch.Tensor, guidance_scale: float,
                         frame_chunk: int | None, guidance_rescale: float = 0.0,
                         deep_cache: DeepCache | None = None,
-                        guidance_interval: tuple[float, float] | None = None
+                        guidance_interval: tuple[float, float] | None = None,
+                        freeu: FreeU | None = None
                         ) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """eps(x, t) = u + g (c - u) from one UNet call on [x, x] (g > 1), rescaled by
-        t2v.sampling.guidance.guide if guidance_rescale > 0; else the UNet. `deep_cache`: the UNet
-        calls go through DeepCache (t2v.sampling.deep_cache). `guidance_interval` (low, high): guided
+        t2v.sampling.guidance.guide if guidance_rescale > 0; else the UNet. The UNet call is
+        t2v.sampling.unet_call's: `frame_chunk` (None or 0: off), `freeu` (FreeU's factors) and
+        `deep_cache` (DeepCache's state) shape it. `guidance_interval` (low, high): guided
         only at timesteps low <= t <= high, the conditional output alone elsewhere (one UNet
         pass on x with the prompt's context; with DeepCache both passes still run, so that its
         cached features keep their batch)."""
         guided = guidance_scale > 1.0
+        unet = unet_call(self.unet, frame_chunk=frame_chunk or None, freeu=freeu,
+                         deep_cache=deep_cache)
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
             inside = guidance_interval is None or \
                 guidance_interval[0] <= t <= guidance_interval[1]
             if guided and not inside and deep_cache is None:  # the conditional pass alone
-                return self.unet(x.to(self.dtype), t, context.chunk(2)[1],
-                                 frame_chunk=frame_chunk or 0).to(x.dtype)
+                return unet(x.to(self.dtype), t, context.chunk(2)[1]).to(x.dtype)
             model_input = (torch.cat([x, x]) if guided else x).to(self.dtype)
-            eps = self.unet(model_input, t, context, frame_chunk=frame_chunk or 0,  # 0: none
-                            deep_cache=deep_cache).to(x.dtype)
+            eps = unet(model_input, t, context).to(x.dtype)
             if not guided:
                 return eps
             uncond, cond = eps.chunk(2)
@@ -528,9 +531,9 @@ class TextToVideo:
         def denoiser_for(context: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
             if guidance_parallel:
                 return cfg_parallel.guided_denoiser(self.unet, context, guidance_scale,
-                                                    frame_chunk, guidance_rescale)
+                                                    frame_chunk, guidance_rescale, freeu=freeu)
             return self.guided_denoiser(context, guidance_scale, frame_chunk, guidance_rescale,
-                                        deep_cache, guidance_interval)
+                                        deep_cache, guidance_interval, freeu)
 
         if schedule is None:
             denoise = denoiser_for(context)
@@ -540,28 +543,24 @@ class TextToVideo:
             denoise = windowed(self.travel_denoiser(list(schedule), context, guidance_scale > 1,
                                                     num_frames, loop, denoiser_for),
                                window, window_overlap, loop, pass_frames=True)
-        previous_freeu, self.unet.freeu = self.unet.freeu, freeu
-        try:
-            initial_noise = x
-            for k in range(free_init.num_iters if free_init else 1):
-                if k > 0:  # FreeInit: the next pass starts from this result's low frequencies
-                    x = reinitialize(x, initial_noise, self.schedule.alphas_cumprod, free_init,
-                                     generator)
-                pass_steps = free_init.steps_of_pass(steps, k) if free_init else steps
-                if deep_cache is not None:
-                    deep_cache.reset()  # each pass starts with a full UNet call
-                on_step = callback
-                if anchor is not None:
-                    x, on_step = self._anchored(anchor, x, sampler, pass_steps, spacing,
-                                                callback)
-                # FreeInit's later passes start from an ordinary x_t, not from N(0, I): no
-                # Euler start scaling (t2v.sampling.samplers.sampler_options, noise_start)
-                pass_options = options if k == 0 or "noise_start" not in options else \
-                    {**options, "noise_start": False}
-                x = self.denoising_loop(denoise, x, sampler, pass_steps, start, pass_options,
-                                        progress, on_step, callback_on_step_end)
-        finally:
-            self.unet.freeu = previous_freeu
+        initial_noise = x
+        for k in range(free_init.num_iters if free_init else 1):
+            if k > 0:  # FreeInit: the next pass starts from this result's low frequencies
+                x = reinitialize(x, initial_noise, self.schedule.alphas_cumprod, free_init,
+                                 generator)
+            pass_steps = free_init.steps_of_pass(steps, k) if free_init else steps
+            if deep_cache is not None:
+                deep_cache.reset()  # each pass starts with a full UNet call
+            on_step = callback
+            if anchor is not None:
+                x, on_step = self._anchored(anchor, x, sampler, pass_steps, spacing,
+                                            callback)
+            # FreeInit's later passes start from an ordinary x_t, not from N(0, I): no
+            # Euler start scaling (t2v.sampling.samplers.sampler_options, noise_start)
+            pass_options = options if k == 0 or "noise_start" not in options else \
+                {**options, "noise_start": False}
+            x = self.denoising_loop(denoise, x, sampler, pass_steps, start, pass_options,
+                                    progress, on_step, callback_on_step_end)
         result = Generation(self.decode(x, kind, decode_chunk_frames, progress, output_type),
                             used_seed)
         return result if return_dict else (result.frames,)

@@ -25,7 +25,9 @@ import torch
 import torch.distributed as dist
 
 from t2v.errors import UserError
+from t2v.sampling.freeu import FreeU
 from t2v.sampling.guidance import guide
+from t2v.sampling.unet_call import unet_call
 
 RANKS = 2  # rank 0: the unconditional pass, rank 1: the conditional one
 
@@ -87,15 +89,18 @@ def check_same(x: torch.Tensor, what: str, group=None) -> None:
 
 def guided_denoiser(unet: torch.nn.Module, context: torch.Tensor, guidance_scale: float,
                     frame_chunk: int | None, guidance_rescale: float = 0.0,
-                    group=None) -> Callable[[torch.Tensor, int], torch.Tensor]:
+                    group=None, freeu: FreeU | None = None
+                    ) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """t2v.pipeline.text_to_video.TextToVideo.guided_denoiser with the passes split over the 2 ranks:
     `context` is [uncond; cond] (2B, L, D); this rank runs its half on batch B and receives
-    the other half. Every rank must call the result in the same order with the same x, t."""
+    the other half. Every rank must call the result in the same order with the same x, t.
+    `frame_chunk` (None or 0: off) and `freeu` shape the UNet call (t2v.sampling.unet_call)."""
     check(guidance_scale, group)
     part = context.chunk(RANKS)[dist.get_rank(group)]  # rank 0 uncond, rank 1 cond
+    call = unet_call(unet, frame_chunk=frame_chunk or None, freeu=freeu)
 
     def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
-        eps = unet(x.to(unet.conv_in.weight.dtype), t, part, frame_chunk=frame_chunk or 0)
+        eps = call(x.to(unet.conv_in.weight.dtype), t, part)
         uncond, cond = gather(eps.to(x.dtype), group)
         return guide(uncond, cond, guidance_scale, guidance_rescale)
 
