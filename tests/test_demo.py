@@ -18,7 +18,9 @@ from t2v.demo.evaluate import (DEFAULT_GUIDANCE_INTERVAL, Case, cases, classify,
                       load_demo_pipeline, score)
 from t2v.training.synthetic import (HELDOUT, TRAINED, Attributes, SyntheticClips, all_combinations,
                            parse_caption, render)
-from t2v.training.trainer import Trainer, latent_scaling_factor, vae_loss
+from t2v.training.losses import vae_loss
+from t2v.training.outputs import latent_scaling_factor
+from t2v.training.trainer import Trainer
 from t2v.training.config import TrainRunConfig
 from t2v.loading.weights import DEMO_FOLDER, DEMO_SOURCE, resolve_source
 

@@ -18,7 +18,8 @@ from synthetic import write_squares
 from t2v.pipeline.options import load_config
 from t2v.training.data import frame_indices, list_clips, resize_crop
 from t2v.errors import ConfigError, UserError
-from t2v.training.trainer import Trainer, diffusion_loss, main, timestep_weights
+from t2v.training.losses import diffusion_loss, timestep_weights
+from t2v.training.trainer import Trainer, main
 from t2v.training.config import OptimConfig, TrainRunConfig
 from weights_convert.diffusers import diffusers_unet_kwargs
 
@@ -161,7 +162,7 @@ def test_a_removed_key_is_an_unknown_key(tmp_path):
 
 
 def test_lr_schedules():
-    from t2v.training.trainer import lr_factor
+    from t2v.training.losses import lr_factor
 
     cfg = load_config(None, ["train.steps=100", "train.warmup_steps=10",
                              "train.lr_schedule=cosine", "train.lr_min_ratio=0.2"],
@@ -401,7 +402,7 @@ def test_bf16_mixed_precision_step_on_cpu(squares, tmp_path):
 
 
 def test_explicit_device_with_several_processes_is_refused(monkeypatch):
-    from t2v.training.trainer import Distributed
+    from t2v.training.distributed import Distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

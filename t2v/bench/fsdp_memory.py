@@ -29,7 +29,7 @@ from t2v.models.memory import parameter_counts, training_memory
 from t2v.models.unet import UNet3D
 from t2v.training.config import FSDPConfig
 from t2v.training.fsdp import shard_unet
-from t2v.training.trainer import diffusion_loss
+from t2v.training.losses import diffusion_loss
 
 MIB = 2 ** 20
 

@@ -21,7 +21,7 @@ from t2v.config import UNetConfig
 from t2v.models.lora import add_lora
 from t2v.models.unet import UNet3D
 from t2v.training.surgery import set_trainable
-from t2v.training.trainer import diffusion_loss
+from t2v.training.losses import diffusion_loss
 
 
 def child(mode: str, checkpointing: bool, frames: int, latent: int, rank: int,
