@@ -1,8 +1,11 @@
 """Configuration: frozen dataclasses are the schema; YAML files and `key=value` overrides map
 onto them one to one.
 
-    cfg = load_config("configs/ms17b.yaml", ["sample.steps=25", "sample.sampler=dpmsolver++"])
-    cfg.model.unet.channels      # (320, 640, 1280, 1280)
+    cfg = read_config(ModelConfig, "model.yaml", ["unet.layers_per_block=1"])
+    cfg.unet.channels      # (320, 640, 1280, 1280)
+
+The sampling config's root (model, generation options, weights) is t2v.pipeline.options.Config,
+read by t2v.pipeline.options.load_config; the training root is t2v.training.config.
 
 OmegaConf does the merging and type checking; nothing of it leaks out of this module: callers
 get plain frozen dataclasses. Unknown keys and wrong types are `ConfigError`s that name the key
@@ -23,7 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from t2v.errors import ConfigError, UserError
+from t2v.errors import ConfigError
 
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -166,185 +169,6 @@ class ModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
-@dataclass(frozen=True)
-class FreeInitConfig:
-    """FreeInit's settings, diffusers' enable_free_init names and defaults; num_iters 0: off."""
-
-    num_iters: int = 0
-    use_fast_sampling: bool = False
-    method: str = "butterworth"  # butterworth / gaussian / ideal
-    order: int = 4
-    spatial_stop_frequency: float = 0.25
-    temporal_stop_frequency: float = 0.25
-
-    def __post_init__(self):
-        _check(self.num_iters >= 0,
-               f"sample.free_init.num_iters must be >= 0, got {self.num_iters}")
-        _check(self.method in ("butterworth", "gaussian", "ideal"),
-               "sample.free_init.method must be one of ('butterworth', 'gaussian', 'ideal'), "
-               f"got {self.method!r}")
-        for name in ("spatial_stop_frequency", "temporal_stop_frequency"):
-            _check(0.0 <= getattr(self, name) <= 1.0, f"sample.free_init.{name} must be "
-                   f"between 0 and 1, got {getattr(self, name)}")
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """Generation settings; the CLI flags override these."""
-
-    prompt: str = ""
-    negative_prompt: str = ""
-    num_frames: int = 16
-    height: int = 256
-    width: int = 256
-    steps: int = 50
-    sampler: str = "ddim"
-    guidance_scale: float = 9.0
-    eta: float = 0.0
-    seed: int | None = None
-    fps: int = 8
-    # None: the spacing the model's scheduler config sets, else each sampler's diffusers
-    # default ("leading" for DDIM, "linspace" for DPM-Solver built from the DDIM config).
-    timestep_spacing: str | None = None
-    solver_order: int = 2  # DPM-Solver and UniPC samplers: 1, 2 or 3
-    # Dynamic thresholding of the x0 predictions (diffusers' thresholding=True; samplers
-    # t2v.sampling.samplers.THRESHOLDING_SAMPLERS): per frame s = clamp(quantile(|x0|, ratio), 1, max).
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
-    init_video: str | None = None  # video-to-video input (SDEdit)
-    # First-frame conditioning (t2v/sampling/first_frames.py): an image kept in the first init_frames
-    # frames (weights 1 - f/K unless init_weights), or the last continue_frames frames of a
-    # video continued.
-    init_image: str | None = None
-    init_frames: int = 4
-    init_weights: tuple[float, ...] | None = None
-    continue_from: str | None = None
-    continue_frames: int = 4
-    strength: float = 0.6  # video-to-video: share of the steps that run (diffusers' default)
-    # Windowed sampling for long videos (t2v/sampling/windows.py): null = the UNet sees all frames.
-    window: int | None = None
-    window_overlap: int = 4
-    loop: bool = False  # windows wrap around the frame axis: a seamless loop
-    freenoise: bool = True  # FreeNoise's noise rescheduling when windowed
-    # Prompt tools (docs/sampling-tools.md): A1111's weighting syntax, (word:1.3), and prompts
-    # past 77 tokens (t2v/sampling/prompt_weighting.py); a per-frame prompt schedule for windowed runs,
-    # "0: a red ball | 32: a blue ball", in place of the prompt (t2v/sampling/prompt_travel.py).
-    prompt_weighting: bool = False
-    prompt_schedule: str | None = None
-    # Guidance rescale (t2v/sampling/guidance.py; 0: off), FreeU's [b1, b2, s1, s2] (t2v/sampling/freeu.py;
-    # null: off; ms-1.7b and zeroscope: [1.2, 1.4, 0.9, 0.2]) and FreeInit (t2v/sampling/freeinit.py).
-    guidance_rescale: float = 0.0
-    # Guidance only at timesteps low <= t <= high ([low, high], 0-999; null: every step), the
-    # conditional prediction alone at the others (t2v/pipeline/text_to_video.py; docs/sampling-tools.md).
-    guidance_interval: tuple[float, float] | None = None
-    # Guidance-parallel sampling (t2v/sampling/guidance_parallel.py): under torchrun with 2 processes,
-    # the unconditional pass on rank 0 and the conditional one on rank 1, every step.
-    guidance_parallel: bool = False
-    freeu: tuple[float, ...] | None = None
-    # DeepCache (t2v/sampling/deep_cache.py): a full UNet call every N calls, shallow ones reusing its
-    # deep features between; 1: off. An approximation (docs/sampling-tools.md).
-    cache_interval: int = 1
-    # The skip branch DeepCache's shallow calls recompute: the first `cache_branch` layers of
-    # the first down block and the last cache_branch + 1 of the last up block (0: shallowest).
-    cache_branch: int = 0
-    free_init: FreeInitConfig = field(default_factory=lambda: FreeInitConfig())
-
-    def __post_init__(self):
-        _check(self.num_frames >= 1, f"sample.num_frames must be >= 1, got {self.num_frames}")
-        _check(not (self.init_image and self.continue_from),
-               "sample.init_image and sample.continue_from: give one, not both")
-        _check(not ((self.init_image or self.continue_from) and self.init_video),
-               "sample.init_image / sample.continue_from do not combine with sample.init_video")
-        for name, used in (("init_frames", self.init_image),
-                           ("continue_frames", self.continue_from)):
-            # bounded by num_frames only when used: the default 4 must not refuse --frames 2
-            value = getattr(self, name)
-            _check(value >= 1 and (not used or value <= self.num_frames),
-                   f"sample.{name} must be between 1 and sample.num_frames ({self.num_frames}), "
-                   f"got {value}")
-        _check(self.init_weights is None or all(0 <= w <= 1 for w in self.init_weights),
-               f"sample.init_weights must be numbers between 0 and 1, got {self.init_weights}")
-        _check(0.0 <= self.guidance_rescale <= 1.0,
-               f"sample.guidance_rescale must be between 0 and 1, got {self.guidance_rescale}")
-        _check(self.guidance_interval is None or (
-            len(self.guidance_interval) == 2
-            and 0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 999),
-               "sample.guidance_interval must be null or [low, high] timesteps with "
-               f"0 <= low <= high <= 999, got {self.guidance_interval}")
-        _check(self.guidance_interval is None or not self.guidance_parallel,
-               "sample.guidance_interval does not combine with sample.guidance_parallel yet")
-        _check(self.freeu is None or (len(self.freeu) == 4 and min(self.freeu) > 0),
-               f"sample.freeu must be null or 4 numbers > 0 [b1, b2, s1, s2], got {self.freeu}")
-        _check(self.steps >= 1, f"sample.steps must be >= 1, got {self.steps}")
-        _check(self.cache_interval >= 1,
-               f"sample.cache_interval must be >= 1 (1: off), got {self.cache_interval}")
-        _check(self.cache_branch >= 0,
-               f"sample.cache_branch must be >= 0 (0: the shallowest), got {self.cache_branch}")
-        _check(self.cache_interval == 1 or (self.window is None and not self.guidance_parallel),
-               "sample.cache_interval (DeepCache) does not combine with sample.window or "
-               "sample.guidance_parallel yet; set it to 1")
-        # the one list of names and option rules (samplers import config)
-        from t2v.sampling.samplers import SAMPLERS, sampler_options
-
-        _check(self.sampler in SAMPLERS,
-               f"sample.sampler must be one of {tuple(SAMPLERS)}, got {self.sampler!r}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            _check(value > 0 and value % 8 == 0,
-                   f"sample.{name} must be a positive multiple of 8, got {value}")
-        _check(self.fps >= 1, f"sample.fps must be >= 1, got {self.fps}")
-        _check(self.eta >= 0, f"sample.eta must be >= 0, got {self.eta}")
-        _check(self.solver_order in (1, 2, 3),
-               f"sample.solver_order must be 1, 2 or 3, got {self.solver_order}")
-        try:
-            sampler_options(self.sampler, thresholding=self.thresholding,
-                            dynamic_thresholding_ratio=self.dynamic_thresholding_ratio,
-                            sample_max_value=self.sample_max_value)
-        except ConfigError as exc:
-            raise ConfigError(f"sample.{exc}") from None
-        _check(0.0 <= self.strength <= 1.0,
-               f"sample.strength must be between 0 and 1, got {self.strength}")
-        _check(self.window is None or 0 <= self.window_overlap < self.window,
-               f"sample.window_overlap must be between 0 and sample.window - 1, got "
-               f"{self.window_overlap} for window {self.window}")
-        _check(self.timestep_spacing is None or self.timestep_spacing in TIMESTEP_SPACINGS,
-               f"sample.timestep_spacing must be null or one of {TIMESTEP_SPACINGS}, "
-               f"got {self.timestep_spacing!r}")
-        if self.prompt_schedule is not None:
-            self._check_prompt_schedule()
-
-    def _check_prompt_schedule(self) -> None:
-        from t2v.sampling.prompt_travel import resolve_schedule
-
-        try:
-            resolve_schedule(self.prompt_schedule, self.num_frames)
-        except UserError as exc:
-            raise ConfigError(str(exc)) from None
-        _check(self.window is not None, "sample.prompt_schedule needs windowed sampling: set "
-               "sample.window (e.g. --window 16)")
-        _check(not self.prompt, "sample.prompt_schedule takes the place of sample.prompt: "
-               "give one of them")
-
-
-@dataclass(frozen=True)
-class WeightsConfig:
-    """Where the weights come from: a hub repo id or a local folder; null means random weights."""
-
-    source: str | None = None
-    revision: str | None = None
-    variant: str | None = None  # diffusers weight variant, e.g. "fp16" (half the download)
-    # LoRA files (t2v.models.lora format) merged into the UNet after loading, "PATH" or "PATH:scale".
-    lora: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    weights: WeightsConfig = field(default_factory=WeightsConfig)
-
-
 T = TypeVar("T")
 
 
@@ -416,11 +240,11 @@ def _nest(parts: list[str], value: Any) -> dict:
     return {parts[0]: _nest(parts[1:], value) if len(parts) > 1 else value}
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                schema: type[T] = Config) -> T:
-    """Read a YAML config (missing keys take the dataclass defaults) and apply overrides.
-    `schema` is the root dataclass: `Config` for sampling, `t2v.training.config.TrainRunConfig`
-    for fine-tuning."""
+def read_config(schema: type[T], path: str | Path | None = None,
+                overrides: Sequence[str] = ()) -> T:
+    """Read a YAML config as the root dataclass `schema` (missing keys take its defaults) and
+    apply dotted overrides. The roots: t2v.pipeline.options.Config (sampling; its load_config
+    calls this), t2v.training.config.TrainRunConfig (training)."""
     merged = OmegaConf.structured(schema)
     source = "defaults"
     if path is not None:

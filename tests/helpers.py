@@ -74,7 +74,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_config(data: Path, out: Path, *extra: str):
     """The tiny model on 4-frame 32x32 clips of the squares."""
-    from t2v.config import load_config
+    from t2v.pipeline.options import load_config
     from t2v.training.config import TrainRunConfig
 
     base = [f"data.path={data}", "data.num_frames=4", "data.stride=2", "data.height=32",

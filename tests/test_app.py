@@ -24,7 +24,7 @@ from helpers import free_port
 from t2v.cli.app import (EXAMPLES, FORM, Cancelled, build_parser, example_prompts, form_defaults,
                      form_values, free_output_path, gallery_record, host_warning, load_studio,
                      lora_specs, sample_settings)
-from t2v.config import Config
+from t2v.pipeline.options import Config
 from t2v.errors import UserError
 from t2v.cli.sample import main as sample_main
 from t2v.cli.sample import output_paths
@@ -48,7 +48,7 @@ SAME_VIDEO_DB = 30.0
 
 
 def demo_form(**change) -> dict:
-    from t2v.config import load_config
+    from t2v.pipeline.options import load_config
 
     return {**form_defaults(load_config(DEMO).sample), "prompt": PROMPT, "seed": 3, **change}
 
@@ -115,7 +115,7 @@ def test_gallery_record_reuses_the_used_seed():
 
 
 def test_example_prompts():
-    from t2v.config import load_config
+    from t2v.pipeline.options import load_config
 
     demo = example_prompts(load_config(DEMO))
     assert len(set(demo)) == 8 and all(parse_caption(p) is not None for p in demo)

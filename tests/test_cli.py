@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from helpers import free_port
-from t2v.config import load_config
+from t2v.cli.flags import flag_of
+from t2v.pipeline.options import Config, load_config, option_fields
 from t2v.pipeline.text_to_video import TextToVideo
-from t2v.cli.sample import main
+from t2v.cli.sample import build_parser, main
 from t2v.pipeline.video_io import probe, read_video, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -335,3 +336,15 @@ def test_init_image_and_continue_from_flags(cli, tmp_path):
                        "--out", tmp_path / "x.mp4")
     assert code == 2 and "give one, not both" in err[0]
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_every_option_has_a_flag_and_a_docs_row():
+    """The flags are derived from GenerationOptions: one per field, and docs/cli.md lists each
+    (a new option that is not documented fails here)."""
+    parser = build_parser(Config())
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    docs = (ROOT / "docs" / "cli.md").read_text()
+    for name, field in option_fields():
+        flag = flag_of(name, field)
+        assert flag in flags, f"{name}: no flag {flag}"
+        assert f"`{flag}" in docs, f"docs/cli.md has no row for {flag} ({name})"

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from t2v.config import (Config, ConfigError, ModelConfig, SampleConfig, UNetConfig,
-                        config_from_dict, config_to_dict, config_to_yaml, load_config)
+from t2v.config import ConfigError, ModelConfig, UNetConfig, config_from_dict, config_to_dict, config_to_yaml
+from t2v.pipeline.options import Config, GenerationOptions, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -98,4 +98,4 @@ def test_section_from_dict_is_strict():
     with pytest.raises(ConfigError, match="head_dimm"):
         config_from_dict(UNetConfig, {"head_dimm": 3}, "unet metadata")
     with pytest.raises(ConfigError, match=r"sample.sampler must be one of \('ddim', "):
-        SampleConfig(sampler="heun")  # the names are t2v.sampling.samplers.SAMPLERS' keys
+        GenerationOptions(sampler="heun")  # the names are t2v.sampling.samplers.SAMPLERS' keys

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import TINY, inputs, randomize_
-from t2v.config import load_config
+from t2v.pipeline.options import load_config
 from t2v.sampling.deep_cache import DeepCache, deep_cached
 from t2v.sampling.freeu import RECOMMENDED, with_freeu
 from t2v.errors import UserError

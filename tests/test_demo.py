@@ -4,6 +4,7 @@ and the shipped model following its prompts end to end."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,10 +13,10 @@ import pytest
 import torch
 
 from t2v.training import synthetic
-from t2v.pipeline.options import load_config
+from t2v.pipeline.options import FreeInitOptions, load_config
 from t2v.errors import ConfigError
-from t2v.demo.evaluate import (DEFAULT_GUIDANCE_INTERVAL, Case, cases, classify, evaluate, generate,
-                      load_demo_pipeline, score)
+from t2v.demo.evaluate import (Case, EvalSettings, cases, classify, demo_options, evaluate,
+                               generate, load_demo_pipeline, score)
 from t2v.training.synthetic import (HELDOUT, TRAINED, Attributes, SyntheticClips, all_combinations,
                            parse_caption, render)
 from t2v.training.losses import vae_loss
@@ -205,10 +206,7 @@ MIN_BACKGROUND = 90.0
 
 def demo_test_report(pipe, prompts_of=None) -> dict:
     listed = cases(split="trained")[::5]
-    settings = {"sampler": "dpmsolver++", "steps": DEMO_TEST_STEPS, "guidance": 5.0, "eta": 0.0,
-                "dtype": "float32", "frames": 8, "size": 32, "window": None,
-                "window_overlap": 4, "negative_prompt": "",
-                "guidance_interval": list(DEFAULT_GUIDANCE_INTERVAL)}
+    settings = EvalSettings(demo_options(steps=DEMO_TEST_STEPS))  # configs/demo.yaml's otherwise
     if prompts_of is not None:  # generate from other cases' prompts, score against these
         generated = [Case(prompts_of(i, listed).attributes, c.seed, c.split)
                      for i, c in enumerate(listed)]
@@ -236,10 +234,9 @@ def test_eval_settings_reach_the_pipeline():
     the pipeline arguments of the same run: a case's video equals the direct call."""
     pipe = load_demo_pipeline(DEMO_SOURCE)
     case = cases(split="trained")[3]
-    settings = {"sampler": "ddim", "steps": 3, "guidance": 5.0, "eta": 0.0, "frames": 8,
-                "size": 32, "window": None, "window_overlap": 4, "negative_prompt": "",
-                "freeu": [1.2, 1.4, 0.9, 0.2], "free_init": 2, "guidance_rescale": 0.5,
-                "guidance_interval": [400, 999]}
+    settings = EvalSettings(demo_options(
+        sampler="ddim", steps=3, freeu=(1.2, 1.4, 0.9, 0.2), free_init=FreeInitOptions(2),
+        guidance_rescale=0.5, guidance_interval=(400, 999)))
     video = generate(pipe, [case], settings)[0]
     noise = torch.randn((1, 4, 8, 8, 8), generator=torch.Generator().manual_seed(case.seed))
     direct = pipe([case.attributes.caption], latents=noise, steps=3, guidance_scale=5.0,
@@ -248,8 +245,9 @@ def test_eval_settings_reach_the_pipeline():
                   progress=False,
                   generator=[torch.Generator().manual_seed(case.seed + 1_000_000)])
     assert np.array_equal(video, direct.frames[0].numpy())
-    plain = generate(pipe, [case], {**settings, "freeu": None, "free_init": 0,
-                                    "guidance_rescale": 0.0, "guidance_interval": None})[0]
+    plain = generate(pipe, [case], EvalSettings(dataclasses.replace(
+        settings.options, freeu=None, free_init=FreeInitOptions(), guidance_rescale=0.0,
+        guidance_interval=None)))[0]
     assert not np.array_equal(video, plain)
 
 

@@ -158,7 +158,7 @@ def test_two_processes_equal_one_and_resume_anywhere(squares, tmp_path):
 def test_bf16_policy_computes_in_bf16(squares, tmp_path, one_thread):
     """train.fsdp.param_dtype=bfloat16: the gathered weights and the forward are bf16, the
     sharded master weights float32; "auto" is float32 on the CPU (t2v.training.fsdp.fsdp_param_dtype)."""
-    from t2v.training.trainer import diffusion_loss
+    from t2v.training.losses import diffusion_loss
 
     losses = {}
     try:
@@ -204,7 +204,7 @@ def test_lora_sharded_equals_lora_alone(squares, tmp_path):
 
 
 def test_strategy_mismatch_and_bad_settings_are_clear(squares, tmp_path, one_thread):
-    from t2v.config import load_config
+    from t2v.pipeline.options import load_config
     from t2v.errors import ConfigError
     from t2v.training.config import TrainRunConfig
 
@@ -227,7 +227,7 @@ def test_strategy_mismatch_and_bad_settings_are_clear(squares, tmp_path, one_thr
 
 
 def test_training_memory_model_terms():
-    from t2v.config import load_config
+    from t2v.pipeline.options import load_config
     from t2v.models.memory import largest_block_parameters, parameter_counts, training_memory
 
     cfg = load_config(ROOT / "configs" / "tiny.yaml", []).model

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from helpers import free_port, max_rel_diff
-from t2v.config import load_config
+from t2v.pipeline.options import load_config
 from t2v.errors import UserError
 from t2v.sampling.guidance import guide
 from t2v.pipeline.text_to_video import TextToVideo

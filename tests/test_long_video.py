@@ -12,7 +12,8 @@ import torch
 from helpers import assert_parity, randomize_
 from t2v.bench.long_video import SIZE, WINDOW
 from t2v.bench.memory import measure_in_subprocess
-from t2v.config import ModelConfig, UNetConfig, load_config
+from t2v.config import ModelConfig, UNetConfig
+from t2v.pipeline.options import load_config
 from t2v.models.memory import SAMPLER_LATENT_COPIES, estimate_memory, parse_size, resident_bytes
 from t2v.pipeline.text_to_video import TextToVideo
 from t2v.cli.sample import main as sample_main

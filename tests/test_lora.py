@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from helpers import assert_parity, randomize_
 from synthetic import write_squares
-from t2v.config import load_config
+from t2v.pipeline.options import load_config
 from t2v.errors import UserError
 from t2v.models.lora import (add_lora, lora_state_dict, lora_target_names, load_lora, merge_lora,
                       parse_lora_arg, save_lora)

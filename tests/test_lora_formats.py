@@ -24,7 +24,8 @@ from transformers import CLIPTokenizer
 from helpers import assert_parity, diffusers_scheduler, inputs, randomize_
 from layouts import DIFF_TEXT, DIFF_UNET, DIFF_VAE, HUB_SCHEDULER, diffusers_models
 from reference import modelscope_module
-from t2v.config import ModelConfig, UNetConfig, load_config
+from t2v.config import ModelConfig, UNetConfig
+from t2v.pipeline.options import load_config
 from t2v.errors import UserError
 from t2v.loading.lora_formats import merge_foreign_lora
 from t2v.pipeline.text_to_video import TextToVideo

@@ -315,7 +315,7 @@ def test_model_offload_runs_each_model_on_the_device_and_returns_it(components):
 
 
 def test_from_config_builds_random_pipeline():
-    from t2v.config import load_config
+    from t2v.pipeline.options import load_config
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
     pipe = TextToVideo.from_config(cfg.model)
     out = pipe("a dog", num_frames=2, height=64, width=64, steps=2, seed=0, progress=False)
@@ -327,7 +327,7 @@ def test_from_config_seeds_each_component_on_its_own():
     they were (the demo recipe changed its text encoder and silently got another VAE)."""
     import dataclasses
 
-    from t2v.config import load_config
+    from t2v.pipeline.options import load_config
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").model
     other = dataclasses.replace(cfg, text_encoder=dataclasses.replace(
         cfg.text_encoder, context_length=16, layers=cfg.text_encoder.layers + 1))
@@ -378,7 +378,7 @@ def test_model_card_snippet_runs_with_the_import_changed(tmp_path):
 
     output_type "np" (diffusers' default) gives frames in [0, 1] equal to t2v's float
     output; the MP4 holds them."""
-    from t2v.config import load_config
+    from t2v.pipeline.options import load_config
     from t2v.pipeline.text_to_video import TextToVideo as DiffusionPipeline
     from t2v.pipeline.video_io import export_to_video, read_video
     from t2v.loading.weights import save_native

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from t2v.config import load_config
+from t2v.pipeline.options import load_config
 from t2v.errors import ConfigError, UserError
 from t2v.pipeline.text_to_video import TextToVideo
 from t2v.sampling.prompt_travel import (parse_prompt_schedule, resolve_schedule, schedule_embedding,

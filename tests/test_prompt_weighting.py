@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from t2v.config import load_config
+from t2v.pipeline.options import load_config
 from t2v.errors import UserError
 from t2v.pipeline.text_to_video import TextToVideo
 from t2v.sampling.prompt_weighting import (BREAK, apply_weights, chunk_tokens, empty_chunk,

@@ -9,7 +9,8 @@ from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscr
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr as reference_rescale
 
 from helpers import diffusers_scheduler, max_rel_diff
-from t2v.config import TIMESTEP_SPACINGS, SampleConfig, ScheduleConfig
+from t2v.config import TIMESTEP_SPACINGS, ScheduleConfig
+from t2v.pipeline.options import GenerationOptions
 from t2v.errors import ConfigError
 from t2v.sampling.samplers import (SAMPLERS, THRESHOLDING_SAMPLERS, first_alpha_cumprod, first_timestep,
                           sampler_options)
@@ -247,7 +248,7 @@ def test_zero_snr_samplers_match_diffusers(sampler, steps, spacing):
 
 
 def test_zero_snr_config_reaches_the_schedule_and_the_diffusers_config():
-    from t2v.config import load_config
+    from t2v.pipeline.options import load_config
     from weights_convert.diffusers import diffusers_scheduler_config, schedule_config
 
     cfg = load_config(None, ["model.schedule.rescale_betas_zero_snr=true",
@@ -306,7 +307,7 @@ def test_bad_options_are_refused():
     with pytest.raises(ConfigError, match="sample_max_value must be >= 1"):
         sampler_options("ddim", thresholding=True, sample_max_value=0.5)
     with pytest.raises(ConfigError, match="sample.thresholding applies to"):
-        SampleConfig(sampler="euler_a", thresholding=True)
+        GenerationOptions(sampler="euler_a", thresholding=True)
     assert sampler_options("unipc", solver_order=3, thresholding=True) == {
         "order": 3, "thresholding": True, "dynamic_thresholding_ratio": 0.995,
         "sample_max_value": 1.0}
@@ -330,7 +331,7 @@ def test_pipeline_refuses_options_the_sampler_has_not():
     """Before any model runs, one line each (ConfigError is a UserError)."""
     from pathlib import Path
 
-    from t2v.config import load_config
+    from t2v.pipeline.options import load_config
     from t2v.errors import UserError
     from t2v.pipeline.text_to_video import TextToVideo
 

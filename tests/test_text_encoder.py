@@ -7,7 +7,8 @@ from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from helpers import assert_parity, randomize_
-from t2v.config import TextEncoderConfig, load_config
+from t2v.config import TextEncoderConfig
+from t2v.pipeline.options import load_config
 from t2v.errors import ConfigError
 from t2v.models.text_encoder import TextEncoder
 from t2v.models.tokenizer import Tokenizer

@@ -10,7 +10,8 @@ from diffusers import UNet3DConditionModel
 from helpers import (PARITY_TOL, TINY, assert_parity, assert_round_trip, diffusers_unet, inputs,
                      matched_unets, max_rel_diff, randomize_)
 from reference import modelscope_module
-from t2v.config import UNetConfig, load_config
+from t2v.config import UNetConfig
+from t2v.pipeline.options import load_config
 from t2v.errors import ConfigError
 from t2v.models.unet import UNet3D
 from weights_convert import ConversionError

@@ -6,7 +6,8 @@ from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 
 from helpers import PARITY_TOL, assert_parity, assert_round_trip, randomize_
 from reference import modelscope_module
-from t2v.config import VAEConfig, load_config
+from t2v.config import VAEConfig
+from t2v.pipeline.options import load_config
 from t2v.errors import ConfigError
 from t2v.models.vae import AutoencoderKL
 from weights_convert import ConversionError

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from t2v.config import load_config
+from t2v.pipeline.options import load_config
 from t2v.errors import UserError
 from t2v.pipeline.text_to_video import TextToVideo
 from t2v.sampling.windows import frame_weights, reschedule_noise, window_starts, windowed

@@ -338,7 +338,6 @@ def save_diffusers(folder: Path, cfg, states: Mapping[str, Mapping[str, torch.Te
     so fine-tuned weights can go back to the diffusers ecosystem. The folder must exist."""
     from safetensors.torch import save_file
 
-
     def write_json(path: Path, data: dict) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n")

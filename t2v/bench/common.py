@@ -81,7 +81,6 @@ def case_main(description: str, run: Callable[[str, int], dict], cases) -> None:
     import json
     from pathlib import Path
 
-
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--case", choices=list(cases), default="a")
     parser.add_argument("--repeat", type=int, default=3)

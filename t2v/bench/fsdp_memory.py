@@ -35,7 +35,6 @@ MIB = 2 ** 20
 
 
 def mid_config(width: float):
-
     full = UNetConfig()
     channels = tuple(int(c * width) for c in full.channels)
     return dataclasses.replace(ModelConfig(), unet=dataclasses.replace(full, channels=channels))
@@ -45,7 +44,6 @@ def child(width: float, frames: int, latent: int) -> None:
     import gc
 
     import torch.distributed as dist
-
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -93,7 +91,6 @@ def measure(ranks: int, width: float, frames: int, latent: int) -> list[float]:
 
 
 def main() -> None:
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--width", type=float, default=0.5, help="channels x this")

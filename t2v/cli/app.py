@@ -21,12 +21,14 @@ import os
 import random
 import sys
 import threading
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from t2v.cli.flags import flag_of
 from t2v.cli.sample import (
     DTYPES,
     build_pipeline,
@@ -38,25 +40,47 @@ from t2v.cli.sample import (
     sidecar_record,
     write_outputs,
 )
-from t2v.config import Config, ConfigError, SampleConfig
+from t2v.config import ConfigError
+from t2v.pipeline.options import Config, GenerationOptions
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.loading.weights import DEMO_SOURCE
 from t2v.models.lora import parse_lora_arg, strip_lora
 from t2v.models.memory import parse_size, resident_bytes
-from t2v.sampling.samplers import SAMPLERS
 from t2v.training.synthetic import TRAINED
 
 log = logging.getLogger("t2v.cli.app")
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-# The form, in the order of the page's inputs: name -> label.
-FORM = {"prompt": "Prompt", "negative_prompt": "Negative prompt", "seed": "Seed (-1 = random)",
-        "frames": "Frames", "width": "Width", "height": "Height", "steps": "Steps",
-        "guidance": "Guidance scale", "sampler": "Sampler", "fps": "FPS",
-        "window": "Window (frames; 0 = off)", "window_overlap": "Window overlap",
-        "loop": "Loop (windows wrap around)", "loras": "LoRA files", "lora_scale": "LoRA scale"}
-INTEGERS = ("seed", "frames", "width", "height", "steps", "fps", "window", "window_overlap")
+# The generation options the page shows, in page order (GenerationOptions fields). Each control
+# is derived from its field: key and label from the CLI flag (t2v.cli.flags.flag_of), kind from
+# the type, help from the field's help, the default from the config.
+PAGE_OPTIONS = ("prompt", "negative_prompt", "seed", "num_frames", "fps", "width", "height",
+                "steps", "guidance_scale", "sampler", "window", "window_overlap", "loop")
+OPTION_FIELDS = {f.name: f for f in dataclasses.fields(GenerationOptions)}
+OPTION_TYPES = typing.get_type_hints(GenerationOptions)
+KEYS = {name: flag_of(name, OPTION_FIELDS[name])[2:].replace("-", "_") for name in PAGE_OPTIONS}
+
+
+def _label(name: str) -> str:
+    words = {"fps": "FPS"}.get(KEYS[name], KEYS[name].replace("_", " ").capitalize())
+    if name == "seed":
+        return f"{words} (-1 = random)"
+    if name in INTEGERS and OPTIONAL[name]:
+        return f"{words} (0 = off)"
+    return words
+
+
+def _is(name: str, kind: type) -> bool:
+    hint = OPTION_TYPES[name]
+    return hint is kind or kind in typing.get_args(hint)
+
+
+INTEGERS = tuple(n for n in PAGE_OPTIONS if _is(n, int))  # whole numbers (not bool)
+OPTIONAL = {n: type(None) in typing.get_args(OPTION_TYPES[n]) for n in PAGE_OPTIONS}
+# The form, in the order of the page's inputs: key -> label.
+FORM = {**{KEYS[n]: _label(n) for n in PAGE_OPTIONS}, "loras": "LoRA files",
+        "lora_scale": "LoRA scale"}
 # The model card's examples, for models other than the demo model.
 EXAMPLES = ("An astronaut riding a horse", "Spiderman is surfing",
             "A panda eating bamboo on a rock", "Darth Vader surfing in waves")
@@ -78,37 +102,41 @@ def example_prompts(cfg: Config, count: int = 8) -> list[str]:
     return [TRAINED[i * len(TRAINED) // count].caption for i in range(count)]
 
 
-def form_defaults(s: SampleConfig) -> dict:
-    """The form's initial values from the config's sample settings."""
-    return {"prompt": s.prompt, "negative_prompt": s.negative_prompt,
-            "seed": -1 if s.seed is None else s.seed, "frames": s.num_frames,
-            "width": s.width, "height": s.height, "steps": s.steps,
-            "guidance": s.guidance_scale, "sampler": s.sampler, "fps": s.fps,
-            "window": s.window or 0, "window_overlap": s.window_overlap, "loop": s.loop,
-            "loras": [], "lora_scale": 1.0}
-
-
-def sample_settings(base: SampleConfig, form: dict) -> SampleConfig:
-    """The form -> sample settings (the config's, with the form's values). A seed < 0 draws
-    a random one (as the CLI does); window 0 is off. Bad values raise UserError with the
-    config's own message (e.g. "sample.width must be a positive multiple of 8, got 30")."""
+def form_defaults(s: GenerationOptions) -> dict:
+    """The form's initial values from the config's options (None shows as 0, a seed as -1)."""
     values = {}
-    for name in INTEGERS:
-        value = form[name]
+    for name in PAGE_OPTIONS:
+        value = getattr(s, name)
+        values[KEYS[name]] = value if value is not None else (-1 if name == "seed" else 0)
+    return {**values, "loras": [], "lora_scale": 1.0}
+
+
+def _form_value(name: str, value):
+    """One form value as the option's type (UserError for a number that is not whole)."""
+    if name in INTEGERS:
         if value is None or float(value) != int(value):
-            raise UserError(f"{FORM[name]}: give a whole number, got {value!r}")
-        values[name] = int(value)
-    prompt = (form["prompt"] or "").strip()
-    if not prompt:
+            raise UserError(f"{FORM[KEYS[name]]}: give a whole number, got {value!r}")
+        value = int(value)
+        if name == "seed":
+            return value if value >= 0 else random.randrange(2**31 - 10**6)
+        return None if value == 0 and OPTIONAL[name] else value
+    if _is(name, float):
+        return float(value)
+    if _is(name, bool):
+        return bool(value)
+    return (value or "").strip() if name == "prompt" else (value or "")
+
+
+def sample_settings(base: GenerationOptions, form: dict) -> GenerationOptions:
+    """The form -> generation options (the config's, with the form's values). A seed < 0 draws
+    a random one (as the CLI does); 0 turns an optional number off. Bad values raise UserError
+    with the options' own message (e.g. "sample.width must be a positive multiple of 8, got
+    30")."""
+    values = {name: _form_value(name, form[KEYS[name]]) for name in PAGE_OPTIONS}
+    if not values["prompt"]:
         raise UserError("no prompt: type what the video should show")
-    seed = values["seed"] if values["seed"] >= 0 else random.randrange(2**31 - 10**6)
     try:
-        return dataclasses.replace(
-            base, prompt=prompt, negative_prompt=form["negative_prompt"] or "", seed=seed,
-            num_frames=values["frames"], width=values["width"], height=values["height"],
-            steps=values["steps"], guidance_scale=float(form["guidance"]),
-            sampler=form["sampler"], fps=values["fps"], window=values["window"] or None,
-            window_overlap=values["window_overlap"], loop=bool(form["loop"]))
+        return dataclasses.replace(base, **values)
     except ConfigError as exc:
         raise UserError(str(exc)) from None
 
@@ -207,10 +235,7 @@ class Studio:
         loras = lora_specs(self.lora_dir, form.get("loras"), form.get("lora_scale", 1.0))
         run_cfg = dataclasses.replace(self.cfg, sample=s, weights=dataclasses.replace(
             self.cfg.weights, lora=tuple(self.cfg.weights.lora) + tuple(loras)))
-        self.pipe.check_inputs(sampler=s.sampler, eta=s.eta, window=s.window,
-                               window_overlap=s.window_overlap, loop=s.loop, height=s.height,
-                               width=s.width, num_frames=s.num_frames, steps=s.steps,
-                               num_videos_per_prompt=1)
+        self.pipe.check_options(s)
         check_memory(argparse.Namespace(max_memory=self.max_memory), run_cfg, self.device,
                      self.dtype, self.vae_dtype, offload=False, streamed=True,
                      baseline=self.baseline)
@@ -224,7 +249,7 @@ class Studio:
         with self.lock:
             self.stop_requests.discard(session)
             with merged_loras(self.pipe, loras):
-                latents = generate(self.pipe, s, None, progress=False, callback=step)
+                latents = generate(self.pipe, s, progress=False, callback=step)
             path = free_output_path(self.out_dir, s.prompt, s.seed)
             sidecar = sidecar_record(path, "mp4", run_cfg, self.layout, self.device,
                                      self.dtype, self.vae_dtype)
@@ -235,6 +260,71 @@ class Studio:
 
 
 # -- the page ---------------------------------------------------------------------------------
+
+def option_control(gr, name: str, value):
+    """The page's control of the generation option `name`, from its field: a number box for
+    whole numbers, a dropdown for choices, a checkbox for switches, a text box otherwise."""
+    key, meta = KEYS[name], OPTION_FIELDS[name].metadata
+    common = {"label": FORM[key], "value": value, "elem_id": key, "info": None}
+    if name in INTEGERS:
+        return gr.Number(precision=0, step=8 if name in ("width", "height") else 1, **common)
+    if meta.get("choices"):
+        return gr.Dropdown(list(meta["choices"]), **common)
+    if _is(name, bool):
+        return gr.Checkbox(**common)
+    if _is(name, float):
+        return gr.Number(**common)
+    return gr.Textbox(lines=2 if name == "prompt" else 1, **common)
+
+
+def option_controls(gr, defaults: dict, loras: list[str]) -> dict:
+    """prompt, negative prompt, the Generate/Cancel buttons, then the other options (two per
+    row) and the LoRA picker in "Advanced options". Returns {form key: control} and the
+    buttons under "generate" / "cancel"."""
+    controls = {KEYS[n]: option_control(gr, n, defaults[KEYS[n]]) for n in PAGE_OPTIONS[:2]}
+    with gr.Row():
+        buttons = {"generate": gr.Button("Generate", variant="primary", elem_id="generate"),
+                   "cancel": gr.Button("Cancel", variant="stop", elem_id="cancel")}
+    with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
+        rest = PAGE_OPTIONS[2:]
+        for i in range(0, len(rest), 2):
+            with gr.Row():
+                for name in rest[i:i + 2]:
+                    controls[KEYS[name]] = option_control(gr, name, defaults[KEYS[name]])
+        with gr.Row(visible=bool(loras)):
+            controls["loras"] = gr.Dropdown(loras, value=[], multiselect=True,
+                                            label=FORM["loras"], elem_id="loras")
+            controls["lora_scale"] = gr.Slider(0, 2, value=1.0, step=0.05,
+                                               label=FORM["lora_scale"])
+    return controls, buttons
+
+
+def generate_handler(gr, studio: Studio, inputs: dict, records):
+    """The Generate button's handler: the form -> Studio.generate, errors as page messages,
+    the outputs (video, seed used, downloads, gallery, records)."""
+
+    def on_generate(data: dict, request: gr.Request, progress=gr.Progress()):
+        form = {name: data[inputs[name]] for name in FORM}
+        history = data[records]
+        progress(0, desc="starting")
+        try:
+            record = studio.generate(form, request.session_hash,
+                                     lambda done, total: progress((done, total),
+                                                                  desc="sampling",
+                                                                  unit="steps"))
+        except (UserError, NumericalError) as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Cancelled:
+            raise gr.Error("cancelled: nothing was written", print_exception=False) \
+                from None
+        history = [*history, record]
+        return (record["video"], record["settings"]["seed"],
+                gr.DownloadButton(value=record["video"], visible=True),
+                gr.DownloadButton(value=record["sidecar"], visible=True),
+                [(r["video"], r["caption"]) for r in history], history)
+
+    return on_generate
+
 
 def build_ui(studio: Studio):
     import gradio as gr
@@ -251,38 +341,8 @@ def build_ui(studio: Studio):
         selected = gr.State(None)
         with gr.Row():
             with gr.Column():
-                inputs = {"prompt": gr.Textbox(label=FORM["prompt"], lines=2,
-                                               elem_id="prompt")}
-                inputs["negative_prompt"] = gr.Textbox(label=FORM["negative_prompt"],
-                                                       value=defaults["negative_prompt"])
-                with gr.Row():
-                    run = gr.Button("Generate", variant="primary", elem_id="generate")
-                    cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
-                with gr.Accordion("Advanced options", open=False, elem_id="advanced"):
-                    def number(name, **kw):
-                        return gr.Number(label=FORM[name], value=defaults[name], precision=0,
-                                         elem_id=name, **kw)
-                    inputs["seed"] = number("seed")
-                    with gr.Row():
-                        inputs["frames"], inputs["fps"] = number("frames"), number("fps")
-                    with gr.Row():
-                        inputs["width"] = number("width", step=8)
-                        inputs["height"] = number("height", step=8)
-                    with gr.Row():
-                        inputs["steps"] = number("steps")
-                        inputs["guidance"] = gr.Slider(1, 30, value=defaults["guidance"],
-                                                       step=0.5, label=FORM["guidance"])
-                    inputs["sampler"] = gr.Dropdown(list(SAMPLERS), value=defaults["sampler"],
-                                                    label=FORM["sampler"])
-                    with gr.Row():
-                        inputs["window"] = number("window")
-                        inputs["window_overlap"] = number("window_overlap")
-                        inputs["loop"] = gr.Checkbox(value=defaults["loop"], label=FORM["loop"])
-                    with gr.Row(visible=bool(loras)):
-                        inputs["loras"] = gr.Dropdown(loras, value=[], multiselect=True,
-                                                      label=FORM["loras"], elem_id="loras")
-                        inputs["lora_scale"] = gr.Slider(0, 2, value=1.0, step=0.05,
-                                                         label=FORM["lora_scale"])
+                inputs, buttons = option_controls(gr, defaults, loras)
+                run, cancel = buttons["generate"], buttons["cancel"]
                 gr.Examples([[p] for p in example_prompts(studio.cfg)], [inputs["prompt"]],
                             label="Example prompts")
             with gr.Column():
@@ -304,25 +364,7 @@ def build_ui(studio: Studio):
 
         components = [inputs[name] for name in FORM]  # the order of form_values
 
-        def on_generate(data: dict, request: gr.Request, progress=gr.Progress()):
-            form = {name: data[inputs[name]] for name in FORM}
-            history = data[records]
-            progress(0, desc="starting")
-            try:
-                record = studio.generate(form, request.session_hash,
-                                         lambda done, total: progress((done, total),
-                                                                      desc="sampling",
-                                                                      unit="steps"))
-            except (UserError, NumericalError) as exc:
-                raise gr.Error(str(exc), print_exception=False) from None
-            except Cancelled:
-                raise gr.Error("cancelled: nothing was written", print_exception=False) \
-                    from None
-            history = [*history, record]
-            return (record["video"], record["settings"]["seed"],
-                    gr.DownloadButton(value=record["video"], visible=True),
-                    gr.DownloadButton(value=record["sidecar"], visible=True),
-                    [(r["video"], r["caption"]) for r in history], history)
+        on_generate = generate_handler(gr, studio, inputs, records)
 
         def on_cancel(request: gr.Request):
             studio.stop_requests.add(request.session_hash)

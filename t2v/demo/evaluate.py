@@ -35,25 +35,27 @@ on rendered ground-truth clips (tests/test_demo.py).
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import sys
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from t2v.atomic import atomic_path
-from t2v.config import ScheduleConfig
+from t2v.cli.flags import add_option_flags, options_from_args
+from t2v.config import ScheduleConfig, config_to_dict
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.loading.weights import DEMO_SOURCE
 from t2v.models.lora import parse_lora_arg
 from t2v.noise import randn
+from t2v.pipeline.options import GenerationOptions, load_config
 from t2v.pipeline.text_to_video import TextToVideo
-from t2v.sampling.deep_cache import DEFAULT_BRANCH
-from t2v.sampling.samplers import SAMPLERS
 from t2v.sampling.schedule import noise_schedule
 from t2v.sampling.windows import reschedule_noise
 from t2v.training.synthetic import (
@@ -78,8 +80,32 @@ MIN_TRAVEL = 2.0  # pixels over the clip (at 32x32); less is "still"
 JITTER_LIMIT = 1.0  # pixels; a consistent video stays under this and one blob per frame
 EVAL_SEED_BASE = 1_000_000  # eval seeds: EVAL_SEED_BASE + i; training never draws these
 DEFAULT_SEEDS = {"trained": 1, "heldout": 2}  # seeds per caption of each split
-# configs/demo.yaml's: guidance at high noise only (docs/quality.md, "Guidance interval")
-DEFAULT_GUIDANCE_INTERVAL = (600.0, 999.0)
+# The evaluation's generation options: configs/demo.yaml's sample section (DPM-Solver++ 25
+# steps, guidance 5 at timesteps 600-999, 8 frames at 32x32); flags change them.
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
+def demo_options(**changes) -> GenerationOptions:
+    """configs/demo.yaml's generation options, with `changes` (option field names)."""
+    return dataclasses.replace(load_config(DEMO_CONFIG).sample, **changes)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """One evaluation run: the generation options and what the options do not hold."""
+
+    options: GenerationOptions = field(default_factory=demo_options)
+    dtype: str = "float32"
+    weights: str = DEMO_SOURCE
+    lora: tuple[str, ...] = ()
+    emphasis: float | None = None  # weight the colour word: "a (red:W) circle ..."
+
+    def record(self) -> dict:
+        """The settings as the report stores them (options without the prompt fields)."""
+        options = {k: v for k, v in config_to_dict(self.options).items()
+                   if k not in ("prompt", "negative_prompt", "seed") or v}
+        return {**options, "dtype": self.dtype, "weights": str(self.weights),
+                "lora": list(self.lora), "emphasis": self.emphasis}
 
 
 @dataclass
@@ -309,42 +335,30 @@ def emphasised_caption(a: Attributes, weight: float) -> str:
     return f"a ({a.colour}:{weight:g}) " + a.caption.removeprefix(f"a {a.colour} ")
 
 
-def generate(pipe, batch: list[Case], settings: dict) -> np.ndarray:
+def generate(pipe, batch: list[Case], settings: EvalSettings) -> np.ndarray:
     """uint8 (B, F, H, W, 3) for a batch of cases; each video's noise from its own seed."""
-    shape_args = dict(num_frames=settings["frames"], height=settings["size"],
-                      width=settings["size"])
+    o = settings.options
     f = pipe.vae_scale_factor
-    latent_shape = (pipe.config.unet.in_channels, settings["frames"], settings["size"] // f,
-                    settings["size"] // f)
-    if settings.get("window") is not None and settings.get("freenoise", True):
-
-        window, overlap = settings["window"], settings["window_overlap"]
+    latent_shape = (pipe.config.unet.in_channels, o.num_frames, o.height // f, o.width // f)
+    if o.window is not None and o.freenoise:
+        window, overlap = o.window, o.window_overlap
         noise = [reschedule_noise(randn((1, *latent_shape), g), window, window - overlap, g)[0]
                  for g in (torch.Generator().manual_seed(c.seed) for c in batch)]
     else:
         noise = [randn(latent_shape, torch.Generator().manual_seed(c.seed)) for c in batch]
     # Later draws (DDIM with eta > 0) from per-video generators too: a case is reproducible.
     later = [torch.Generator().manual_seed(c.seed + EVAL_SEED_BASE) for c in batch]
-    emphasis = settings.get("emphasis")
+    emphasis = settings.emphasis
     captions = [c.attributes.caption if not emphasis else
                 emphasised_caption(c.attributes, emphasis) for c in batch]
-    result = pipe(captions, settings["negative_prompt"], prompt_weighting=bool(emphasis),
-                  latents=torch.stack(noise), generator=later, steps=settings["steps"],
-                  guidance_scale=settings["guidance"], sampler=settings["sampler"],
-                  eta=settings["eta"], window=settings.get("window"),
-                  window_overlap=settings.get("window_overlap", 4), progress=False,
-                  guidance_rescale=settings.get("guidance_rescale", 0.0),
-                  guidance_interval=settings.get("guidance_interval"),
-                  freeu=settings.get("freeu") or False,
-                  free_init=settings.get("free_init") or False,
-                  thresholding=settings.get("thresholding", False),
-                  sample_max_value=settings.get("sample_max_value", 1.0),
-                  cache_interval=settings.get("cache_interval", 1),
-                  cache_branch=settings.get("cache_branch", DEFAULT_BRANCH), **shape_args)
+    options = dataclasses.replace(o, prompt="", seed=None,
+                                  prompt_weighting=o.prompt_weighting or bool(emphasis))
+    result = pipe(captions, options, latents=torch.stack(noise), generator=later,
+                  progress=False)
     return result.frames.cpu().numpy()
 
 
-def evaluate(pipe, settings: dict, case_list: list[Case], batch_size: int = 20,
+def evaluate(pipe, settings: EvalSettings, case_list: list[Case], batch_size: int = 20,
              keep_videos: bool = False) -> dict:
     """Generate and classify every case; the report (settings, per-split scores, rows)."""
     results, videos, windows = [], [], []
@@ -354,13 +368,13 @@ def evaluate(pipe, settings: dict, case_list: list[Case], batch_size: int = 20,
         frames = generate(pipe, batch, settings)
         for case, video in zip(batch, frames):
             results.append((case, classify(video)))
-            if settings.get("window") is not None:
-                stride = settings["window"] - settings["window_overlap"]
-                windows.append(window_directions(video, settings["window"], stride))
+            o = settings.options
+            if o.window is not None:
+                windows.append(window_directions(video, o.window, o.window - o.window_overlap))
             if keep_videos:
                 videos.append(video)
     seconds = time.perf_counter() - start
-    report = {"settings": settings, "seconds": round(seconds, 1), "scores": score(results),
+    report = {"settings": settings.record(), "seconds": round(seconds, 1), "scores": score(results),
               "rows": [{"caption": c.attributes.caption, "seed": c.seed, "split": c.split,
                         **{k: v for k, v in asdict(p).items()}} for c, p in results]}
     if windows:
@@ -378,25 +392,27 @@ def evaluate(pipe, settings: dict, case_list: list[Case], batch_size: int = 20,
     return report
 
 
+def settings_line(s: dict) -> str:
+    """The report's settings in one line (the options that differ from plain sampling)."""
+    parts = [f"sampler {s['sampler']}, {s['steps']} steps, guidance {s['guidance_scale']}, "
+             f"dtype {s['dtype']}, {s['num_frames']} frames at {s['width']}x{s['height']}"]
+    optional = (("window", lambda: f"window {s['window']}/{s['window_overlap']}"),
+                ("lora", lambda: f"LoRA {s['lora']}"),
+                ("guidance_rescale", lambda: f"guidance rescale {s['guidance_rescale']}"),
+                ("guidance_interval", lambda: f"guided at t in {s['guidance_interval']}"),
+                ("freeu", lambda: f"FreeU {s['freeu']}"),
+                ("free_init", lambda: f"FreeInit {s['free_init']['num_iters']} passes"
+                 if s["free_init"]["num_iters"] else ""),
+                ("emphasis", lambda: f"colour word weighted {s['emphasis']}"),
+                ("cache_interval", lambda: f"DeepCache interval {s['cache_interval']} branch "
+                 f"{s['cache_branch']}" if s["cache_interval"] > 1 else ""),
+                ("thresholding", lambda: f"thresholding (max {s['sample_max_value']})"))
+    parts += [text() for key, text in optional if s.get(key)]
+    return ", ".join(p for p in parts if p)
+
+
 def format_table(report: dict) -> str:
-    s = report["settings"]
-    lines = [f"sampler {s['sampler']}, {s['steps']} steps, guidance {s['guidance']}, "
-             f"dtype {s['dtype']}, {s['frames']} frames at {s['size']}x{s['size']}"
-             + (f", window {s['window']}/{s['window_overlap']}" if s.get("window") else "")
-             + (f", LoRA {s['lora']}" if s.get("lora") else "")
-             + (f", guidance rescale {s['guidance_rescale']}" if s.get("guidance_rescale")
-                else "")
-             + (f", guided at t in {s['guidance_interval']}" if s.get("guidance_interval")
-                else "")
-             + (f", FreeU {s['freeu']}" if s.get("freeu") else "")
-             + (f", FreeInit {s['free_init']} passes" if s.get("free_init") else "")
-             + (f", colour word weighted {s['emphasis']}" if s.get("emphasis") else "")
-             + (f", DeepCache interval {s['cache_interval']} branch "
-                f"{s.get('cache_branch', DEFAULT_BRANCH)}" if s.get("cache_interval", 1) > 1
-                else "")
-             + (f", thresholding (max {s['sample_max_value']})" if s.get("thresholding")
-                else "")
-             + f"; {report['seconds']} s",
+    lines = [f"{settings_line(report['settings'])}; {report['seconds']} s",
              "split     videos  colour  shape  direction  background  all    one blob  "
              "consistent  jitter px"]
     for split, r in report["scores"].items():
@@ -415,7 +431,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def load_demo_pipeline(source: str, dtype: str = "float32", loras: tuple[str, ...] = ()):
-
     pipe = TextToVideo.from_pretrained(source, dtype=DTYPES[dtype],
                                        vae_dtype=torch.float32)
     if loras:
@@ -425,39 +440,16 @@ def load_demo_pipeline(source: str, dtype: str = "float32", loras: tuple[str, ..
     return pipe
 
 
-def main(argv: list[str] | None = None) -> int:
-
+def build_parser() -> argparse.ArgumentParser:
+    """The evaluation's own flags, then every generation option's flag (t2v.cli.flags),
+    defaulting to configs/demo.yaml's values."""
     parser = OneLineParser(prog="python -m t2v.eval",
-                           description="Prompt-following evaluation of the demo model.")
+                           description="Prompt-following evaluation of the demo model.",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("model", choices=["demo"], help="what to evaluate")
     parser.add_argument("--weights", default=DEMO_SOURCE,
                         help="a weights folder of the demo architecture")
-    parser.add_argument("--sampler", default="dpmsolver++", choices=list(SAMPLERS))
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=5.0)
-    parser.add_argument("--eta", type=float, default=0.0)
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--size", type=int, default=32)
-    parser.add_argument("--window", type=int, default=None)
-    parser.add_argument("--window-overlap", type=int, default=4)
-    parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--guidance-rescale", type=float, default=0.0)
-    parser.add_argument("--guidance-interval", type=float, nargs=2,
-                        default=list(DEFAULT_GUIDANCE_INTERVAL), metavar=("LOW", "HIGH"),
-                        help="guide only at timesteps LOW <= t <= HIGH (configs/demo.yaml's "
-                        "600 999; 0 999: every step)")
-    parser.add_argument("--freeu", type=float, nargs="*", default=None, metavar="B1 B2 S1 S2",
-                        help="FreeU (no numbers: 1.2 1.4 0.9 0.2)")
-    parser.add_argument("--free-init", type=int, default=0, metavar="N",
-                        help="FreeInit passes (0: off)")
-    parser.add_argument("--thresholding", action="store_true",
-                        help="dynamic thresholding (ratio 0.995)")
-    parser.add_argument("--sample-max-value", type=float, default=1.0)
-    parser.add_argument("--cache-interval", type=int, default=1, metavar="N",
-                        help="DeepCache: a full UNet call every N steps (1: off)")
-    parser.add_argument("--cache-branch", type=int, default=DEFAULT_BRANCH, metavar="B",
-                        help="DeepCache's skip branch (0: the shallowest)")
     parser.add_argument("--emphasis", type=float, default=None, metavar="W",
                         help="weight the colour word: 'a (red:W) circle ...' (prompt weighting)")
     parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
@@ -470,36 +462,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=20, help="videos per pipeline call")
     parser.add_argument("--json", type=Path, default=None, help="write the report here")
     parser.add_argument("--overwrite", action="store_true")
+    add_option_flags(parser.add_argument_group("generation (configs/demo.yaml's sample "
+                                               "section)"), demo_options())
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+    if args.batch < 1:
+        raise UserError("--batch must be >= 1")
+    if args.json is not None and args.json.exists() and not args.overwrite:
+        raise UserError(f"{args.json}: already exists; pass --overwrite to replace it")
+    unknown = [c for c in args.colours if c not in {**COLOURS, **EXTRA_COLOURS}]
+    if unknown:
+        raise UserError(f"--colours: unknown {unknown}; known: "
+                        f"{sorted({**COLOURS, **EXTRA_COLOURS})}")
+    return EvalSettings(options_from_args(args, demo_options()), args.dtype, str(args.weights),
+                        tuple(args.lora), args.emphasis)
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        args = parser.parse_args(argv)
-        if args.batch < 1 or args.steps < 1 or args.frames < 1:
-            raise UserError("--batch, --steps and --frames must be >= 1")
-        if args.json is not None and args.json.exists() and not args.overwrite:
-            raise UserError(f"{args.json}: already exists; pass --overwrite to replace it")
-        unknown = [c for c in args.colours if c not in {**COLOURS, **EXTRA_COLOURS}]
-        if unknown:
-            raise UserError(f"--colours: unknown {unknown}; known: "
-                            f"{sorted({**COLOURS, **EXTRA_COLOURS})}")
-        pipe = load_demo_pipeline(args.weights, args.dtype, tuple(args.lora))
-        settings = {"weights": str(args.weights), "sampler": args.sampler, "steps": args.steps,
-                    "guidance": args.guidance, "eta": args.eta, "dtype": args.dtype,
-                    "frames": args.frames, "size": args.size, "window": args.window,
-                    "window_overlap": args.window_overlap,
-                    "negative_prompt": args.negative_prompt, "lora": list(args.lora),
-                    "guidance_rescale": args.guidance_rescale,
-                    "guidance_interval": list(args.guidance_interval),
-                    "freeu": (None if args.freeu is None
-                              else list(args.freeu) or [1.2, 1.4, 0.9, 0.2]),
-                    "free_init": args.free_init, "thresholding": args.thresholding,
-                    "sample_max_value": args.sample_max_value, "emphasis": args.emphasis,
-                    "cache_interval": args.cache_interval, "cache_branch": args.cache_branch}
+        args = build_parser().parse_args(argv)
+        settings = settings_from_args(args)
+        pipe = load_demo_pipeline(settings.weights, settings.dtype, settings.lora)
         seeds = {"trained": args.seeds, "heldout": args.seeds} if args.seeds else None
-        report = evaluate(pipe, settings, cases(seeds, tuple(args.colours), args.split), args.batch)
+        report = evaluate(pipe, settings, cases(seeds, tuple(args.colours), args.split),
+                          args.batch)
     except (UserError, NumericalError) as exc:
         return fail(exc)
     print(format_table(report))
     if args.json is not None:
-
         with atomic_path(args.json, overwrite=args.overwrite) as tmp:
             tmp.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")

@@ -27,34 +27,31 @@ import torch
 
 from t2v.atomic import atomic_path
 from t2v.demo.evaluate import (
-    DEFAULT_GUIDANCE_INTERVAL,
     EVAL_SEED_BASE,
+    EvalSettings,
     TRAINED,
     cases,
     classify,
+    demo_options,
     evaluate,
     load_demo_pipeline,
     window_colours,
 )
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.loading.weights import DEMO_SOURCE
+from t2v.pipeline.options import FreeInitOptions
 from t2v.pipeline.text_to_video import TextToVideo
-from t2v.sampling.deep_cache import DEFAULT_BRANCH
 from t2v.training.synthetic import COLOURS, render
 
-DEFAULTS = {"sampler": "dpmsolver++", "steps": 25, "guidance": 5.0, "eta": 0.0,
-            "dtype": "float32", "frames": 8, "size": 32, "window": None, "window_overlap": 4,
-            "negative_prompt": "", "lora": [], "guidance_rescale": 0.0, "freeu": None,
-            "free_init": 0, "thresholding": False, "sample_max_value": 1.0, "emphasis": None,
-            "cache_interval": 1, "cache_branch": DEFAULT_BRANCH,
-            "guidance_interval": list(DEFAULT_GUIDANCE_INTERVAL)}
-FREEU_DIFFUSERS = [1.2, 1.4, 0.9, 0.2]  # b1 b2 s1 s2 that diffusers documents for ms-1.7b
+FREEU_DIFFUSERS = (1.2, 1.4, 0.9, 0.2)  # b1 b2 s1 s2 that diffusers documents for ms-1.7b
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
     label: str
+    # GenerationOptions fields changed from configs/demo.yaml's, and EvalSettings' dtype or
+    # emphasis
     changes: dict = field(default_factory=dict)
     split: str = "both"
     seeds: int | None = None  # per caption; None: t2v.demo.evaluate.DEFAULT_SEEDS
@@ -64,16 +61,16 @@ GRID = (
     Row("default", "DPM-Solver++ 25 steps, guidance 5 at t >= 600, fp32 (the default)"),
     Row("every_step", "guidance at every step (the default until 2026-12-03)",
         {"guidance_interval": None}),
-    Row("interval400", "guidance at t >= 400", {"guidance_interval": [400.0, 999.0]}),
+    Row("interval400", "guidance at t >= 400", {"guidance_interval": (400.0, 999.0)}),
     Row("ddim50", "DDIM 50 steps", {"sampler": "ddim", "steps": 50}),
     Row("dpm10", "DPM-Solver++ 10 steps", {"steps": 10}),
     Row("unipc25", "UniPC 25 steps", {"sampler": "unipc"}),
     Row("euler25", "Euler 25 steps", {"sampler": "euler"}),
     Row("euler_a25", "Euler ancestral 25 steps", {"sampler": "euler_a"}),
     Row("sde25", "DPM++ 2M SDE 25 steps", {"sampler": "sde-dpmsolver++"}),
-    Row("g1", "guidance 1 (no guidance)", {"guidance": 1.0}),
-    Row("g9", "guidance 9", {"guidance": 9.0}),
-    Row("g9_rescale", "guidance 9, guidance rescale 0.7", {"guidance": 9.0,
+    Row("g1", "guidance 1 (no guidance)", {"guidance_scale": 1.0}),
+    Row("g9", "guidance 9", {"guidance_scale": 9.0}),
+    Row("g9_rescale", "guidance 9, guidance rescale 0.7", {"guidance_scale": 9.0,
                                                            "guidance_rescale": 0.7}),
     Row("ddim50_thresh", "DDIM 50, dynamic thresholding (max 1)",
         {"sampler": "ddim", "steps": 50, "thresholding": True}),
@@ -82,7 +79,7 @@ GRID = (
     Row("bf16", "bfloat16 UNet + text encoder (VAE fp32)", {"dtype": "bfloat16"}),
     Row("fp16", "float16 UNet + text encoder (VAE fp32)", {"dtype": "float16"}),
     Row("freeu", "FreeU 1.2 1.4 0.9 0.2", {"freeu": FREEU_DIFFUSERS}),
-    Row("freeinit3", "FreeInit, 3 passes (Butterworth)", {"free_init": 3}),
+    Row("freeinit3", "FreeInit, 3 passes (Butterworth)", {"free_init": FreeInitOptions(num_iters=3)}),
     Row("deepcache2", "DeepCache, interval 2", {"cache_interval": 2}),
     Row("deepcache3", "DeepCache, interval 3", {"cache_interval": 3}),
     Row("deepcache5", "DeepCache, interval 5", {"cache_interval": 5}),
@@ -90,19 +87,28 @@ GRID = (
     Row("deepcache3_b1", "DeepCache, interval 3, branch 1 (all of the first block)",
         {"cache_interval": 3, "cache_branch": 1}),
     Row("emphasis13", "colour word weighted (red:1.3)", {"emphasis": 1.3}),
-    Row("windows64", "64 frames, window 8, overlap 4", {"frames": 64, "window": 8},
+    Row("windows64", "64 frames, window 8, overlap 4", {"num_frames": 64, "window": 8},
         split="heldout", seeds=1),
 )
 
 
+EXTRAS = ("dtype", "emphasis")  # row changes that are not generation options
+
+
+def row_settings(row: Row, weights: str) -> EvalSettings:
+    """The row's settings: configs/demo.yaml's options with the row's changes."""
+    options = demo_options(**{k: v for k, v in row.changes.items() if k not in EXTRAS})
+    return EvalSettings(options, weights=weights,
+                        **{k: v for k, v in row.changes.items() if k in EXTRAS})
+
+
 def run_row(row: Row, pipes: dict, weights: str) -> dict:
-    settings = {**DEFAULTS, **row.changes, "weights": weights}
-    dtype = settings["dtype"]
-    if dtype not in pipes:
+    settings = row_settings(row, weights)
+    if settings.dtype not in pipes:
         pipes.clear()  # one pipeline at a time
-        pipes[dtype] = load_demo_pipeline(weights, dtype)
+        pipes[settings.dtype] = load_demo_pipeline(weights, settings.dtype)
     seeds = {"trained": row.seeds, "heldout": row.seeds} if row.seeds else None
-    report = evaluate(pipes[dtype], settings, cases(seeds, (), row.split))
+    report = evaluate(pipes[settings.dtype], settings, cases(seeds, (), row.split))
     report["row"] = {"name": row.name, "label": row.label}
     return report
 
@@ -191,7 +197,6 @@ def dtype_agreement(pipe, videos: int = 20, steps: int = 25) -> dict:
     `--dtype`) against float32 on the same captions and seeds: mean frame PSNR of each video
     against its float32 twin, and how often the classified attributes agree with float32's."""
     import copy
-
 
     common = {**COMMON, "steps": steps}
     chosen = [TRAINED[(i * 3) % len(TRAINED)] for i in range(videos)]
@@ -293,13 +298,11 @@ def grid_markdown(reports: list[dict], tools: dict) -> str:
 
 
 def write_json(path: Path, data: dict) -> None:
-
     with atomic_path(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
-
     names = [r.name for r in GRID] + list(TOOLS)
     parser = OneLineParser(prog="python -m t2v.demo.quality_grid",
                            description="The demo-model grid of docs/quality.md.")

@@ -26,11 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from t2v.atomic import atomic_path
-from t2v.config import load_config
-from t2v.demo.evaluate import DEFAULT_GUIDANCE_INTERVAL
+from t2v.pipeline.options import load_config
+from t2v.demo.evaluate import demo_options
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.loading.weights import DEMO_FOLDER, read_checkpoint, save_native
 from t2v.pipeline.text_to_video import TextToVideo
@@ -113,14 +114,10 @@ def demo_gif(path: Path, source: str = "t2v:demo", overwrite: bool = False, colu
     """A grid of demo-model videos (GIF_PROMPTS, seed GIF_SEED + i; configs/demo.yaml's
     sampling, guided at t >= 600), each pixel enlarged to GIF_SCALE x GIF_SCALE (nearest
     neighbour: the real pixels), one GIF."""
-    import numpy as np
-
-
 
     pipe = TextToVideo.from_pretrained(source, dtype=torch.float32)
-    tiles = [pipe(prompt, num_frames=8, height=32, width=32, steps=steps,
-                  guidance_scale=guidance, sampler="dpmsolver++", seed=GIF_SEED + i,
-                  guidance_interval=DEFAULT_GUIDANCE_INTERVAL, progress=False).frames[0].numpy()
+    options = demo_options(steps=steps, guidance_scale=guidance)
+    tiles = [pipe(prompt, options, seed=GIF_SEED + i, progress=False).frames[0].numpy()
              for i, prompt in enumerate(GIF_PROMPTS)]
     tiles = [t.repeat(GIF_SCALE, axis=1).repeat(GIF_SCALE, axis=2) for t in tiles]
     rows = [np.concatenate(tiles[i:i + columns], axis=2) for i in range(0, len(tiles), columns)]

@@ -1,7 +1,7 @@
 """Text-to-video (and video-to-video): prompt in, frames out.
 
     pipe = TextToVideo.from_pretrained("ali-vilab/text-to-video-ms-1.7b", dtype=torch.float16)
-    result = pipe("an astronaut riding a horse", num_frames=16, seed=42)
+    result = pipe("an astronaut riding a horse", GenerationOptions(steps=25), seed=42)
     result.frames   # uint8 (B, F, H, W, 3); result.seed is the seed used
 
 The loop, as diffusers' TextToVideoSDPipeline and ModelScope run it:
@@ -9,74 +9,62 @@ The loop, as diffusers' TextToVideoSDPipeline and ModelScope run it:
     context = TextEncoder(tokens(prompt)), uncond = TextEncoder(tokens(negative_prompt or ""))
     x_T ~ N(0, I) of shape (B, 4, F, H/8, W/8), drawn on a CPU generator
     eps(x, t) = u + g (c - u) with [u, c] = UNet([x, x], t, [uncond, context])   (g > 1)
-    x_0 = sampler(eps, x_T)                   # DDIM / DPM-Solver (t2v.sampling.samplers)
+    x_0 = sampler(eps, x_T)                   # DDIM / DPM-Solver / ... (t2v.sampling.samplers)
     video = VAE.decode(x_0 / 0.18215), frame by frame, in chunks -> [-1, 1] -> uint8
 
-Video-to-video (SDEdit, Meng et al. 2022, arXiv:2108.01073; diffusers' VideoToVideoSDPipeline):
-encode the input video with the VAE (a posterior sample), noise it to the timestep where the
-last `int(steps * strength)` steps begin, and run only those steps.
+Every setting is a field of t2v.pipeline.options.GenerationOptions; the call's keywords
+(diffusers' names included) go through t2v.pipeline.arguments. The sampling tools live in
+t2v.sampling and wrap the denoiser or the UNet call; where the run starts (noise, video-to-video,
+first frames) is t2v.pipeline.latents.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from t2v.config import ModelConfig
-from t2v.errors import NumericalError, UserError  # noqa: F401 (NumericalError: public here too)
+from t2v.errors import NumericalError, UserError
 from t2v.loading.lora_formats import merge_lora_file
 from t2v.loading.weights import load_models
 from t2v.models.text_encoder import TextEncoder
 from t2v.models.tokenizer import Tokenizer
 from t2v.models.unet import UNet3D
 from t2v.models.vae import DEFAULT_CHUNK_FRAMES, AutoencoderKL
-from t2v.noise import randn
+from t2v.pipeline import latents as start_of
+from t2v.pipeline.arguments import CallInputs, call_arguments
+from t2v.pipeline.inputs import read_image_file, read_video_file
+from t2v.pipeline.options import GenerationOptions
 from t2v.sampling import guidance_parallel as cfg_parallel
-from t2v.sampling.deep_cache import DEFAULT_BRANCH, DeepCache
-from t2v.sampling.first_frames import FirstFrames, check_weights, fading_weights
+from t2v.sampling.deep_cache import DeepCache
 from t2v.sampling.freeinit import FreeInit, reinitialize
 from t2v.sampling.freeu import FreeU
 from t2v.sampling.guidance import guide
 from t2v.sampling.prompt_travel import resolve_schedule, schedule_embedding, window_centre
 from t2v.sampling.prompt_weighting import count_chunks, encode_weighted
-from t2v.sampling.samplers import SAMPLERS, first_alpha_cumprod, sampler_options
-from t2v.sampling.schedule import add_noise, noise_schedule
+from t2v.sampling.samplers import SAMPLERS, sampler_options
+from t2v.sampling.schedule import noise_schedule
 from t2v.sampling.unet_call import unet_call
-from t2v.sampling.windows import reschedule_noise, windowed
+from t2v.sampling.windows import windowed
 
 log = logging.getLogger(__name__)
 
-OUTPUTS = ("uint8", "float", "latents")
-# diffusers' output_type -> the frames computed ("np", "pt", "pil": float in [0, 1]).
-OUTPUT_TYPES = {"np": "float", "pt": "float", "pil": "float", "latent": "latents"}
-DEFAULT_STEPS = 50  # diffusers' TextToVideoSDPipeline default
 # Above this many frames in the UNet's view, its per-frame layers run in chunks of
 # AUTO_FRAME_CHUNK frames (UNet3D.forward's frame_chunk): bounded working memory, same results.
 AUTO_FRAME_CHUNK_ABOVE = 24
 AUTO_FRAME_CHUNK = 8
-Generators = torch.Generator | list  # one generator, or one per video
 
 
 def auto_frame_chunk(frames_in_view: int) -> int | None:
     """The frame chunk "auto" means: AUTO_FRAME_CHUNK when the UNet sees more than
     AUTO_FRAME_CHUNK_ABOVE frames at once, else None (all frames together)."""
     return AUTO_FRAME_CHUNK if frames_in_view > AUTO_FRAME_CHUNK_ABOVE else None
-
-
-def resolve_steps(steps: int | None, num_inference_steps: int | None) -> int:
-    """`steps`, or diffusers' `num_inference_steps`; the same number if both are given."""
-    if steps is not None and num_inference_steps is not None and steps != num_inference_steps:
-        raise UserError(f"steps ({steps}) and num_inference_steps ({num_inference_steps}) "
-                        "disagree; give one")
-    return steps if steps is not None else (num_inference_steps or DEFAULT_STEPS)
 
 
 @dataclass
@@ -89,6 +77,16 @@ class Generation:
 
     frames: torch.Tensor
     seed: int | None
+
+
+@dataclass
+class TextContext:
+    """The UNet's text context of a run: (B, L, D), or [uncond; cond] (2B, L, D) when guided;
+    `batch` videos; `schedule` {frame: prompt} for prompt travel (context per keyframe)."""
+
+    context: torch.Tensor
+    batch: int
+    schedule: dict[int, str] | None
 
 
 class TextToVideo:
@@ -130,7 +128,7 @@ class TextToVideo:
         self.free_init = None
 
     @contextmanager
-    def _stage(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    def stage(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """With offload, move `module` to the execution device for the block, then back."""
         if self.offload_to is None:
             yield module
@@ -211,66 +209,187 @@ class TextToVideo:
         """Prompts -> (B, 77, width) text embeddings in the UNet's dtype. `weighted`: prompts
         in A1111's weighting syntax and of any length -> (B, 77 n, width), n chunks, at least
         `min_chunks` (t2v.sampling.prompt_weighting.encode_weighted)."""
-        with self._stage(self.text_encoder) as text_encoder:
+        with self.stage(self.text_encoder) as text_encoder:
             if weighted:
                 return encode_weighted(text_encoder, self.tokenizer, prompts,
                                        min_chunks).to(self.device, self.dtype)
             ids = self.tokenizer(prompts).to(text_encoder.final_layer_norm.weight.device)
             return text_encoder(ids).to(self.device, self.dtype)
 
-    def _check_size(self, height: int, width: int, num_frames: int, steps: int) -> None:
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str] = "", options: GenerationOptions | None = None,
+                 **keywords) -> Generation | tuple:
+        """Generate B videos (B = prompts x num_videos_per_prompt) with `options` (default
+        GenerationOptions(); a string or list there is the negative prompt, t2v's earlier
+        signature); keywords replace option fields (diffusers' names too, e.g.
+        num_inference_steps) or give the call's inputs: generator, latents, prompt_embeds,
+        negative_prompt_embeds, num_videos_per_prompt, init_video / video / init_image /
+        continue_from as tensors, callback(i, t, x, x0), callback_on_step_end, output /
+        output_type, return_dict, progress, decode_chunk_frames, frame_chunk (docs/api.md)."""
+        o, call = call_arguments(prompt, options, keywords, self.defaults())
+        self.check_options(o)
+        if o.guidance_parallel:
+            cfg_parallel.check(o.guidance_scale)
+            if o.seed is None and call.generator is None:  # one seed: the same noise
+                o = dataclasses.replace(o, seed=cfg_parallel.shared_seed())
+        text = self.text_context(o, call)
+        generator, used_seed = start_of.make_generator(o.seed, call.generator, text.batch)
+        x, start, anchor = self.start(o, call, text.batch, generator)
+        if o.guidance_parallel:
+            cfg_parallel.check_same(x, "initial latents")
+        denoise, deep_cache = self.denoiser(o, call, text)
+        x = self.sample(denoise, x, start, anchor, o, call, generator, deep_cache)
+        frames = self.decode(x, call.kind, call.decode_chunk_frames, call.progress,
+                             call.output_type)
+        result = Generation(frames, used_seed)
+        return result if call.return_dict else (result.frames,)
+
+    def defaults(self) -> dict:
+        """The option values set on the pipeline (enable_freeu / enable_free_init)."""
+        return {name: value for name, value in (("freeu", self.freeu),
+                                                ("free_init", self.free_init))
+                if value is not None}
+
+    def check_options(self, o: GenerationOptions) -> None:
+        """What the options cannot know: this model's pixels per latent and training steps."""
         factor = self.vae_scale_factor
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % factor:
-                raise UserError(f"{name} must be a positive multiple of {factor}, got {value}")
-        if num_frames < 1:
-            raise UserError(f"num_frames must be >= 1, got {num_frames}")
-        if not 1 <= steps <= self.schedule.num_train_timesteps:
+        for name in ("height", "width"):
+            if getattr(o, name) % factor:
+                raise UserError(f"{name} must be a positive multiple of {factor}, got "
+                                f"{getattr(o, name)}")
+        if not o.steps <= self.schedule.num_train_timesteps:
             raise UserError(f"steps must be between 1 and {self.schedule.num_train_timesteps}, "
-                            f"got {steps}")
+                            f"got {o.steps}")
 
-    # -- diffusers-shaped conveniences --------------------------------------------------------
+    def spacing(self, o: GenerationOptions) -> str | None:
+        """The timestep spacing of a run: the options', else the model scheduler config's."""
+        return o.timestep_spacing or self.config.schedule.timestep_spacing
 
-    def to(self, *args, **kwargs) -> TextToVideo:
-        """Move and/or cast every model, like `nn.Module.to` (`pipe.to("cuda")`,
-        `pipe.to(torch.float16)`, `pipe.to("cuda", torch.float16)`); returns the pipeline."""
-        for module in (self.text_encoder, self.unet, self.vae):
-            module.to(*args, **kwargs)
-        return self
+    def text_context(self, o: GenerationOptions, call: CallInputs) -> TextContext:
+        """Encode the prompts (or a prompt schedule's keyframe prompts) and negative prompts."""
+        prompts, negative = call.prompts, call.negative_prompts or o.negative_prompt
+        schedule = None
+        if call.prompt_schedule is not None or o.prompt_schedule is not None:
+            schedule = self.check_prompt_schedule(call.prompt_schedule or o.prompt_schedule,
+                                                  call, o)
+            prompts = list(schedule.values())
+            if isinstance(negative, list):
+                if len(negative) != 1:
+                    raise UserError(f"{len(negative)} negative prompts for one prompt "
+                                    "schedule; give one")
+                negative = negative[0]
+        context = self.prompt_context(prompts, negative, o.guidance_scale,
+                                      call.num_videos_per_prompt, call.prompt_embeds,
+                                      call.negative_prompt_embeds, o.prompt_weighting)
+        batch = context.shape[0] // (2 if o.guided else 1)
+        if schedule is not None:
+            batch //= len(schedule)  # every keyframe's context belongs to the one video
+        return TextContext(context, batch, schedule)
 
-    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
-        """diffusers' model offload: the models live on the CPU and each moves to `device`
-        (default: the first CUDA GPU) only for its stage. Without an accelerator the models
-        simply stay on the CPU."""
-        if device is None:
-            if not torch.cuda.is_available():
-                log.warning("enable_model_cpu_offload: no accelerator; the models stay on the "
-                            "CPU")
-                return
-            device = "cuda"
-        self.to("cpu")
-        self.offload_to = torch.device(device)
+    def check_prompt_schedule(self, prompt_schedule: str | dict, call: CallInputs,
+                              o: GenerationOptions) -> dict[int, str]:
+        """The prompt schedule {frame: prompt} sorted by frame, after the checks: parsed and in
+        range (t2v.sampling.prompt_travel.resolve_schedule), a window given, no prompt or
+        embeddings besides it."""
+        schedule = resolve_schedule(prompt_schedule, o.num_frames)
+        if o.window is None:
+            raise UserError("prompt_schedule needs windowed sampling: give a window (e.g. "
+                            "--window 16)")
+        if any(call.prompts) or call.prompt_embeds is not None or \
+                call.negative_prompt_embeds is not None:
+            raise UserError("prompt_schedule takes the place of the prompt: give no prompt, "
+                            "prompt_embeds or negative_prompt_embeds with it")
+        if o.window >= o.num_frames and not o.loop:
+            log.warning("prompt_schedule: the window covers all %d frames, so the whole video "
+                        "takes the schedule's prompt at its centre frame", o.num_frames)
+        return schedule
 
-    def check_inputs(self, *, sampler: str, eta: float, window: int | None,
-                     window_overlap: int, loop: bool, height: int, width: int,
-                     num_frames: int, steps: int, num_videos_per_prompt: int,
-                     thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                     sample_max_value: float = 1.0) -> None:
-        """Everything about the arguments that can be wrong, before any model runs."""
-        if sampler not in SAMPLERS:
-            raise UserError(f"sampler must be one of {sorted(SAMPLERS)}, got {sampler!r}")
-        # eta and thresholding only where the sampler has them (ConfigError is a UserError)
-        sampler_options(sampler, eta=eta, thresholding=thresholding,
-                        dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                        sample_max_value=sample_max_value)
-        if loop and window is None:
-            raise UserError("loop needs windowed sampling: give a window (e.g. --window 16)")
-        if window is not None and not (window >= 1 and 0 <= window_overlap < window):
-            raise UserError(f"window must be >= 1 and window_overlap between 0 and window - 1, "
-                            f"got window {window}, window_overlap {window_overlap}")
-        if num_videos_per_prompt < 1:
-            raise UserError(f"num_videos_per_prompt must be >= 1, got {num_videos_per_prompt}")
-        self._check_size(height, width, num_frames, steps)
+    def start(self, o: GenerationOptions, call: CallInputs, batch: int, generator):
+        """(x, index of the first step, first-frame anchor or None): noise for text-to-video,
+        the noised input video for video-to-video (t2v.pipeline.latents)."""
+        chunk = call.decode_chunk_frames
+        video = call.init_video
+        if video is None and o.init_video is not None:
+            video = read_video_file(o.init_video, o.num_frames, o.height, o.width)
+        if video is not None:
+            if o.free_init.num_iters:
+                raise UserError("free_init applies to text-to-video only, not with init_video")
+            x, start = start_of.video_to_video_start(self, video, batch, o, generator, chunk)
+        else:
+            f = self.vae_scale_factor
+            shape = (batch, self.config.unet.in_channels, o.num_frames, o.height // f,
+                     o.width // f)
+            x = start_of.initial_noise(shape, generator, call.latents, o)
+            x, start = x.to(self.device, self.latent_dtype), 0
+        image, previous = call.init_image, call.continue_from
+        if image is None and o.init_image is not None:
+            image = read_image_file(o.init_image, o.height, o.width)
+        if previous is None and o.continue_from is not None:  # in diffusers' (1, F, 3, H, W)
+            previous = (read_video_file(o.continue_from, None, o.height, o.width) + 1) / 2
+            previous = previous.permute(0, 2, 1, 3, 4)
+        anchor = start_of.first_frames(self, image, previous, o, x.shape, generator, chunk)
+        return x, start, anchor
+
+    def denoiser(self, o: GenerationOptions, call: CallInputs, text: TextContext
+                 ) -> tuple[Callable, DeepCache | None]:
+        """eps(x, t) of the run: guided (or guidance-parallel), through FreeU / DeepCache,
+        windowed, or travelling through a prompt schedule."""
+        frame_chunk = call.frame_chunk
+        if frame_chunk == "auto":
+            frame_chunk = auto_frame_chunk(min(o.num_frames, o.window or o.num_frames))
+        freeu = FreeU.of(o.freeu)
+        deep_cache = DeepCache(o.cache_interval, o.cache_branch) \
+            if o.cache_interval != 1 else None
+
+        def denoiser_for(context: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
+            if o.guidance_parallel:
+                return cfg_parallel.guided_denoiser(self.unet, context, o.guidance_scale,
+                                                    frame_chunk, o.guidance_rescale,
+                                                    freeu=freeu)
+            return self.guided_denoiser(context, o.guidance_scale, frame_chunk,
+                                        o.guidance_rescale, deep_cache, o.guidance_interval,
+                                        freeu)
+
+        if text.schedule is not None:
+            travel = self.travel_denoiser(list(text.schedule), text.context, o.guided,
+                                          o.num_frames, o.loop, denoiser_for)
+            return windowed(travel, o.window, o.window_overlap, o.loop,
+                            pass_frames=True), deep_cache
+        denoise = denoiser_for(text.context)
+        if o.window is not None:
+            denoise = windowed(denoise, o.window, o.window_overlap, o.loop)
+        return denoise, deep_cache
+
+    def sample(self, denoise, x: torch.Tensor, start: int, anchor, o: GenerationOptions,
+               call: CallInputs, generator, deep_cache: DeepCache | None) -> torch.Tensor:
+        """The sampler over `denoise` from x, once, or once per FreeInit pass (each later pass
+        starts from the previous result's low frequencies, t2v.sampling.freeinit)."""
+        free_init = FreeInit.of(dataclasses.asdict(o.free_init)) \
+            if o.free_init.num_iters else None
+        options = {"spacing": self.spacing(o), "generator": generator,
+                   **sampler_options(o.sampler, eta=o.eta, solver_order=o.solver_order,
+                                     thresholding=o.thresholding,
+                                     dynamic_thresholding_ratio=o.dynamic_thresholding_ratio,
+                                     sample_max_value=o.sample_max_value,
+                                     noise_start=start == 0 and call.init_video is None
+                                     and o.init_video is None)}
+        initial_noise = x
+        for k in range(free_init.num_iters if free_init else 1):
+            if k > 0:
+                x = reinitialize(x, initial_noise, self.schedule.alphas_cumprod, free_init,
+                                 generator)
+                # later passes start from an ordinary x_t, not N(0, I): no Euler start scaling
+                options = {**options, "noise_start": False} if "noise_start" in options \
+                    else options
+            steps = free_init.steps_of_pass(o.steps, k) if free_init else o.steps
+            if deep_cache is not None:
+                deep_cache.reset()  # each pass starts with a full UNet call
+            on_step = call.callback
+            if anchor is not None:
+                x, on_step = start_of.anchored(self, anchor, x, o, steps, call.callback)
+            x = self.denoising_loop(denoise, x, o.sampler, steps, start, options,
+                                    call.progress, on_step, call.callback_on_step_end)
+        return x
 
     def prompt_context(self, prompts: list[str], negative_prompt: str | list[str],
                        guidance_scale: float, videos_per_prompt: int = 1,
@@ -309,41 +428,6 @@ class TextToVideo:
                             f"{prompts_shape}; they must match")
         return torch.cat([negative.to(context), context])
 
-    @staticmethod
-    def make_generator(seed: int | None, generator: Generators | None, batch: int
-                       ) -> tuple[Generators, int | None]:
-        """Always a generator (or one per video): it draws the initial noise (unless latents
-        are given) and every later draw (DDIM with eta > 0, video-to-video), so a seed
-        reproduces the whole run. Returns (generator, the seed used or None)."""
-        if seed is not None and generator is not None:
-            raise UserError("pass seed or generator, not both (a generator carries its own "
-                            "seed)")
-        if isinstance(generator, list) and len(generator) != batch:
-            raise UserError(f"{len(generator)} generators for {batch} videos; give one, or one "
-                            "per video")
-        if generator is not None:
-            return generator, None
-        used_seed = seed if seed is not None else random.randrange(2**31)
-        return torch.Generator("cpu").manual_seed(used_seed), used_seed
-
-    def prepare_latents(self, shape: tuple[int, ...], generator: Generators,
-                        latents: torch.Tensor | None, window: int | None, window_overlap: int,
-                        freenoise: bool) -> torch.Tensor:
-        """x_T: the given latents, or N(0, I) from the generator(s) (FreeNoise-rescheduled
-        for windowed runs), on the device in `latent_dtype`."""
-        if latents is None:
-            latents = randn(shape, generator)
-            num_frames = shape[2]
-            if window is not None and freenoise and num_frames > window:
-                stride = window - window_overlap
-                generators = generator if isinstance(generator, list) else [generator]
-                latents = torch.cat([reschedule_noise(part, window, stride, g) for part, g in
-                                     zip(latents.split(len(latents) // len(generators)),
-                                         generators)])
-        elif tuple(latents.shape) != shape:
-            raise UserError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        return latents.to(self.device, self.latent_dtype)
-
     def guided_denoiser(self, context: torch.Tensor, guidance_scale: float,
                         frame_chunk: int | None, guidance_rescale: float = 0.0,
                         deep_cache: DeepCache | None = None,
@@ -375,215 +459,6 @@ class TextToVideo:
 
         return denoise
 
-    @torch.no_grad()
-    def __call__(self, prompt: str | list[str] = "", negative_prompt: str | list[str] = "", *,
-                 num_frames: int = 16, height: int = 256, width: int = 256,
-                 steps: int | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float = 9.0, sampler: str = "ddim", eta: float = 0.0,
-                 seed: int | None = None, generator: Generators | None = None,
-                 latents: torch.Tensor | None = None,
-                 prompt_embeds: torch.Tensor | None = None,
-                 negative_prompt_embeds: torch.Tensor | None = None,
-                 num_videos_per_prompt: int = 1,
-                 init_video: torch.Tensor | None = None, video=None, strength: float = 0.6,
-                 timestep_spacing: str | None = None, solver_order: int = 2,
-                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                 sample_max_value: float = 1.0,
-                 window: int | None = None, window_overlap: int = 4, loop: bool = False,
-                 freenoise: bool = True, guidance_rescale: float = 0.0,
-                 guidance_interval: tuple[float, float] | list[float] | None = None,
-                 guidance_parallel: bool = False,
-                 freeu: FreeU | tuple | dict | None = None,
-                 free_init: FreeInit | int | dict | None = None,
-                 init_image=None, init_frames: int = 4,
-                 init_weights: tuple[float, ...] | list[float] | None = None,
-                 continue_from=None, continue_frames: int = 4,
-                 prompt_weighting: bool = False, prompt_schedule: str | dict | None = None,
-                 cache_interval: int = 1, cache_branch: int = DEFAULT_BRANCH,
-                 callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
-                 callback_on_step_end: Callable | None = None,
-                 callback_on_step_end_tensor_inputs: tuple[str, ...] | list[str] = ("latents",),
-                 output: str = "uint8", output_type: str | None = None,
-                 return_dict: bool = True, progress: bool = True,
-                 decode_chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-                 frame_chunk: int | str | None = "auto") -> Generation | tuple:
-        """Generate B videos (B = number of prompts x num_videos_per_prompt).
-
-        `seed` or `generator` (CPU, for device-independent noise; not both; or a list of one
-        generator per video) seeds every draw of the run; `latents` (B, 4, F, h, w) replace
-        the initial noise. Without seed or generator a random seed is drawn and reported.
-        `init_video` (B or 1, 3, F, H, W) in [-1, 1], or diffusers' `video` (frames in
-        [0, 1] or uint8, t2v.pipeline.text_to_video.video_argument), switches to video-to-video.
-        `window` (frames) turns on windowed sampling for long videos (t2v.sampling.windows): the UNet
-        sees `window` frames at a time, windows overlap by `window_overlap`, `loop` wraps them
-        around, and `freenoise` reschedules the initial noise as FreeNoise does.
-        `callback(i, t, x, x0)` runs after every step; diffusers'
-        `callback_on_step_end(pipe, i, t, {"latents": x})` too, and latents it returns replace
-        the sampler's. `frame_chunk`: the UNet's per-frame layers run on at most this many
-        frames at a time (None: all; "auto": auto_frame_chunk(frames the UNet sees)).
-        `output`: "uint8" (B, F, H, W, 3), "float" (same, in [0, 1]) or "latents"; diffusers'
-        `output_type` overrides it: "np", "pt" ((B, F, 3, H, W) in [0, 1]), "pil", "latent".
-        `num_inference_steps` is diffusers' name for `steps` (default 50).
-        `sampler`: a name of t2v.sampling.samplers.SAMPLERS; `thresholding` with
-        `dynamic_thresholding_ratio` and `sample_max_value` is diffusers' dynamic thresholding
-        of the x0 predictions (t2v.sampling.samplers.THRESHOLDING_SAMPLERS only).
-        `prompt_weighting`: prompts in A1111's weighting syntax, (word:1.3) etc., and longer
-        than 77 tokens, in chunks (t2v.sampling.prompt_weighting). `prompt_schedule` ("0: a red ball |
-        32: a blue ball", or {frame: prompt}) conditions each window on the schedule's prompt
-        embedding at the window's centre frame (t2v.sampling.prompt_travel); it needs `window` and
-        takes the place of `prompt`.
-        `guidance_rescale` (t2v.sampling.guidance), `freeu` (b1, b2, s1, s2; t2v.sampling.freeu) and
-        `free_init` (passes or a FreeInit; t2v.sampling.freeinit) default to what
-        enable_freeu / enable_free_init set (off).
-        `guidance_interval` (low, high): classifier-free guidance only at timesteps
-        low <= t <= high (0-999), the conditional prediction alone at the others, one UNet
-        pass instead of two (Kynkaenniemi et al. 2024, arXiv 2404.07724; docs/sampling-tools.md).
-        `cache_interval` N > 1: DeepCache, a full UNet call every N calls and shallow ones
-        reusing its deep features between (t2v.sampling.deep_cache; an approximation, opt-in);
-        `cache_branch` the skip branch the shallow calls recompute (0: the shallowest).
-        `guidance_parallel`: the unconditional pass on rank 0, the conditional one on rank 1 of
-        a 2-process group, combined every step (t2v.sampling.guidance_parallel); every rank calls with
-        the same arguments and gets the same result (a seed is shared if none is given).
-        """
-        steps = resolve_steps(steps, num_inference_steps)
-        kind = OUTPUT_TYPES.get(output_type, output_type) if output_type is not None else output
-        if kind not in OUTPUTS:
-            raise UserError(f"output must be one of {OUTPUTS} (output_type one of "
-                            f"{tuple(OUTPUT_TYPES)}), got {output_type or output!r}")
-        if set(callback_on_step_end_tensor_inputs) - {"latents"}:
-            raise UserError("callback_on_step_end_tensor_inputs: only 'latents' is available")
-        if video is not None:
-            if init_video is not None:
-                raise UserError("pass init_video or video, not both")
-            init_video = video_argument(video)
-        if init_video is not None:
-            num_frames, height, width = init_video.shape[2], *init_video.shape[-2:]
-        self.check_inputs(sampler=sampler, eta=eta, window=window,
-                          window_overlap=window_overlap, loop=loop, height=height, width=width,
-                          num_frames=num_frames, steps=steps,
-                          num_videos_per_prompt=num_videos_per_prompt,
-                          thresholding=thresholding,
-                          dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                          sample_max_value=sample_max_value)
-        freeu = self.freeu if freeu is None else FreeU.of(freeu or None)  # False: off
-        free_init = self.free_init if free_init is None else FreeInit.of(free_init or None)
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise UserError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale}")
-        guidance_interval = check_guidance_interval(guidance_interval)
-        if guidance_parallel:
-            cfg_parallel.check(guidance_scale)
-            if guidance_interval is not None:
-                raise UserError("guidance_interval does not combine with guidance_parallel yet")
-            if seed is None and generator is None:  # one seed: the same noise on both ranks
-                seed = cfg_parallel.shared_seed()
-        if init_video is not None and (init_image is not None or continue_from is not None):
-            raise UserError("init_image / continue_from start a new clip; they do not combine "
-                            "with init_video (video-to-video)")
-        if free_init is not None and init_video is not None:
-            raise UserError("free_init applies to text-to-video only, not with init_video")
-        deep_cache = DeepCache(cache_interval, cache_branch) if cache_interval != 1 else None
-        if deep_cache is not None and (window is not None or guidance_parallel):
-            raise UserError("cache_interval (DeepCache) does not combine with windowed sampling "
-                            "or guidance_parallel yet; use cache_interval=1 with them")
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        schedule = None
-        if prompt_schedule is not None:  # one video; its keyframes' prompts encoded together
-            schedule = self.check_prompt_schedule(prompt_schedule, prompts, num_frames, window,
-                                                  loop, prompt_embeds, negative_prompt_embeds)
-            prompts = list(schedule.values())
-            negative_prompt = negative_prompt if isinstance(negative_prompt, str) \
-                else one_negative_prompt(negative_prompt)
-        context = self.prompt_context(prompts, negative_prompt, guidance_scale,
-                                      num_videos_per_prompt, prompt_embeds,
-                                      negative_prompt_embeds, prompt_weighting)
-        batch = context.shape[0] // (2 if guidance_scale > 1.0 else 1)
-        if schedule is not None:
-            batch //= len(schedule)  # every keyframe's context belongs to the one video
-        generator, used_seed = self.make_generator(seed, generator, batch)
-        if isinstance(generator, list) and init_video is not None:
-            raise UserError("video-to-video takes one generator (or a seed), not a list")
-
-        spacing = timestep_spacing or self.config.schedule.timestep_spacing
-        options = {"spacing": spacing, "generator": generator,
-                   **sampler_options(sampler, eta=eta, solver_order=solver_order,
-                                     thresholding=thresholding,
-                                     dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                                     sample_max_value=sample_max_value,
-                                     noise_start=init_video is None)}
-        f = self.vae_scale_factor
-        start = 0
-        if init_video is None:
-            shape = (batch, self.config.unet.in_channels, num_frames, height // f, width // f)
-            x = self.prepare_latents(shape, generator, latents, window, window_overlap,
-                                     freenoise)
-        else:
-            x, start = self._video_to_video_start(init_video, batch, steps, strength, sampler,
-                                                  spacing, generator, decode_chunk_frames)
-
-        anchor = self._first_frames(init_image, init_frames, init_weights, continue_from,
-                                    continue_frames, x.shape, generator, decode_chunk_frames)
-        if frame_chunk == "auto":
-            frame_chunk = auto_frame_chunk(min(num_frames, window or num_frames))
-
-        if guidance_parallel:
-            cfg_parallel.check_same(x, "initial latents")
-
-        def denoiser_for(context: torch.Tensor) -> Callable[[torch.Tensor, int], torch.Tensor]:
-            if guidance_parallel:
-                return cfg_parallel.guided_denoiser(self.unet, context, guidance_scale,
-                                                    frame_chunk, guidance_rescale, freeu=freeu)
-            return self.guided_denoiser(context, guidance_scale, frame_chunk, guidance_rescale,
-                                        deep_cache, guidance_interval, freeu)
-
-        if schedule is None:
-            denoise = denoiser_for(context)
-            if window is not None:
-                denoise = windowed(denoise, window, window_overlap, loop)
-        else:
-            denoise = windowed(self.travel_denoiser(list(schedule), context, guidance_scale > 1,
-                                                    num_frames, loop, denoiser_for),
-                               window, window_overlap, loop, pass_frames=True)
-        initial_noise = x
-        for k in range(free_init.num_iters if free_init else 1):
-            if k > 0:  # FreeInit: the next pass starts from this result's low frequencies
-                x = reinitialize(x, initial_noise, self.schedule.alphas_cumprod, free_init,
-                                 generator)
-            pass_steps = free_init.steps_of_pass(steps, k) if free_init else steps
-            if deep_cache is not None:
-                deep_cache.reset()  # each pass starts with a full UNet call
-            on_step = callback
-            if anchor is not None:
-                x, on_step = self._anchored(anchor, x, sampler, pass_steps, spacing,
-                                            callback)
-            # FreeInit's later passes start from an ordinary x_t, not from N(0, I): no
-            # Euler start scaling (t2v.sampling.samplers.sampler_options, noise_start)
-            pass_options = options if k == 0 or "noise_start" not in options else \
-                {**options, "noise_start": False}
-            x = self.denoising_loop(denoise, x, sampler, pass_steps, start, pass_options,
-                                    progress, on_step, callback_on_step_end)
-        result = Generation(self.decode(x, kind, decode_chunk_frames, progress, output_type),
-                            used_seed)
-        return result if return_dict else (result.frames,)
-
-    @staticmethod
-    def check_prompt_schedule(prompt_schedule: str | dict, prompts: list[str], num_frames: int,
-                              window: int | None, loop: bool, prompt_embeds, negative_prompt_embeds
-                              ) -> dict[int, str]:
-        """The prompt schedule {frame: prompt} sorted by frame, after the checks: parsed and in
-        range (t2v.sampling.prompt_travel.resolve_schedule), a window given, no prompt or embeddings
-        besides it."""
-        schedule = resolve_schedule(prompt_schedule, num_frames)
-        if window is None:
-            raise UserError("prompt_schedule needs windowed sampling: give a window (e.g. "
-                            "--window 16)")
-        if any(prompts) or prompt_embeds is not None or negative_prompt_embeds is not None:
-            raise UserError("prompt_schedule takes the place of the prompt: give no prompt, "
-                            "prompt_embeds or negative_prompt_embeds with it")
-        if window >= num_frames and not loop:
-            log.warning("prompt_schedule: the window covers all %d frames, so the whole video "
-                        "takes the schedule's prompt at its centre frame", num_frames)
-        return schedule
-
     def travel_denoiser(self, keyframes: list[int], context: torch.Tensor, guided: bool,
                         num_frames: int, loop: bool,
                         denoiser_for: Callable[[torch.Tensor], Callable]) -> Callable:
@@ -604,60 +479,6 @@ class TextToVideo:
             return denoisers[key](x, t)
 
         return denoise
-
-    def _first_frames(self, init_image, init_frames: int, init_weights, continue_from,
-                      continue_frames: int, shape, generator, chunk) -> FirstFrames | None:
-        """The conditioning of t2v.sampling.first_frames: (latents, weights, noise) or None."""
-        if init_image is not None and continue_from is not None:
-            raise UserError("pass init_image or continue_from, not both")
-        if init_image is None and continue_from is None:
-            return None
-        batch, _, num_frames, h, w = shape
-        if init_image is not None:
-            k, what = init_frames, "init_image"
-            weights = (fading_weights(k) if init_weights is None
-                       else check_weights(init_weights, k, "init_weights"))
-            frames = image_argument(init_image)  # (B, 3, 1, H, W)
-        else:
-            k, what = continue_frames, "continue_from"
-            weights = (1.0,) * k if init_weights is None else check_weights(init_weights, k,
-                                                                            "init_weights")
-            frames = video_argument(continue_from)
-            if frames.shape[2] < k:
-                raise UserError(f"continue_from has {frames.shape[2]} frames; continue_frames "
-                                f"is {k}")
-            frames = frames[:, :, -k:]
-        if not 1 <= k <= num_frames:
-            raise UserError(f"{what}: between 1 and num_frames ({num_frames}) conditioning "
-                            f"frames, got {k}")
-        f = self.vae_scale_factor
-        if tuple(frames.shape[-2:]) != (h * f, w * f):
-            raise UserError(f"{what} is {frames.shape[-1]}x{frames.shape[-2]} pixels, the video "
-                            f"{w * f}x{h * f}; resize it (the CLI does)")
-        if frames.shape[0] not in (1, batch):
-            raise UserError(f"{what} has batch {frames.shape[0]}, the run {batch} videos")
-        frames = frames.expand(batch, 3, k, h * f, w * f)  # an image repeats K times
-        with self._stage(self.vae) as vae:
-            latents = vae.encode_video(frames.to(self.device, self.vae.dtype),
-                                       generator=generator, chunk_frames=chunk)
-        noise = randn(latents.shape, generator, self.device, torch.float32)
-        return FirstFrames(latents.float(), torch.tensor(weights), noise)
-
-    def _anchored(self, anchor: FirstFrames, x: torch.Tensor, sampler: str, steps: int,
-                  spacing: str | None, callback):
-        """x with the conditioning frames at the first step's noise level, and the step
-        callback that re-imposes them at each next level (t2v.sampling.first_frames)."""
-        levels = [first_alpha_cumprod(sampler, steps, self.schedule, spacing, i)
-                  for i in range(steps)] + [None]
-        x = x.clone()
-        anchor.replace_(x, levels[0])
-
-        def on_step(i, t, x, x0):
-            anchor.replace_(x, levels[i + 1])
-            if callback is not None:
-                callback(i, t, x, x0)
-
-        return x, on_step
 
     def denoising_loop(self, denoise, x: torch.Tensor, sampler: str, steps: int, start: int,
                        options: dict, progress: bool, callback=None, callback_on_step_end=None
@@ -681,7 +502,7 @@ class TextToVideo:
 
         try:
             if start < steps:
-                with self._stage(self.unet):
+                with self.stage(self.unet):
                     x = SAMPLERS[sampler](denoise, x, self.schedule, steps, start=start,
                                           callback=on_step, **options)
         finally:
@@ -720,33 +541,12 @@ class TextToVideo:
         """Decode latents (B, 4, F, h, w) chunk by chunk: yields (first row, frames (n, H, W, 3))
         with row = b * F + f, uint8 (rounded, as diffusers' "pil"; ModelScope truncates) or
         float in [0, 1]. Streaming these into a video encoder never holds the whole video."""
-        with self._stage(self.vae) as vae:
+        with self.stage(self.vae) as vae:
             for row, frames in vae.iter_decode_video(latents, chunk_frames, progress):
                 frames = (frames * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (n, H, W, 3)
                 if uint8:
                     frames = (frames * 255).round().to(torch.uint8)
                 yield row, frames
-
-    def _video_to_video_start(self, video, batch, steps, strength, sampler, spacing, generator,
-                              chunk):
-        """Encode, then noise to the first kept step (diffusers' VideoToVideoSDPipeline)."""
-        if not 0.0 <= strength <= 1.0:
-            raise UserError(f"strength must be between 0 and 1, got {strength}")
-        if video.shape[0] not in (1, batch):
-            raise UserError(f"init_video has batch {video.shape[0]}, prompts {batch}")
-        video = video.to(self.device, self.vae.dtype).expand(batch, *video.shape[1:])
-        with self._stage(self.vae) as vae:
-            latents = vae.encode_video(video, generator=generator, chunk_frames=chunk)
-        start = steps - min(int(steps * strength), steps)
-        if start == steps:  # strength 0: nothing to denoise, the reconstruction
-            return latents.to(self.latent_dtype), start
-        a = first_alpha_cumprod(sampler, steps, self.schedule, spacing, start)
-        b, c, f, h, w = latents.shape
-        # Drawn after the posterior noise, folded ((b f), c, h, w), as diffusers draws it.
-        noise = randn((b * f, c, h, w), generator, latents.device, latents.dtype)
-        noise = noise.reshape(b, f, c, h, w).permute(0, 2, 1, 3, 4)
-        x = add_noise(latents, noise, a.to(latents.device))
-        return x.to(self.latent_dtype), start
 
 
 def load_pipeline(source: str | None, model: ModelConfig | None = None, *,
@@ -774,81 +574,3 @@ def load_pipeline(source: str | None, model: ModelConfig | None = None, *,
     if offload:
         pipe.offload_to = torch.device(device)
     return pipe, layout
-
-
-def check_guidance_interval(interval) -> tuple[float, float] | None:
-    """None, or (low, high) timesteps with 0 <= low <= high <= 999 (UserError otherwise)."""
-    if interval is None:
-        return None
-    try:
-        low, high = (float(v) for v in interval)
-    except (TypeError, ValueError):
-        raise UserError(f"guidance_interval must be two timesteps (low, high), got {interval!r}")
-    if not 0 <= low <= high <= 999:
-        raise UserError(f"guidance_interval must satisfy 0 <= low <= high <= 999 (timesteps), "
-                        f"got ({low:g}, {high:g})")
-    return low, high
-
-
-def one_negative_prompt(negative_prompt: list[str]) -> str:
-    """A prompt schedule makes one video: a list of negative prompts must hold one."""
-    if len(negative_prompt) != 1:
-        raise UserError(f"{len(negative_prompt)} negative prompts for one prompt schedule; "
-                        "give one")
-    return negative_prompt[0]
-
-
-def video_argument(video) -> torch.Tensor:
-    """diffusers' `video=` input -> init_video (B, 3, F, H, W) in [-1, 1]. Accepted: a list of
-    PIL images or of (H, W, 3) arrays, an array (F, H, W, 3), a tensor (F, 3, H, W) or
-    (B, F, 3, H, W); floats in [0, 1] (or [-1, 1] when any value is negative, as diffusers'
-    VideoProcessor reads them) or uint8 (0-255)."""
-    if isinstance(video, (list, tuple)):
-        video = np.stack([np.asarray(frame) for frame in video])
-    if isinstance(video, np.ndarray):
-        if video.ndim != 4 or video.shape[-1] != 3:
-            raise UserError(f"video: expected frames (F, H, W, 3), got shape {video.shape}")
-        video = torch.from_numpy(np.ascontiguousarray(video)).permute(0, 3, 1, 2)  # F 3 H W
-    if not isinstance(video, torch.Tensor):
-        raise UserError(f"video: expected a list of frames, an array or a tensor, got "
-                        f"{type(video).__name__}")
-    if video.ndim == 4:
-        video = video[None]
-    if video.ndim != 5 or video.shape[2] != 3:
-        raise UserError(f"video: expected (F, 3, H, W) or (B, F, 3, H, W), got "
-                        f"{tuple(video.shape)}")
-    if video.dtype == torch.uint8:
-        video = video.float() / 255.0
-    elif video.min() < 0:  # as diffusers' VideoProcessor: negative values mean [-1, 1] already
-        return video.float().permute(0, 2, 1, 3, 4)
-    return (video.float() * 2 - 1).permute(0, 2, 1, 3, 4)  # (B, 3, F, H, W) in [-1, 1]
-
-
-def image_argument(image) -> torch.Tensor:
-    """init_image -> (B, 3, 1, H, W) in [-1, 1]: a PIL image, an (H, W, 3) array (uint8, or
-    floats in [0, 1]), or a tensor (3, H, W) / (B, 3, H, W) in [-1, 1]."""
-    if isinstance(image, torch.Tensor):
-        if image.ndim == 3:
-            image = image[None]
-        if image.ndim != 4 or image.shape[1] != 3:
-            raise UserError(f"init_image: expected a tensor (3, H, W) or (B, 3, H, W), got "
-                            f"{tuple(image.shape)}")
-        return image.float()[:, :, None]
-    return video_argument([np.asarray(image.convert("RGB") if hasattr(image, "convert")
-                                      else image)])
-
-
-def frames_to_video_tensor(frames: np.ndarray, height: int | None = None,
-                           width: int | None = None) -> torch.Tensor:
-    """uint8 frames (F, H, W, 3) -> (1, 3, F, H', W') in [-1, 1], resized (bilinear,
-    antialiased) to height x width, or to the frame size rounded down to multiples of 8."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    h, w = x.shape[-2:]
-    height = height or h - h % 8
-    width = width or w - w % 8
-    if height < 8 or width < 8:
-        raise UserError(f"the input video is {w}x{h}; it needs at least 8x8 pixels")
-    if (height, width) != (h, w):
-        x = F.interpolate(x, size=(height, width), mode="bilinear", antialias=True,
-                          align_corners=False).clamp(-1, 1)
-    return x.permute(1, 0, 2, 3)[None]

@@ -226,7 +226,6 @@ def combinations_named(colours: tuple[str, ...] = (), split: str = "trained"
 
 
 def main(argv: list[str] | None = None) -> int:
-
     parser = OneLineParser(prog="python -m t2v.training.synthetic",
                            description="Write procedural clips as MP4 + .txt captions.")
     parser.add_argument("folder", type=Path)
