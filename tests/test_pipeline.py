@@ -230,7 +230,7 @@ def test_nan_latents_stop_the_run_with_the_step(components):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(height=30), "height must be a positive multiple of 4"),
+    (dict(height=30), "height must be a positive multiple of 8"),  # the family's KL-f8 VAE
     (dict(num_frames=0), "num_frames"),
     (dict(steps=0), "steps"),
     (dict(sampler="heun"), "sampler"),

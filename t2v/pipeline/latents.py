@@ -66,7 +66,7 @@ def video_to_video_start(pipe, video: torch.Tensor, batch: int, o: GenerationOpt
     if video.shape[0] not in (1, batch):
         raise UserError(f"init_video has batch {video.shape[0]}, prompts {batch}")
     video = video.to(pipe.device, pipe.vae.dtype).expand(batch, *video.shape[1:])
-    with pipe.stage(pipe.vae) as vae:
+    with pipe._stage(pipe.vae) as vae:
         latents = vae.encode_video(video, generator=generator, chunk_frames=chunk)
     start = o.steps - min(int(o.steps * o.strength), o.steps)
     if start == o.steps:  # strength 0: nothing to denoise, the reconstruction
@@ -115,7 +115,7 @@ def first_frames(pipe, init_image, continue_from, o: GenerationOptions, shape, g
     if frames.shape[0] not in (1, batch):
         raise UserError(f"{what} has batch {frames.shape[0]}, the run {batch} videos")
     frames = frames.expand(batch, 3, k, h * f, w * f)  # an image repeats K times
-    with pipe.stage(pipe.vae) as vae:
+    with pipe._stage(pipe.vae) as vae:
         latents = vae.encode_video(frames.to(pipe.device, pipe.vae.dtype),
                                    generator=generator, chunk_frames=chunk)
     noise = randn(latents.shape, generator, pipe.device, torch.float32)

@@ -83,6 +83,8 @@ class GenerationOptions:
     prompt: str = setting("", "what the video shows")
     negative_prompt: str = setting("", "what to steer away from (the unconditional branch)")
     num_frames: int = setting(16, "number of frames", flag="frames")
+    # Multiples of 8: the KL-f8 VAE of this model family (TextToVideo.check_options checks
+    # the loaded VAE's own factor too).
     height: int = setting(256, "pixels, a multiple of 8")
     width: int = setting(256, "pixels, a multiple of 8")
     fps: int = setting(8, "frames per second of the output file")
@@ -197,7 +199,7 @@ class GenerationOptions:
         _check(self.guidance_interval is None or (
             len(self.guidance_interval) == 2
             and 0 <= self.guidance_interval[0] <= self.guidance_interval[1] <= 999),
-               "sample.guidance_interval must be null or [low, high] timesteps with "
+               "sample.guidance_interval must be null or two timesteps [low, high] with "
                f"0 <= low <= high <= 999, got {self.guidance_interval}")
         _check(self.guidance_interval is None or not self.guidance_parallel,
                "sample.guidance_interval does not combine with sample.guidance_parallel yet")
@@ -213,8 +215,8 @@ class GenerationOptions:
         _check(self.cache_branch >= 0,
                f"sample.cache_branch must be >= 0 (0: the shallowest), got {self.cache_branch}")
         _check(self.cache_interval == 1 or (self.window is None and not self.guidance_parallel),
-               "sample.cache_interval (DeepCache) does not combine with sample.window or "
-               "sample.guidance_parallel yet; set it to 1")
+               "sample.cache_interval (DeepCache) does not combine with windowed sampling "
+               "(sample.window) or sample.guidance_parallel yet; set it to 1")
 
     def _check_windows(self) -> None:
         _check(self.window is None or self.window >= 1,
@@ -232,8 +234,8 @@ class GenerationOptions:
             raise ConfigError(str(exc)) from None
         _check(self.window is not None, "sample.prompt_schedule needs windowed sampling: set "
                "sample.window (e.g. --window 16)")
-        _check(not self.prompt, "sample.prompt_schedule takes the place of sample.prompt: "
-               "give one of them")
+        _check(not self.prompt, "sample.prompt_schedule takes the place of the prompt: "
+               "give one of them (it takes the place of sample.prompt)")
 
     def _check_inputs(self) -> None:
         _check(0.0 <= self.strength <= 1.0,

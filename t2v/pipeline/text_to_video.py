@@ -128,7 +128,7 @@ class TextToVideo:
         self.free_init = None
 
     @contextmanager
-    def stage(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    def _stage(self, module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         """With offload, move `module` to the execution device for the block, then back."""
         if self.offload_to is None:
             yield module
@@ -209,12 +209,34 @@ class TextToVideo:
         """Prompts -> (B, 77, width) text embeddings in the UNet's dtype. `weighted`: prompts
         in A1111's weighting syntax and of any length -> (B, 77 n, width), n chunks, at least
         `min_chunks` (t2v.sampling.prompt_weighting.encode_weighted)."""
-        with self.stage(self.text_encoder) as text_encoder:
+        with self._stage(self.text_encoder) as text_encoder:
             if weighted:
                 return encode_weighted(text_encoder, self.tokenizer, prompts,
                                        min_chunks).to(self.device, self.dtype)
             ids = self.tokenizer(prompts).to(text_encoder.final_layer_norm.weight.device)
             return text_encoder(ids).to(self.device, self.dtype)
+
+    # -- diffusers-shaped conveniences --------------------------------------------------------
+
+    def to(self, *args, **kwargs) -> TextToVideo:
+        """Move and/or cast every model, like `nn.Module.to` (`pipe.to("cuda")`,
+        `pipe.to(torch.float16)`, `pipe.to("cuda", torch.float16)`); returns the pipeline."""
+        for module in (self.text_encoder, self.unet, self.vae):
+            module.to(*args, **kwargs)
+        return self
+
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> None:
+        """diffusers' model offload: the models live on the CPU and each moves to `device`
+        (default: the first CUDA GPU) only for its stage. Without an accelerator the models
+        simply stay on the CPU."""
+        if device is None:
+            if not torch.cuda.is_available():
+                log.warning("enable_model_cpu_offload: no accelerator; the models stay on the "
+                            "CPU")
+                return
+            device = "cuda"
+        self.to("cpu")
+        self.offload_to = torch.device(device)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] = "", options: GenerationOptions | None = None,
@@ -502,7 +524,7 @@ class TextToVideo:
 
         try:
             if start < steps:
-                with self.stage(self.unet):
+                with self._stage(self.unet):
                     x = SAMPLERS[sampler](denoise, x, self.schedule, steps, start=start,
                                           callback=on_step, **options)
         finally:
@@ -541,7 +563,7 @@ class TextToVideo:
         """Decode latents (B, 4, F, h, w) chunk by chunk: yields (first row, frames (n, H, W, 3))
         with row = b * F + f, uint8 (rounded, as diffusers' "pil"; ModelScope truncates) or
         float in [0, 1]. Streaming these into a video encoder never holds the whole video."""
-        with self.stage(self.vae) as vae:
+        with self._stage(self.vae) as vae:
             for row, frames in vae.iter_decode_video(latents, chunk_frames, progress):
                 frames = (frames * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (n, H, W, 3)
                 if uint8:
