@@ -55,8 +55,8 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # The generation options the page shows, in page order (GenerationOptions fields). Each control
 # is derived from its field: key and label from the CLI flag (t2v.cli.flags.flag_of), kind from
 # the type, help from the field's help, the default from the config.
-PAGE_OPTIONS = ("prompt", "negative_prompt", "seed", "num_frames", "fps", "width", "height",
-                "steps", "guidance_scale", "sampler", "window", "window_overlap", "loop")
+PAGE_OPTIONS = ("prompt", "negative_prompt", "seed", "steps", "num_frames", "fps", "width",
+                "height", "guidance_scale", "sampler", "window", "window_overlap", "loop")
 OPTION_FIELDS = {f.name: f for f in dataclasses.fields(GenerationOptions)}
 OPTION_TYPES = typing.get_type_hints(GenerationOptions)
 KEYS = {name: flag_of(name, OPTION_FIELDS[name])[2:].replace("-", "_") for name in PAGE_OPTIONS}
