@@ -36,6 +36,7 @@ def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int,
               metadata: dict | None = None, overwrite: bool = False,
               crf: int = MP4_CRF) -> Path:
     """H.264 / yuv420p / +faststart MP4; `metadata` is stored as JSON in the `comment` tag.
+    The same frames and metadata give the same bytes (one encoder thread).
 
     `frames`: uint8 (F, H, W, 3), or an iterable of such chunks, encoded as they arrive (the
     whole video never needs to be in memory)."""
@@ -53,7 +54,10 @@ def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int,
                      options={"movflags": "+faststart"}) as container:
             stream = container.add_stream("libx264", rate=fps)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf)}
+            # One encoder thread: x264's frame threads make the bytes depend on timing (60
+            # encodes of the same frames gave 5 different files); one thread gives one file.
+            stream.options = {"crf": str(crf), "threads": "1"}
+            stream.codec_context.thread_count = 1
             if metadata:
                 container.metadata["comment"] = json.dumps(metadata)
             frame_time = Fraction(1, fps)  # not stream.time_base: the muxer rewrites that
