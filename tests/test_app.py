@@ -81,6 +81,16 @@ def test_sample_settings_refuse_bad_input(change, message):
     assert message in str(exc.value)
 
 
+def test_a_truncated_prompt_is_reported_to_the_page(demo_studio, tmp_path):
+    """A prompt past the model's context (16 tokens for the demo model) comes back with the
+    warning the page shows; the CLI prints the same line on stderr."""
+    studio = studio_in(demo_studio, tmp_path / "app")
+    long = "a red circle moving right on a black background " * 3
+    record = studio.generate(demo_form(prompt=long, steps=2))
+    assert len(record["warnings"]) == 1 and "tokens are dropped" in record["warnings"][0]
+    assert studio.pipe.tokenizer.truncation(PROMPT) is None
+
+
 def test_lora_files_only_from_the_folder(tmp_path):
     (tmp_path / "style.safetensors").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("x")
@@ -153,6 +163,7 @@ def test_generate_writes_what_the_cli_writes(demo_studio, tmp_path):
         ("h264", 8, 32, 32, 8.0)
     sidecar = json.loads(Path(record["sidecar"]).read_text())
     assert sidecar["config"]["sample"]["seed"] == 3 and sidecar["weights"]["layout"] == "native"
+    assert record["warnings"] == []
     # The sidecar reproduces the video through the CLI, frame for frame.
     again = tmp_path / "cli.mp4"
     assert sample_main(["--config", record["sidecar"], "--out", str(again),

@@ -370,3 +370,12 @@ def test_every_option_has_a_flag_and_a_docs_row():
         flag = flag_of(name, field)
         assert flag in flags, f"{name}: no flag {flag}"
         assert f"`{flag}" in docs, f"docs/cli.md has no row for {flag} ({name})"
+
+
+def test_a_truncated_prompt_is_reported(cli, tmp_path, caplog):
+    """A prompt past the context is cut, and the run says so (a warning line on stderr)."""
+    long = "a red ball bouncing on a wooden floor " * 12  # > 77 tokens
+    assert cli("--config", TINY, "--prompt", long, "--out", tmp_path / "v.mp4", "--no-progress",
+               "sample.steps=1")[0] == 0
+    assert "warning: prompt 0: the prompt is" in caplog.text and "tokens are dropped" in \
+        caplog.text

@@ -256,7 +256,10 @@ class Studio:
             write_outputs(self.pipe, latents, run_cfg, path, "mp4", sidecar, overwrite=False,
                           progress=False)
         log.info("wrote %s", path)
-        return gallery_record(path, form, s.seed)
+        record = gallery_record(path, form, s.seed)
+        truncated = None if s.prompt_weighting else self.pipe.tokenizer.truncation(s.prompt)
+        record["warnings"] = [truncated] if truncated else []
+        return record
 
 
 # -- the page ---------------------------------------------------------------------------------
@@ -317,6 +320,8 @@ def generate_handler(gr, studio: Studio, inputs: dict, records):
         except Cancelled:
             raise gr.Error("cancelled: nothing was written", print_exception=False) \
                 from None
+        for warning in record.get("warnings", []):
+            gr.Warning(warning)  # shown in the page, beside the video
         history = [*history, record]
         return (record["video"], record["settings"]["seed"],
                 gr.DownloadButton(value=record["video"], visible=True),

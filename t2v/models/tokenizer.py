@@ -117,6 +117,15 @@ class Tokenizer:
             ids.extend(self.encoder[token] for token in self._bpe(mapped))
         return ids
 
+    def truncation(self, prompt: str) -> str | None:
+        """The warning for a prompt longer than the context (None if it fits): what the model
+        reads of it and what it drops."""
+        length = len(self.encode(prompt)) + 2  # start and end tokens
+        if length <= self.context_length:
+            return None
+        return (f"the prompt is {length} tokens long; the model reads {self.context_length}, so "
+                f"the last {length - self.context_length} tokens are dropped")
+
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -124,9 +133,7 @@ class Tokenizer:
         for row, prompt in enumerate(prompts):
             ids = [self.start_id] + self.encode(prompt) + [self.end_id]
             if len(ids) > self.context_length:
-                dropped = len(ids) - self.context_length
-                log.warning("prompt %d is %d tokens long; the last %d tokens are dropped to fit "
-                            "the context of %d", row, len(ids), dropped, self.context_length)
+                log.warning("warning: prompt %d: %s", row, self.truncation(prompt))
                 ids = ids[: self.context_length]
                 ids[-1] = self.end_id
             out[row, : len(ids)] = torch.tensor(ids)
