@@ -117,9 +117,11 @@ class TemporalConv(nn.Module):
         self.conv4 = stage(dropout=True)
 
     def forward(self, x: torch.Tensor, num_frames: int) -> torch.Tensor:
-        x = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
-        h = self.conv4(self.conv3(self.conv2(self.conv1(x))))
-        return rearrange(x + h, "b c f h w -> (b f) c h w")
+        h = rearrange(x, "(b f) c h w -> b c f h w", f=num_frames)
+        h = self.conv4(self.conv3(self.conv2(self.conv1(h))))
+        # The residual added in x's (b f) layout: a new tensor, not a view of one (a block
+        # returning a view makes FSDP2 warn that backward may be wrong).
+        return x + rearrange(h, "b c f h w -> (b f) c h w")
 
 
 class Attention(nn.Module):
@@ -508,7 +510,9 @@ class UNet3D(nn.Module):
         """The last up block's output -> eps (B, C, F, h, w): norm, SiLU, conv_out, frames
         unfolded."""
         h = self.conv_out(F.silu(self.conv_norm_out(h)))
-        return rearrange(h, "(b f) c h w -> b c f h w", b=batch).contiguous()
+        # A copy even when the frames unfold without one (1 frame): a new tensor, never a view.
+        return rearrange(h, "(b f) c h w -> b c f h w", b=batch).clone(
+            memory_format=torch.contiguous_format)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float,
                 context: torch.Tensor, frame_chunk: int | None = None) -> torch.Tensor:
