@@ -74,6 +74,8 @@ def test_sample_settings_from_the_form():
     ({"seed": 1.5}, "Seed (-1 = random): give a whole number"),
     ({"prompt": "  "}, "no prompt"),
     ({"sampler": "plms"}, "sample.sampler must be one of"),
+    ({"width": 100000}, "Width: at most 2048, got 100000"),
+    ({"frames": 100000}, "Frames: at most 1024, got 100000"),
 ])
 def test_sample_settings_refuse_bad_input(change, message):
     with pytest.raises(UserError) as exc:
@@ -171,7 +173,7 @@ def test_generate_writes_what_the_cli_writes(demo_studio, tmp_path):
     assert psnr(read_video(again)[0], read_video(path)[0]) > SAME_VIDEO_DB
 
 
-def test_bad_input_writes_nothing(demo_studio, tmp_path):
+def test_bad_input_writes_nothing(demo_studio, tmp_path, monkeypatch):
     lora_dir = tmp_path / "loras"
     lora_dir.mkdir()
     (lora_dir / "broken.safetensors").write_bytes(b"not a safetensors file")
@@ -184,6 +186,12 @@ def test_bad_input_writes_nothing(demo_studio, tmp_path):
         with pytest.raises(UserError, match=message):
             studio.generate(form)
     studio = studio_in(demo_studio, tmp_path / "out", lora_dir)
+    # The page's largest video (1024 frames at 2048x2048) is refused by the default guard,
+    # the memory available (here made 1 MiB), before it allocates anything.
+    with monkeypatch.context() as patch:
+        patch.setattr("t2v.cli.sample.available_bytes", lambda device: 2**20)
+        with pytest.raises(UserError, match="exceeds the memory available"):
+            studio.generate(demo_form(frames=1024, width=2048, height=2048))
     with pytest.raises(UserError, match="not a readable safetensors file"):
         studio.generate(demo_form(loras=["broken.safetensors"]))
     assert not (tmp_path / "out").exists()
@@ -380,6 +388,7 @@ def test_page_renders_offline(page):
 
 @pytest.mark.browser
 def test_generate_plays_the_video(app, page, request):
+    assert not page.is_visible("#used-seed")  # nothing to report before a run
     type_into(page, "#prompt textarea", PROMPT)
     open_advanced(page)
     type_into(page, "#seed input", "1")  # a seed the demo model draws well
@@ -390,6 +399,9 @@ def test_generate_plays_the_video(app, page, request):
     assert len({w for w in widths if 0 < w < 100}) >= 2, samples  # the bar moved, step by step
     assert any("/25 steps" in s["text"] for s in samples), samples
     assert state["ready"] >= 2 and state["duration"] == pytest.approx(8 / 8, abs=0.05)
+    # a 32x32 video enlarged to the page: its pixels are shown crisp, not blurred
+    assert page.evaluate("getComputedStyle(document.querySelector('#video video'))"
+                         ".imageRendering") == "pixelated"
     assert (state["width"], state["height"]) == (32, 32)
     assert page.input_value("#used-seed input") == "1"
     assert app.outputs() == ["a-red-circle-moving-right-1.mp4",

@@ -119,6 +119,44 @@ def test_max_memory_refuses_with_the_settings_that_fit(tmp_path, capsys, caplog)
     assert code == 2 and "--max-memory" in capsys.readouterr().err
 
 
+def test_default_memory_guard_refuses_what_the_machine_cannot_hold(tmp_path, capsys,
+                                                                    monkeypatch):
+    """Without --max-memory the estimate is compared with the memory available (here made
+    1 MiB above what the process holds): the same one-line refusal, before any weights load;
+    --max-memory overrides it."""
+    import t2v.cli.sample as sample
+
+    monkeypatch.setattr(sample, "available_bytes", lambda device: 2**20)
+    loads = []
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: loads.append(1))
+    out = tmp_path / "v.mp4"
+    code = sample_main(["--config", str(TINY), "--prompt", "x", "--frames", "4", "--out",
+                        str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and not out.exists() and not loads
+    assert len(err) == 1 and "exceeds the memory available" in err[0], err
+    assert "--max-memory" in err[0]
+    monkeypatch.undo()
+    monkeypatch.setattr(sample, "available_bytes", lambda device: 2**20)
+    assert sample_main(["--config", str(TINY), "--prompt", "x", "--frames", "2", "--steps",
+                        "1", "--max-memory", "64GB", "--out", str(out), "--no-progress"]) == 0
+
+
+def test_available_memory_reads_meminfo_and_the_cgroup(tmp_path, monkeypatch):
+    """The smaller of MemAvailable and the cgroup limit minus its usage; 'max' is no limit."""
+    from t2v.models import memory
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text("3221225472\n")  # 3 GiB
+    usage.write_text("1073741824\n")  # 1 GiB
+    monkeypatch.setattr(memory, "CGROUP_FILES", ((str(limit), str(usage)),))
+    assert memory.available_bytes("cpu") == min(2 * 2**30, memory.available_bytes("cpu") + 1)
+    limit.write_text("max\n")
+    meminfo = memory.available_bytes("cpu")
+    assert meminfo is not None and meminfo > 0
+    assert memory.available_bytes("meta") is None
+
+
 def test_streamed_mp4_has_every_frame(tmp_path):
     from t2v.pipeline.video_io import read_video, write_mp4
     frames = (np.arange(10)[:, None, None, None] * 20 + np.zeros((10, 16, 16, 3))).astype(np.uint8)

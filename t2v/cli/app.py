@@ -57,7 +57,14 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 # the type, help from the field's help, the default from the config.
 PAGE_OPTIONS = ("prompt", "negative_prompt", "seed", "steps", "num_frames", "fps", "width",
                 "height", "guidance_scale", "sampler", "window", "window_overlap", "loop")
+# Upper bounds of the page's number boxes: far beyond what a machine of today samples, low
+# enough that a typo cannot ask for 100,000 frames. Within them, the memory guard
+# (t2v.cli.sample.check_memory) refuses what the machine cannot hold, as a page message.
+PAGE_LIMITS = {"seed": 2**31 - 1, "steps": 1000, "num_frames": 1024, "fps": 120, "width": 2048,
+               "height": 2048, "window": 1024, "window_overlap": 1023}
 OPTION_FIELDS = {f.name: f for f in dataclasses.fields(GenerationOptions)}
+# Small videos (the demo model's 32x32) are enlarged in the page: show their pixels crisp.
+PAGE_CSS = "#video video, #gallery video, #gallery img { image-rendering: pixelated; }"
 OPTION_TYPES = typing.get_type_hints(GenerationOptions)
 KEYS = {name: flag_of(name, OPTION_FIELDS[name])[2:].replace("-", "_") for name in PAGE_OPTIONS}
 
@@ -117,6 +124,8 @@ def _form_value(name: str, value):
         if value is None or float(value) != int(value):
             raise UserError(f"{FORM[KEYS[name]]}: give a whole number, got {value!r}")
         value = int(value)
+        if value > PAGE_LIMITS[name]:
+            raise UserError(f"{FORM[KEYS[name]]}: at most {PAGE_LIMITS[name]}, got {value}")
         if name == "seed":
             return value if value >= 0 else random.randrange(2**31 - 10**6)
         return None if value == 0 and OPTIONAL[name] else value
@@ -270,7 +279,9 @@ def option_control(gr, name: str, value):
     key, meta = KEYS[name], OPTION_FIELDS[name].metadata
     common = {"label": FORM[key], "value": value, "elem_id": key, "info": None}
     if name in INTEGERS:
-        return gr.Number(precision=0, step=8 if name in ("width", "height") else 1, **common)
+        return gr.Number(precision=0, step=8 if name in ("width", "height") else 1,
+                         minimum=-1 if name == "seed" else 0, maximum=PAGE_LIMITS[name],
+                         **common)
     if meta.get("choices"):
         return gr.Dropdown(list(meta["choices"]), **common)
     if _is(name, bool):
@@ -323,7 +334,7 @@ def generate_handler(gr, studio: Studio, inputs: dict, records):
         for warning in record.get("warnings", []):
             gr.Warning(warning)  # shown in the page, beside the video
         history = [*history, record]
-        return (record["video"], record["settings"]["seed"],
+        return (record["video"], gr.Number(value=record["settings"]["seed"], visible=True),
                 gr.DownloadButton(value=record["video"], visible=True),
                 gr.DownloadButton(value=record["sidecar"], visible=True),
                 [(r["video"], r["caption"]) for r in history], history)
@@ -353,7 +364,8 @@ def build_ui(studio: Studio):
             with gr.Column():
                 video = gr.Video(label="Video", autoplay=True, loop=True, interactive=False,
                                  height=360, elem_id="video")
-                used_seed = gr.Number(label="Seed used", interactive=False, elem_id="used-seed")
+                used_seed = gr.Number(label="Seed used", interactive=False, visible=False,
+                                      elem_id="used-seed")  # shown once a run reports it
                 with gr.Row():
                     mp4 = gr.DownloadButton("Download MP4", visible=False, elem_id="download-mp4")
                     sidecar = gr.DownloadButton("Download JSON", visible=False,
@@ -438,6 +450,9 @@ def load_studio(args: argparse.Namespace) -> Studio:
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else \
         (torch.float16 if device.type == "cuda" else torch.float32)
     baseline = resident_bytes() if device.type == "cpu" else 0
+    # The config's own settings must fit before any weights load (the memory guard).
+    check_memory(args, cfg, device, dtype, torch.float32, offload=False, streamed=True,
+                 baseline=baseline)
     pipe, cfg, layout = build_pipeline(cfg, device, dtype, torch.float32, offload=False)
     return Studio(pipe, cfg, layout, device, dtype, torch.float32, args.out.resolve(),
                   args.lora_dir.resolve() if args.lora_dir else None, args.max_memory, baseline)
@@ -461,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     ui = build_ui(studio)
     ui.queue(default_concurrency_limit=1)
     ui.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(studio.out_dir)],
+              css=PAGE_CSS,
               share=False, inbrowser=False)
     return 0
 
