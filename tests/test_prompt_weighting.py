@@ -75,7 +75,6 @@ def test_parser_reproduces_a1111_examples_exactly(prompt, expected):
     ("[(a", [("a", 1.0 * UP * DOWN)]),
     ("a) b]", [("a) b]", 1.0)]),  # nothing open: text
     ("x:1.3) y", [("x:1.3) y", 1.0)]),  # ":w)" with no "(" open: text
-    ("(a: 1.3)", [("a: 1.3", UP)]),  # the number must follow the colon
     ("a: b", [("a: b", 1.0)]),
     ("\\(a\\)", [("(a)", 1.0)]),
     ("(\\(a\\))", [("(a)", UP)]),
@@ -93,7 +92,28 @@ def test_parser_semantics(prompt, expected):
     assert parse_prompt_attention(prompt) == expected
 
 
-@pytest.mark.parametrize("prompt", ["(a:1.2.3)", "(a:.)", "(a:1..)", "[(a:-.)]"])
+# Current A1111 (re_attention's `:\s*([+-]?[.\d]+)\s*\)`): blanks may stand around the number.
+@pytest.mark.parametrize("prompt, expected", [
+    ("(glowing lanterns: 1.4)", [("glowing lanterns", 1.4)]),
+    ("(river:1.2 )", [("river", 1.2)]),
+    ("(a: 1.3)", [("a", 1.3)]),
+    ("(a : 1.3 ) b", [("a ", 1.3), (" b", 1.0)]),  # a blank before the colon is text
+    ("(a:\t1.3\n)", [("a", 1.3)]),  # any whitespace
+    ("(a:  -.5  )", [("a", -0.5)]),
+    ("((a: 2) :3 )", [("a", 6.0), (" ", 3.0)]),
+    ("a (((house: 1.3 )) [on] a (hill : 0.5), sun, (((sky))).",
+     [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1),
+      ("hill ", 0.55), (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    ("(a: 1.3 x)", [("a: 1.3 x", UP)]),  # not a number then ")": text, and "(" closes at 1.1
+    ("(a: x 1.3)", [("a: x 1.3", UP)]),
+    ("x: 1.3 ) y", [("x: 1.3 ) y", 1.0)]),  # no "(" open: text
+])
+def test_parser_allows_blanks_around_the_weight(prompt, expected):
+    assert parse_prompt_attention(prompt) == expected
+
+
+@pytest.mark.parametrize("prompt", ["(a:1.2.3)", "(a:.)", "(a:1..)", "[(a:-.)]",
+                                    "(a: 1.2.3 )"])
 def test_parser_refuses_weights_that_are_no_number(prompt):
     with pytest.raises(UserError, match="no number as its weight") as info:
         parse_prompt_attention(prompt)
@@ -264,6 +284,33 @@ def test_each_chunk_is_encoded_and_weighted_on_its_own(pipe, tokenizer):
         assert torch.equal(z[:, 77 * k:77 * (k + 1)], expected)
 
 
+def test_shorter_prompts_of_a_batch_repeat_their_last_vector(pipe, tokenizer):
+    """A1111's stack_conds: a prompt with fewer chunks than the batch's longest continues with
+    its own last (weighted) token vector, repeated; not with empty chunks."""
+    long = " ".join(["cat"] * 100)  # 2 chunks
+    prompts = ["a dog", long, "a (red:1.3) [cat]"]
+    batch = encode_weighted(pipe.text_encoder, tokenizer, prompts)
+    assert batch.shape == (3, 154, 32)
+    for b in (0, 2):
+        assert torch.equal(batch[b, 77:], batch[b, 76:77].expand(77, -1))
+        alone = encode_weighted(pipe.text_encoder, tokenizer, [prompts[b]])
+        torch.testing.assert_close(batch[b, :77], alone[0], rtol=FLOAT32_TOL, atol=FLOAT32_TOL)
+    torch.testing.assert_close(batch[1], encode_weighted(pipe.text_encoder, tokenizer, [long])[0],
+                               rtol=FLOAT32_TOL, atol=FLOAT32_TOL)
+
+
+def test_min_chunks_appends_the_empty_prompt(pipe, tokenizer):
+    """A1111's pad_cond_uncond: past the batch's longest prompt, the encoding of "" (one
+    encoder call, repeated), for every prompt of the batch."""
+    long = " ".join(["cat"] * 100)
+    empty = pipe.text_encoder(torch.tensor([empty_chunk(tokenizer)[0]]))
+    batch = encode_weighted(pipe.text_encoder, tokenizer, ["a dog", long], min_chunks=3)
+    assert batch.shape == (2, 231, 32)
+    assert torch.equal(batch[:, 154:], empty.expand(2, -1, -1))
+    assert torch.equal(batch[0, 77:154], batch[0, 76:77].expand(77, -1))
+    assert encode_weighted(pipe.text_encoder, tokenizer, [], min_chunks=2).shape == (0, 154, 32)
+
+
 def test_prompts_and_negatives_are_padded_with_empty_chunks(pipe, tokenizer):
     long = " ".join(["cat"] * 100)
     empty = pipe.text_encoder(torch.tensor([empty_chunk(tokenizer)[0]]))
@@ -272,9 +319,13 @@ def test_prompts_and_negatives_are_padded_with_empty_chunks(pipe, tokenizer):
     assert context.shape == (2, 154, 32)
     assert torch.equal(positive[:, :77], pipe.encode_prompt(["a dog"]))
     assert torch.equal(positive[:, 77:], empty)
-    batch = encode_weighted(pipe.text_encoder, tokenizer, ["a dog", long], min_chunks=3)
-    empties = pipe.text_encoder(torch.tensor([empty_chunk(tokenizer)[0]] * 2))  # same batch
-    assert batch.shape == (2, 231, 32) and torch.equal(batch[:, 154:], empties)
+    # Two prompts of 1 and 2 chunks, a short negative: the short prompt repeats its last
+    # vector, the negatives (shorter than the longest prompt) get the empty prompt.
+    context = pipe.prompt_context(["a dog", long], "blurry", 9.0, prompt_weighting=True)
+    negative, positive = context.chunk(2)
+    assert context.shape == (4, 154, 32)
+    assert torch.equal(positive[0, 77:], positive[0, 76:77].expand(77, -1))
+    assert torch.equal(negative[:, 77:], empty.expand(2, -1, -1))
     # And through the pipeline: a long negative prompt with a short prompt.
     frames = pipe("a dog", long, num_frames=2, height=32, width=32, steps=1, seed=0,
                   prompt_weighting=True, output="latents", progress=False).frames

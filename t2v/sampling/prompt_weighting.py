@@ -17,8 +17,10 @@ sd_hijack_clip, "Original" emphasis; docs/sampling-tools.md has the full semanti
     z_i     = apply_weights(z_i, w_i)                   z * w, then the mean restored
     context = concat(z_1, ..., z_n) along the tokens    (B, 77 n, D)
 
-Prompts of one batch (and, in the pipeline, the negative prompts) are padded to the same
-number of chunks with empty chunks, the encoding of [BOS, EOS, pad...] without weights.
+A prompt with fewer chunks than the longest of its batch continues with its last token
+vector, repeated (A1111's prompt_parser.stack_conds); in the pipeline, the shorter of the
+prompts and the negative prompts then gets empty chunks, the encoding of [BOS, EOS, pad...]
+without weights (A1111's pad_cond_uncond option).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ BREAK = ("BREAK", None)  # the piece parse_prompt_attention returns for the keyw
 PROMPT_SYNTAX = re.compile(r"""
       (?P<escape>\\[()\[\]\\]?)         # \( \) \[ \] \\: the character; a lone \ vanishes
     | (?P<open>[(\[])
-    | :(?P<weight>[+-]?[.\d]+)\)        # ":1.3)" closes the innermost "(" with weight 1.3
+    | :\s*(?P<weight>[+-]?[.\d]+)\s*\)  # ":1.3)", ": 1.3 )": the innermost "(" closes at 1.3
     | (?P<close>[)\]])
     | [^\\()\[\]:]+ | :                 # plain text
 """, re.VERBOSE)
@@ -55,10 +57,10 @@ def parse_prompt_attention(prompt: str) -> list[Piece]:
     `parse_prompt_attention`: a closing ")" multiplies every piece since its "(" by 1.1,
     ":w)" by w, "]" by 1 / 1.1 (innermost bracket first); brackets left open at the end
     apply as if closed there (all "(" first, then all "["); a ")" or "]" with nothing open
-    is text, and so is ":w)" with no "(" open. The weight must follow the colon directly:
-    "(a: 1.3)" is the text "a: 1.3" at 1.1. Neighbouring pieces of equal weight merge; an
-    empty prompt is [("", 1.0)]. The word BREAK (with the spaces around it) becomes the
-    BREAK piece; unlike A1111, brackets around it do not turn it into text."""
+    is text, and so is ":w)" with no "(" open. Blanks (any whitespace) may stand between the
+    colon, the number and the ")": "(a: 1.3 )" is "a" at 1.3. Neighbouring pieces of equal
+    weight merge; an empty prompt is [("", 1.0)]. The word BREAK (with the spaces around it)
+    becomes the BREAK piece; unlike A1111, brackets around it do not turn it into text."""
     pieces: list[list] = []  # [text, weight], weights scaled in place as brackets close
     open_round: list[int] = []  # where each open bracket's pieces begin
     open_square: list[int] = []
@@ -215,16 +217,40 @@ def count_chunks(tokenizer, prompts: list[str]) -> int:
 def encode_weighted(text_encoder, tokenizer, prompts: list[str], min_chunks: int = 1
                     ) -> torch.Tensor:
     """Weighted prompts -> (B, context_length x n, D) embeddings, n = the most chunks any
-    prompt needs (at least `min_chunks`); shorter prompts are padded with empty chunks. The
-    text encoder runs once per chunk index on the batch."""
+    prompt needs, at least `min_chunks`. As A1111 batches prompts of different lengths
+    (prompt_parser.stack_conds): a prompt with fewer chunks than the batch's longest is
+    padded with its own last token vector (the weighted encoder output at its last
+    position), repeated. Chunks past the batch's longest, up to `min_chunks`, are the empty
+    prompt's encoding (A1111's pad_cond_uncond: how prompts and negative prompts are brought
+    to one length). The text encoder runs once per chunk index, on the prompts that have a
+    chunk there."""
     chunked = [prompt_chunks(tokenizer, prompt) for prompt in prompts]
-    count = max([min_chunks] + [len(chunks) for chunks in chunked])
-    empty = empty_chunk(tokenizer)
     device = next(text_encoder.parameters()).device
-    outputs = []
-    for i in range(count):
-        rows = [chunks[i] if i < len(chunks) else empty for chunks in chunked]
-        ids = torch.tensor([row[0] for row in rows], device=device)
-        weights = torch.tensor([row[1] for row in rows], dtype=torch.float32, device=device)
-        outputs.append(apply_weights(text_encoder(ids), weights))
-    return torch.cat(outputs, dim=1)
+    if not prompts:  # as the unweighted encoder: (0, L, D)
+        return encode_empty(text_encoder, tokenizer)[:0].repeat(1, min_chunks, 1)
+    encoded: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for i in range(max(len(chunks) for chunks in chunked)):
+        rows = [b for b, chunks in enumerate(chunked) if i < len(chunks)]
+        ids = torch.tensor([chunked[b][i][0] for b in rows], device=device)
+        weights = torch.tensor([chunked[b][i][1] for b in rows], dtype=torch.float32,
+                               device=device)
+        for b, z in zip(rows, apply_weights(text_encoder(ids), weights)):
+            encoded[b].append(z)
+    longest = max(len(chunks) for chunks in chunked)
+    context = torch.stack([pad_with_last_vector(torch.cat(z), longest * tokenizer.context_length)
+                           for z in encoded])
+    if min_chunks <= longest:
+        return context
+    empty = encode_empty(text_encoder, tokenizer).to(context)
+    return torch.cat([context, empty.repeat(len(prompts), min_chunks - longest, 1)], dim=1)
+
+
+def encode_empty(text_encoder, tokenizer) -> torch.Tensor:
+    """The empty prompt's encoding (1, context_length, D), without weights."""
+    device = next(text_encoder.parameters()).device
+    return text_encoder(torch.tensor([empty_chunk(tokenizer)[0]], device=device))
+
+
+def pad_with_last_vector(z: torch.Tensor, length: int) -> torch.Tensor:
+    """(L, D) -> (length, D): z, then its last row repeated (A1111's stack_conds)."""
+    return torch.cat([z, z[-1:].expand(length - z.shape[0], -1)])
