@@ -472,6 +472,9 @@ def test_gallery_reuses_settings(app, page):
     type_into(page, "#steps input", "3")
     generate_and_watch(page)
     seed = page.input_value("#used-seed input")
+    thumbnail = page.locator("#gallery .thumbnail-item video, #gallery .thumbnail-item img").first
+    thumbnail.wait_for(timeout=10_000)
+    assert thumbnail.evaluate("e => getComputedStyle(e).objectFit") == "contain"  # not a crop
     type_into(page, "#prompt textarea", "something else")
     type_into(page, "#steps input", "9")
     page.locator("#gallery .thumbnail-item").first.click()

@@ -64,7 +64,9 @@ PAGE_LIMITS = {"seed": 2**31 - 1, "steps": 1000, "num_frames": 1024, "fps": 120,
                "height": 2048, "window": 1024, "window_overlap": 1023}
 OPTION_FIELDS = {f.name: f for f in dataclasses.fields(GenerationOptions)}
 # Small videos (the demo model's 32x32) are enlarged in the page: show their pixels crisp.
-PAGE_CSS = "#video video, #gallery video, #gallery img { image-rendering: pixelated; }"
+# Gallery thumbnails show the whole frame, not a stretched crop of its background.
+PAGE_CSS = ("#video video, #gallery video, #gallery img { image-rendering: pixelated; }\n"
+            "#gallery video, #gallery img { object-fit: contain !important; }")
 OPTION_TYPES = typing.get_type_hints(GenerationOptions)
 KEYS = {name: flag_of(name, OPTION_FIELDS[name])[2:].replace("-", "_") for name in PAGE_OPTIONS}
 
