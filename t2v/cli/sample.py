@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from t2v import __version__
-from t2v.atomic import atomic_path
+from t2v.atomic import atomic_paths, write_error
 from t2v.cli.flags import add_option_flags, options_from_args
 from t2v.config import UNetConfig, apply_overrides, config_from_dict, config_to_dict
 from t2v.errors import ConfigError, NumericalError, OneLineParser, UserError, fail
@@ -185,16 +185,19 @@ def check_writable(path: Path) -> None:
         raise UserError(f"{path}: cannot write there: no write permission in {folder}")
 
 
-def write_output(frames, path: Path, fmt: str, fps: int, metadata: dict, overwrite: bool):
+def write_output(frames, path: Path, fmt: str, fps: int, metadata: dict, into: Path):
+    """Write the video `path` at its temporary name `into`; errors name `path`."""
     try:
         if fmt == "mp4":
-            write_mp4(frames, path, fps, metadata, overwrite)
+            write_mp4(frames, into, fps, metadata, overwrite=True)
         elif fmt == "gif":
-            write_gif(frames, path, fps, overwrite)
+            write_gif(frames, into, fps, overwrite=True)
         else:
-            write_png_frames(frames, path, overwrite)
+            write_png_frames(frames, into, overwrite=True)
     except OSError as exc:  # includes PyAV's errors for files it cannot open
-        raise UserError(f"{path}: cannot write ({exc.strerror or exc})") from None
+        raise write_error(path, exc) from None
+    except UserError as exc:
+        raise UserError(str(exc).replace(str(into), str(path))) from None
 
 
 def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offload: bool,
@@ -342,7 +345,7 @@ def generate(pipe: TextToVideo, s: GenerationOptions, progress: bool, callback=N
 def write_outputs(pipe: TextToVideo, latents: torch.Tensor, cfg: Config, path: Path, fmt: str,
                   sidecar: dict, overwrite: bool, progress: bool) -> None:
     """Decode and write the video (MP4: decoded chunks go straight into the encoder, the
-    video is never held whole), then its JSON sidecar."""
+    video is never held whole) and its JSON sidecar, committed together."""
     s = cfg.sample
     frames = (chunk.cpu().numpy() for _, chunk in pipe.iter_frames(latents, progress=progress))
     if fmt != "mp4":
@@ -365,9 +368,14 @@ def write_outputs(pipe: TextToVideo, latents: torch.Tensor, cfg: Config, path: P
         params["cache_branch"] = s.cache_branch
     if s.free_init.num_iters:
         params["free_init"] = dataclasses.asdict(s.free_init)
-    write_output(frames, path, fmt, s.fps, params, overwrite)
-    with atomic_path(path.with_name(path.name + ".json"), overwrite) as tmp:
-        tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
+    # The video and its sidecar commit as a pair (t2v.atomic.atomic_paths): a kill leaves the
+    # old pair, a video without a sidecar, or the new pair; never a video with another's sidecar.
+    try:
+        with atomic_paths([path, path.with_name(path.name + ".json")], overwrite) as tmps:
+            write_output(frames, path, fmt, s.fps, params, into=tmps[0])
+            tmps[1].write_text(json.dumps(sidecar, indent=2) + "\n")
+    except OSError as exc:  # writing the sidecar, or a commit
+        raise write_error(path, exc) from None
 
 
 def main(argv: list[str] | None = None) -> int:
