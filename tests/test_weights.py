@@ -312,6 +312,34 @@ def test_cli_refuses_to_overwrite_without_force(folders, tmp_path, cli):
     assert code == 0 and not (out / "keep.txt").exists() and detect_layout(out) == "native"
 
 
+@pytest.mark.parametrize("error", ["safetensors", "oserror"])
+def test_cli_full_disk_is_one_line_and_leaves_nothing(folders, tmp_path, cli, monkeypatch, error):
+    """ENOSPC while writing (safetensors' error around it, or a plain OSError): exit 2 with one
+    line, no traceback, nothing at OUT and no temporary; with --force the old OUT stays."""
+    import errno
+    import os
+
+    import weights_convert.__main__ as convert
+    from safetensors import SafetensorError
+
+    def full_disk(folder, *args):
+        (folder / "unet.safetensors").write_bytes(b"partial")
+        if error == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                                  f"(os error 28) at path \"{folder}/.tmpab12\"")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(convert, "save_native", full_disk)
+    out = tmp_path / "out"
+    assert_clean_failure(out, *cli(folders[0] / "diffusers", out), "No space left on device")
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, lines = cli(folders[0] / "diffusers", out, "--force")
+    assert code == 2 and lines[-1] == f"error: {out}: cannot write (No space left on device)"
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_replacing_a_folder_keeps_the_old_one_until_the_new_one_is_complete(tmp_path):
     from t2v.atomic import atomic_path
 

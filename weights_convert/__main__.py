@@ -6,8 +6,8 @@
 
 SRC is a local folder or a hub repo id in any layout t2v loads (native, diffusers,
 ModelScope); OUT is written atomically (a temporary folder renamed at the end; nothing is left
-at OUT on failure) and never overwritten without --force. Exit codes: 0 done, 2 bad input,
-1 unexpected failure.
+at OUT on failure) and never overwritten without --force. Exit codes: 0 done, 2 bad input or
+a failed write such as a full disk (one line), 1 unexpected failure.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from t2v import __version__
-from t2v.atomic import atomic_path
+from t2v.atomic import atomic_path, write_error
 from t2v.errors import UserError
 from t2v.loading.weights import read_checkpoint, resolve_source, save_native
 from t2v.models.text_encoder import TextEncoder
@@ -82,26 +83,41 @@ def convert_folder(args: argparse.Namespace, log: logging.Logger) -> None:
     def progress(name: str, tensors: int, size: int) -> None:
         log.info("%s: %d tensors, %.1f MB written", name, tensors, size / 1e6)
 
+    source_files = sorted(p for p in source.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(source).parts))
+    origin = {"location": str(args.src), "revision": args.revision, "layout": layout,
+              "files": [{"path": str(p.relative_to(source)), "bytes": p.stat().st_size,
+                         "sha256": sha256(p)} for p in source_files]}
+    try:
+        manifest = write_folder(args, out, origin, cfg, states, progress)
+    except (OSError, SafetensorError) as exc:  # a full disk, no permission, ...: one line
+        error = write_error(args.out, exc)
+        if error is None:
+            raise
+        raise error from None
+    total = sum(f["bytes"] for f in manifest["files"])
+    log.info("wrote %s (%s layout, %.1f MB)", out, args.target_layout, total / 1e6)
+
+
+def write_folder(args: argparse.Namespace, out: Path, origin: dict, cfg, states,
+                 progress) -> dict:
+    """Write OUT atomically (the weights, then manifest.json, `origin` as its source);
+    returns the manifest."""
     with atomic_path(out, overwrite=args.force) as tmp:
         tmp.mkdir()
         dtype = DTYPES[args.dtype] if args.dtype else None
         writer = save_native if args.target_layout == "native" else save_diffusers
         written = writer(tmp, cfg, states, dtype, progress)
-        source_files = sorted(p for p in source.rglob("*") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(source).parts))
         manifest = {
             "tool": "weights_convert", "t2v_version": __version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "layout": args.target_layout, "dtype": args.dtype or "as stored",
-            "source": {"location": str(args.src), "revision": args.revision, "layout": layout,
-                       "files": [{"path": str(p.relative_to(source)), "bytes": p.stat().st_size,
-                                  "sha256": sha256(p)} for p in source_files]},
+            "source": origin,
             "files": [{"path": str(p.relative_to(tmp)), "bytes": p.stat().st_size}
                       for p in written],
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    total = sum(f["bytes"] for f in manifest["files"])
-    log.info("wrote %s (%s layout, %.1f MB)", out, args.target_layout, total / 1e6)
+    return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
