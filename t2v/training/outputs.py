@@ -3,11 +3,14 @@ lora.safetensors (LoRA runs) or model/ (a native weights folder for t2v.cli.samp
 EMA weights if any. A VAE run's model/ gets the latent scaling factor measured on its clips.
 
 `write_samples` and `save_final` take the Trainer (t2v.training.trainer) of the run.
+log.jsonl (one line per log step) is appended by `append_log` and cut back to the resumed step
+by `trim_log`, so a resumed run's log has each step once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,6 +25,42 @@ from t2v.pipeline.video_io import write_mp4
 from t2v.training.fsdp import full_model_state
 
 log = logging.getLogger(__name__)
+
+
+LOG = "log.jsonl"
+
+
+def append_log(output: Path, record: dict) -> None:
+    """One line of output_dir/log.jsonl."""
+    with open(output / LOG, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a log line; None for a line that is not a whole record (a kill while
+    appending)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def trim_log(output: Path, step: int) -> int:
+    """Drop output_dir/log.jsonl's lines of steps after `step` (and partial lines): a run
+    resumed from the checkpoint of `step` logs the later steps again. Rewritten atomically
+    (t2v.atomic), and only when there is something to drop; returns the lines dropped."""
+    path = output / LOG
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines
+            if line.endswith("\n") and (n := _logged_step(line)) is not None and n <= step]
+    if len(kept) < len(lines):
+        with atomic_path(path, overwrite=True) as tmp:
+            tmp.write_text("".join(kept))
+        log.info("%s: %d lines after step %d dropped (logged again)", path,
+                 len(lines) - len(kept), step)
+    return len(lines) - len(kept)
 
 
 @torch.no_grad()

@@ -35,7 +35,6 @@ weights in t2v.training.outputs; this module holds the run's state and its loop.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -61,7 +60,7 @@ from t2v.training.data import LatentCache, VideoClips, sample_rng
 from t2v.training.distributed import Distributed, global_seed
 from t2v.training.fsdp import clip_grad_norm_, local, shard_unet
 from t2v.training.losses import diffusion_loss, lr_factor, timestep_weights, vae_loss
-from t2v.training.outputs import save_final, write_samples
+from t2v.training.outputs import append_log, save_final, trim_log, write_samples
 from t2v.training.surgery import set_trainable
 from t2v.training.synthetic import SyntheticClips, combinations_named
 
@@ -361,6 +360,7 @@ class Trainer:
         history = []
         if self.dist.main:
             self.output.mkdir(parents=True, exist_ok=True)
+            trim_log(self.output, self.step)  # lines after the resumed step come again
         bar = tqdm(total=tc.steps, initial=self.step, desc="training",
                    disable=not (progress and self.dist.main))
         start = time.perf_counter()
@@ -371,15 +371,16 @@ class Trainer:
             bar.update()
             bar.set_postfix(loss=f"{record['loss']:.4f}")
             if self.dist.main and (self.step % tc.log_every == 0 or self.step == tc.steps):
-                with open(self.output / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_log(self.output, record)
             if self.step % tc.checkpoint_every == 0 or self.step == tc.steps:
                 self.save_checkpoint()
             if tc.sample_every and self.step % tc.sample_every == 0 and \
                     (self.dist.main or self.fsdp):
                 write_samples(self)
         bar.close()
-        if history and (self.dist.main or self.fsdp):
+        # Also when nothing trained (resumed at the last step): a kill during the final save
+        # left no (or an earlier run's) model/ or lora.safetensors.
+        if self.dist.main or self.fsdp:
             save_final(self)
         self.dist.barrier()
         return history
@@ -402,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.dist.main and history:
         print(f"trained to step {trainer.step}: loss {history[-1]['loss']:.4f}; "
               f"outputs in {trainer.output}")
+    elif trainer.dist.main:
+        print(f"already at step {trainer.step} (train.steps={trainer.cfg.train.steps}): "
+              f"final weights written in {trainer.output}")
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
