@@ -31,7 +31,13 @@ from t2v.cli.flags import add_option_flags, options_from_args
 from t2v.config import UNetConfig, apply_overrides, config_from_dict, config_to_dict
 from t2v.errors import ConfigError, NumericalError, OneLineParser, UserError, fail
 from t2v.models.lora import parse_lora_arg
-from t2v.models.memory import GIB, estimate_memory, parse_size, resident_bytes
+from t2v.models.memory import (
+    GIB,
+    available_bytes,
+    estimate_memory,
+    parse_size,
+    resident_bytes,
+)
 from t2v.pipeline.options import Config, GenerationOptions, load_config
 from t2v.pipeline.text_to_video import TextToVideo, auto_frame_chunk, load_pipeline
 from t2v.pipeline.video_io import write_gif, write_mp4, write_png_frames
@@ -200,21 +206,28 @@ def write_output(frames, path: Path, fmt: str, fps: int, metadata: dict, into: P
         raise UserError(str(exc).replace(str(into), str(path))) from None
 
 
-def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offload: bool,
-                 streamed: bool, baseline: int | None = None) -> None:
-    """Print the memory estimate for long runs; refuse runs over --max-memory. `baseline`:
-    the process's memory before the models loaded (default: measured now, on CPU runs)."""
-
-    budget = None
-    if args.max_memory is not None:
+def memory_budget(max_memory: str | None, device: torch.device) -> tuple[int | None, str]:
+    """(bytes a run may peak at, what that limit is): --max-memory when given, else what the
+    process holds now plus what the machine (or its cgroup, or the GPU) has free."""
+    if max_memory is not None:
         try:
-            budget = parse_size(args.max_memory)
+            return parse_size(max_memory), "--max-memory"
         except ValueError as exc:
             raise UserError(f"--max-memory: {exc}") from None
-    s = cfg.sample
-    if budget is None and s.num_frames <= LONG_RUN_FRAMES:
-        return
+    free = available_bytes(device)
+    if free is None:
+        return None, ""
+    held = resident_bytes() if device.type == "cpu" else torch.cuda.memory_reserved(device)
+    return held + free, "the memory available (--max-memory sets another limit)"
 
+
+def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offload: bool,
+                 streamed: bool, baseline: int | None = None) -> None:
+    """Refuse, before anything loads, a run whose estimated peak exceeds --max-memory or, by
+    default, the memory available; print the estimate for long runs. `baseline`: the process's
+    memory before the models loaded (default: measured now, on CPU runs)."""
+    budget, limit = memory_budget(args.max_memory, device)
+    s = cfg.sample
     if baseline is None:
         baseline = resident_bytes() if device.type == "cpu" else 0  # host memory: CPU only
 
@@ -230,7 +243,8 @@ def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offl
 
     est = estimate()
     if budget is None or est.peak <= budget:
-        log.info("%s", est.summary())
+        if args.max_memory is not None or s.num_frames > LONG_RUN_FRAMES:
+            log.info("%s", est.summary())
         return
     hints = []
     if s.window is None and s.num_frames > 16:
@@ -240,7 +254,7 @@ def check_memory(args, cfg: Config, device: torch.device, dtype, vae_dtype, offl
     if dtype == torch.float32 and device.type != "cpu":
         hints.append(f"--dtype float16 ({estimate(dtype=torch.float16).peak / GIB:.1f} GiB)")
     hints.append("fewer --frames or a smaller --height/--width")
-    raise UserError(f"estimated peak memory {est.peak / GIB:.1f} GiB exceeds --max-memory "
+    raise UserError(f"estimated peak memory {est.peak / GIB:.1f} GiB exceeds {limit} "
                     f"{budget / GIB:.1f} GiB; try {', '.join(hints)}")
 
 
