@@ -16,7 +16,7 @@ from t2v.cli.flags import flag_of
 from t2v.pipeline.options import Config, load_config, option_fields
 from t2v.pipeline.text_to_video import TextToVideo
 from t2v.cli.sample import build_parser, main
-from t2v.pipeline.video_io import probe, read_video, write_gif, write_mp4
+from t2v.pipeline.video_io import probe, read_video, rgb_to_yuv420p, write_gif, write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -86,21 +86,33 @@ def test_same_frames_give_the_same_files(tmp_path):
     assert len(mp4s) == 1 and len(gifs) == 1
 
 
-def test_sidecar_reproduces_the_same_gif_bytes(tmp_path):
-    """`--config VIDEO.json` makes the same GIF, byte for byte, as a user runs it: two
-    processes. (MP4 is not yet: with frames streamed into the encoder, the decoded frames of
-    two processes differed by up to 16 levels on the random tiny model, while the same frames
-    always encode to the same bytes: test_same_frames_give_the_same_files.)"""
+def test_sidecar_reproduces_the_same_bytes(tmp_path):
+    """`--config VIDEO.json` makes the same MP4 and GIF, byte for byte, as a user runs it: two
+    processes. (MP4 needs the RGB -> YUV conversion done by t2v: swscale's, inside the encoder,
+    gave different files from one process to the next for the same frames.)"""
     def command(*args):
         return subprocess.run([sys.executable, "-m", "t2v.sample", *map(str, args)],
                               capture_output=True, text=True, timeout=300)
 
-    first, second = tmp_path / "a.gif", tmp_path / "b.gif"
-    assert command("--config", TINY, "--prompt", "a red ball", "--out", first,
-                   "--no-progress", "sample.steps=2").returncode == 0
-    assert command("--config", first.with_name(first.name + ".json"), "--out", second,
-                   "--no-progress").returncode == 0
-    assert first.read_bytes() == second.read_bytes()
+    for fmt in ("mp4", "gif"):
+        first, second = tmp_path / f"a.{fmt}", tmp_path / f"b.{fmt}"
+        assert command("--config", TINY, "--prompt", "a red ball", "--out", first,
+                       "--no-progress", "sample.steps=2").returncode == 0
+        assert command("--config", first.with_name(first.name + ".json"), "--out", second,
+                       "--no-progress").returncode == 0
+        assert first.read_bytes() == second.read_bytes(), fmt
+
+
+def test_rgb_to_yuv420p_is_bt601_limited_range():
+    """Black, white and the primaries land on BT.601's limited-range codes; a 2x2 block's
+    chroma is that of its mean colour."""
+    colours = {(0, 0, 0): (16, 128, 128), (255, 255, 255): (235, 128, 128),
+               (255, 0, 0): (81, 90, 240), (0, 255, 0): (145, 54, 34),
+               (0, 0, 255): (41, 240, 110)}
+    for rgb, (y, cb, cr) in colours.items():
+        planes = rgb_to_yuv420p(np.full((2, 2, 3), rgb, dtype=np.uint8))
+        assert planes.shape == (3, 2)
+        assert (planes[:2] == y).all() and planes[2, 0] == cb and planes[2, 1] == cr, rgb
 
 
 def test_sidecar_reproduces_the_run(cli, tmp_path):

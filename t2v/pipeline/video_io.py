@@ -32,6 +32,29 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+# BT.601, limited range: what FFmpeg's swscale used for these files (and what players assume
+# for untagged standard-definition video). Rows: Y, Cb, Cr; columns: R, G, B in 0-255.
+BT601 = np.array([[0.256788, 0.504129, 0.097906],
+                  [-0.148223, -0.290993, 0.439216],
+                  [0.439216, -0.367788, -0.071427]])
+BT601_OFFSET = np.array([16.0, 128.0, 128.0])
+
+
+def rgb_to_yuv420p(frame: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) RGB -> the yuv420p planes stacked as PyAV takes them, (3H/2, W): Y at
+    full size, Cb and Cr from each 2x2 block's mean colour. Done here, in float64 numpy, rather
+    than by swscale, whose SIMD paths depend on how a buffer happens to be aligned: the same
+    frames gave different MP4s from one process to the next."""
+    rgb = frame.astype(np.float64)
+    h, w, _ = rgb.shape
+    y = rgb @ BT601[0] + BT601_OFFSET[0]
+    block = rgb.reshape(h // 2, 2, w // 2, 2, 3).mean(axis=(1, 3))
+    chroma = block @ BT601[1:].T + BT601_OFFSET[1:]  # (H/2, W/2, 2)
+    planes = [y.reshape(-1), chroma[..., 0].reshape(-1), chroma[..., 1].reshape(-1)]
+    out = np.clip(np.rint(np.concatenate(planes)), 0, 255).astype(np.uint8)
+    return out.reshape(h * 3 // 2, w)
+
+
 def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int,
               metadata: dict | None = None, overwrite: bool = False,
               crf: int = MP4_CRF) -> Path:
@@ -64,7 +87,8 @@ def write_mp4(frames: np.ndarray | Iterable[np.ndarray], path: Path, fps: int,
             i = 0
             for chunk in itertools.chain([first], chunks):
                 for frame in _check_frames(chunk):
-                    video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                    video_frame = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame),
+                                                             format="yuv420p")
                     video_frame.pts = i  # explicit timestamps: x264's rate control reads them
                     video_frame.time_base = frame_time
                     i += 1
