@@ -431,6 +431,8 @@ def test_bad_input_shows_its_message_and_writes_nothing(app, page):
         "sample.width must be a positive multiple of 8, got 30")
     message.wait_for(timeout=20_000)
     assert app.outputs() == before
+    page.wait_for_timeout(500)
+    assert page.locator("#video").get_by_text("Error", exact=True).count() == 0  # no badge
     # The server goes on serving: a good request afterwards makes its video.
     type_into(page, "#width input", "32")
     type_into(page, "#steps input", "2")

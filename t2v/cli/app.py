@@ -238,10 +238,9 @@ class Studio:
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop_requests: set = field(default_factory=set)
 
-    def generate(self, form: dict, session: str = "", on_step=None) -> dict:
-        """Check the form, generate, write the MP4 and sidecar; returns the gallery record.
-        Every check runs before the model does; a failure writes nothing.
-        `on_step(done, total)` after each sampling step."""
+    def check(self, form: dict) -> tuple[GenerationOptions, list[str], Config]:
+        """Every check of a generation, before the model runs: the form, the LoRA names, the
+        model's limits and the memory guard. Returns (options, LoRA specs, run config)."""
         s = sample_settings(self.cfg.sample, form)
         loras = lora_specs(self.lora_dir, form.get("loras"), form.get("lora_scale", 1.0))
         run_cfg = dataclasses.replace(self.cfg, sample=s, weights=dataclasses.replace(
@@ -250,6 +249,13 @@ class Studio:
         check_memory(argparse.Namespace(max_memory=self.max_memory), run_cfg, self.device,
                      self.dtype, self.vae_dtype, offload=False, streamed=True,
                      baseline=self.baseline)
+        return s, loras, run_cfg
+
+    def generate(self, form: dict, session: str = "", on_step=None) -> dict:
+        """Check the form, generate, write the MP4 and sidecar; returns the gallery record.
+        Every check runs before the model does; a failure writes nothing.
+        `on_step(done, total)` after each sampling step."""
+        s, loras, run_cfg = self.check(form)
 
         def step(i, t, x, x0):
             if session in self.stop_requests:
@@ -315,6 +321,20 @@ def option_controls(gr, defaults: dict, loras: list[str]) -> dict:
     return controls, buttons
 
 
+def check_handler(gr, studio: Studio, inputs: dict):
+    """The Generate button's first step: Studio.check on the form; a refusal is a message in
+    the page and leaves the video box as it was (an error of the generating step, which shows
+    its progress there, would mark the box "Error")."""
+
+    def on_check(data: dict):
+        try:
+            studio.check({name: data[inputs[name]] for name in FORM})
+        except UserError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+
+    return on_check
+
+
 def generate_handler(gr, studio: Studio, inputs: dict, records):
     """The Generate button's handler: the form -> Studio.generate, errors as page messages,
     the outputs (video, seed used, downloads, gallery, records)."""
@@ -347,16 +367,14 @@ def generate_handler(gr, studio: Studio, inputs: dict, records):
 def build_ui(studio: Studio):
     import gradio as gr
 
-    defaults = form_defaults(studio.cfg.sample)
-    loras = lora_files(studio.lora_dir)
+    defaults, loras = form_defaults(studio.cfg.sample), lora_files(studio.lora_dir)
     source = studio.cfg.weights.source or "random weights"
     out = studio.out_dir
     shown = os.path.relpath(out) if out.is_relative_to(Path.cwd()) else str(out)
     with gr.Blocks(title="t2v") as ui:
         gr.Markdown(f"## t2v: text to video\nModel: `{source}` ({studio.layout}), "
                     f"{studio.device}. Outputs: `{shown}/`.")
-        records = gr.State([])
-        selected = gr.State(None)
+        records, selected = gr.State([]), gr.State(None)
         with gr.Row():
             with gr.Column():
                 inputs, buttons = option_controls(gr, defaults, loras)
@@ -369,9 +387,9 @@ def build_ui(studio: Studio):
                 used_seed = gr.Number(label="Seed used", interactive=False, visible=False,
                                       elem_id="used-seed")  # shown once a run reports it
                 with gr.Row():
-                    mp4 = gr.DownloadButton("Download MP4", visible=False, elem_id="download-mp4")
-                    sidecar = gr.DownloadButton("Download JSON", visible=False,
-                                                elem_id="download-json")
+                    mp4, sidecar = (gr.DownloadButton(f"Download {kind}", visible=False,
+                                                      elem_id=f"download-{kind.lower()}")
+                                    for kind in ("MP4", "JSON"))
         gr.Markdown("### This session's outputs")
         with gr.Row():
             gallery = gr.Gallery(label="Outputs (select one)", columns=6, height=240,
@@ -397,9 +415,11 @@ def build_ui(studio: Studio):
             return form_values(history[index])
 
         outputs = [video, used_seed, mp4, sidecar, gallery, records]
-        event = run.click(on_generate, {*components, records}, outputs,
-                          show_progress_on=[video], concurrency_limit=1,
-                          concurrency_id="generate")
+        checked = run.click(check_handler(gr, studio, inputs), set(components), None,
+                            show_progress="hidden")
+        event = checked.success(on_generate, {*components, records}, outputs,
+                                show_progress_on=[video], concurrency_limit=1,
+                                concurrency_id="generate")
         cancel.click(on_cancel, None, None, cancels=[event], queue=False)
         gallery.select(on_select, [records], [selected, details])
         reuse.click(on_reuse, [records, selected], components)
