@@ -76,6 +76,11 @@ class UNetConfig:
     # BasicTransformerBlock with positional_embeddings="sinusoidal", as AnimateDiff's motion
     # modules use). No ms-1.7b or zeroscope checkpoint has it (False).
     temporal_position_embedding: bool = False
+    # An embedding of the guidance scale (LCM, T2V-Turbo: consistency-distilled students, one
+    # UNet pass per step without an unconditional branch): a bias-free Linear from this width
+    # added to the sinusoidal timestep embedding (diffusers' time_cond_proj_dim,
+    # TimestepEmbedding.cond_proj); the pipeline feeds it guidance_scale_embedding(w). None: off.
+    time_cond_proj_dim: int | None = None
 
     # Options removed from t2v, with the value that meant "off" (not fields): stored configs
     # of older native folders may still name them at that value (`drop_removed`).
@@ -90,6 +95,9 @@ class UNetConfig:
                    f"by model.unet.norm_groups {self.norm_groups}")
             _check(c % self.head_dim == 0, f"model.unet.channels entry {c} is not divisible "
                    f"by model.unet.head_dim {self.head_dim}")
+        _check(self.time_cond_proj_dim is None or self.time_cond_proj_dim >= 2,
+               "model.unet.time_cond_proj_dim must be null (off) or >= 2, got "
+               f"{self.time_cond_proj_dim}")
 
     @property
     def time_embed_dim(self) -> int:

@@ -632,3 +632,70 @@ def test_first_frame_conditioning_bad_input(components, bad, message):
     ours, _ = components
     with pytest.raises(UserError, match=message):
         ours(PROMPTS[:1], num_frames=4, height=32, width=32, steps=2, progress=False, **bad)
+
+
+LCM_GUIDANCE_DIM = 32
+
+
+@pytest.fixture(scope="module")
+def guided_components(components):
+    """The components with a UNet that embeds the guidance scale (time_cond_proj_dim), the
+    same random weights on both sides."""
+    import dataclasses
+
+    from diffusers import UNet3DConditionModel
+
+    from helpers import randomize_
+    from weights_convert.diffusers import diffusers_unet_kwargs
+
+    ours, (text, _, vae, tokenizer) = components
+    cfg = dataclasses.replace(DIFF_UNET, time_cond_proj_dim=LCM_GUIDANCE_DIM)
+    unet = randomize_(UNet3DConditionModel(**diffusers_unet_kwargs(cfg)), 4).eval()
+    pipe = TextToVideo(dataclasses.replace(ours.config, unet=cfg), ours.text_encoder,
+                       build(lambda: UNet3D(cfg), unet.state_dict(), "unet"), ours.vae,
+                       ours.tokenizer)
+    return pipe, (text, unet, vae, tokenizer)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_guidance_embedding_runs_one_pass_per_step_as_the_lcm_loop(guided_components, steps):
+    """A model with time_cond_proj_dim through the lcm sampler: one UNet call per step on the
+    prompts alone (no unconditional batch), the embedding of w = guidance - 1, as an LCM
+    pipeline's loop written here with diffusers' pieces (CLIP text encoder, UNet3DCondition-
+    Model with timestep_cond, LCMScheduler, frames folded around the step)."""
+    from diffusers import LCMScheduler
+    from diffusers.pipelines.latent_consistency_models import LatentConsistencyModelPipeline
+
+    pipe, (text, unet, _, tokenizer) = guided_components
+    latents = noise((2, 4, 3, 8, 8))
+    g = 8.5
+    with torch.no_grad():
+        ids = tokenizer(PROMPTS, padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+        context = text(ids)[0]
+        w = torch.full((2,), g - 1.0)
+        cond = LatentConsistencyModelPipeline.get_guidance_scale_embedding(
+            None, w, LCM_GUIDANCE_DIM)
+        scheduler = LCMScheduler.from_config({**HUB_SCHEDULER, "_class_name": "LCMScheduler"})
+        scheduler.set_timesteps(steps)
+        x, generator = latents.clone(), torch.Generator().manual_seed(7)
+        b, c, f, h, wd = x.shape
+        for t in scheduler.timesteps:
+            out = unet(x, t, context, timestep_cond=cond).sample
+            fold = lambda y: y.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, wd)  # noqa: E731
+            x = scheduler.step(fold(out), t, fold(x), generator=generator).prev_sample
+            x = x.reshape(b, f, c, h, wd).permute(0, 2, 1, 3, 4)
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda m, args, kw, out: calls.append(args[0].shape[0]),
+                                             with_kwargs=True)
+    try:
+        actual = pipe(PROMPTS, num_frames=3, height=32, width=32, steps=steps, sampler="lcm",
+                      guidance_scale=g, latents=latents.clone(), output="latents",
+                      generator=torch.Generator().manual_seed(7), progress=False).frames
+    finally:
+        handle.remove()
+    assert calls == [2] * steps  # one pass per step, the two prompts only
+    assert_parity(actual, x, LATENT_TOL, what=f"LCM {steps} steps with the guidance embedding")
+    with pytest.raises(UserError, match="embeds the guidance scale"):
+        pipe(PROMPTS, "blurry", num_frames=3, height=32, width=32, steps=2, sampler="lcm",
+             progress=False)

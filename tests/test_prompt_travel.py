@@ -242,7 +242,7 @@ def test_cli_bad_schedules_exit_2_with_one_line(tmp_path, capsys, args, needle):
 
 def test_window_colours_find_where_the_colour_changes():
     """The helper for measuring prompt travel on the demo model (t2v.demo.evaluate)."""
-    from t2v.demo.evaluate import window_colours
+    from t2v.demo.classify import window_colours
     from t2v.training.synthetic import Attributes, render
 
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ from reference import modelscope_module
 from t2v.config import UNetConfig
 from t2v.pipeline.options import load_config
 from t2v.errors import ConfigError
-from t2v.models.unet import UNet3D
+from t2v.models.unet import UNet3D, guidance_scale_embedding
 from weights_convert import ConversionError
 from weights_convert.diffusers import diffusers_unet_kwargs, unet_config
 from weights_convert.modelscope import unet_from_modelscope, unet_to_modelscope
@@ -244,6 +244,47 @@ def test_frame_position_embedding_matches_diffusers_sinusoidal_blocks():
     assert max_rel_diff(without, expected) > 100 * PARITY_TOL  # the embedding matters
     with pytest.raises(ConfigError, match="temporal_position_embedding"):
         diffusers_unet_kwargs(cfg)
+
+
+GUIDED = dataclasses.replace(TINY, time_cond_proj_dim=24)
+
+
+def test_guidance_scale_embedding_matches_diffusers():
+    """LCM's embedding of w: diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding."""
+    from diffusers import LatentConsistencyModelPipeline
+
+    w = torch.tensor([0.0, 1.0, 4.5, 7.5])
+    for dim in (256, 24, 7):
+        expected = LatentConsistencyModelPipeline.get_guidance_scale_embedding(None, w, dim)
+        assert torch.equal(guidance_scale_embedding(w, dim), expected)
+
+
+@pytest.mark.parametrize("frames", [1, 3])
+def test_guidance_embedding_matches_diffusers_time_cond_proj_dim(frames):
+    """time_cond_proj_dim: UNet3DConditionModel(time_cond_proj_dim=...) with timestep_cond,
+    every parameter random (cond_proj included): same output; the embedding moves it."""
+    reference = diffusers_unet(GUIDED, seed=11)
+    assert reference.time_embedding.cond_proj is not None
+    ours = UNet3D(GUIDED).eval()
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    x, context = inputs(2, frames, (12, 20))
+    cond = guidance_scale_embedding(torch.tensor([3.0, 6.5]), 24)
+    t = torch.tensor([259, 999])
+    with torch.no_grad():
+        expected = reference(x, t, context, timestep_cond=cond).sample
+        actual = ours(x, t, context, timestep_cond=cond)
+        other = ours(x, t, context, timestep_cond=guidance_scale_embedding(
+            torch.tensor([1.0, 1.0]), 24))
+    assert_parity(actual, expected, what="UNet3D time_cond_proj_dim vs diffusers")
+    assert max_rel_diff(other, expected) > 100 * PARITY_TOL
+    assert unet_config({**HUB_UNET_CONFIG, "time_cond_proj_dim": 24}).time_cond_proj_dim == 24
+    assert diffusers_unet_kwargs(GUIDED)["time_cond_proj_dim"] == 24
+    with pytest.raises(ValueError, match="timestep_cond"):
+        ours(x, t, context, timestep_cond=cond[:, :10])
+    with pytest.raises(ValueError, match="timestep_cond"):
+        UNet3D(TINY)(x, t, context, timestep_cond=cond)
+    with pytest.raises(ConversionError, match="time_cond_proj_dim"):
+        unet_to_modelscope(ours.state_dict(), GUIDED)
 
 
 @pytest.mark.parametrize("change, needle", [

@@ -65,7 +65,7 @@ UNET_INERT_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "_use_d
 # UNet3DConditionModel ever implemented; any other value is a different model.
 UNET_FIXED_KEYS = {
     "act_fn": "silu", "downsample_padding": 1, "mid_block_scale_factor": 1,
-    "num_attention_heads": None, "time_cond_proj_dim": None, "flip_sin_to_cos": True,
+    "num_attention_heads": None, "flip_sin_to_cos": True,
     "freq_shift": 0, "use_linear_projection": True, "mid_block_type": "UNetMidBlock3DCrossAttn",
     "time_embedding_type": "positional", "class_embed_type": None,
     "dual_cross_attention": False, "only_cross_attention": False,
@@ -76,7 +76,7 @@ UNET_FIXED_KEYS = {
 }
 UNET_KEYS = {"in_channels", "out_channels", "block_out_channels", "down_block_types",
              "up_block_types", "layers_per_block", "attention_head_dim", "cross_attention_dim",
-             "norm_num_groups", "norm_eps"}
+             "norm_num_groups", "norm_eps", "time_cond_proj_dim"}
 DOWN_TYPES = {"CrossAttnDownBlock3D": True, "DownBlock3D": False}
 UP_TYPES = {"CrossAttnUpBlock3D": True, "UpBlock3D": False}
 
@@ -130,6 +130,8 @@ def unet_config(diffusers_config: Mapping) -> UNetConfig:
         context_dim=int(c.get("cross_attention_dim", 1024)),
         norm_groups=int(c.get("norm_num_groups", 32)),
         norm_eps=float(c.get("norm_eps", 1e-5)),
+        time_cond_proj_dim=None if c.get("time_cond_proj_dim") is None
+        else int(c["time_cond_proj_dim"]),
     )
 
 
@@ -151,7 +153,7 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
                              for a in reversed(cfg.attention)),
         layers_per_block=cfg.layers_per_block, attention_head_dim=cfg.head_dim,
         cross_attention_dim=cfg.context_dim, norm_num_groups=cfg.norm_groups,
-        norm_eps=cfg.norm_eps,
+        norm_eps=cfg.norm_eps, time_cond_proj_dim=cfg.time_cond_proj_dim,
     )
 
 

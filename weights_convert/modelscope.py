@@ -134,10 +134,12 @@ def unet_from_modelscope(state: Mapping[str, torch.Tensor],
 def unet_to_modelscope(state: Mapping[str, torch.Tensor],
                        cfg: UNetConfig) -> dict[str, torch.Tensor]:
     """The inverse: UNet3D keys -> ModelScope UNetSD keys."""
-    if cfg.beyond_reference():
+    beyond = cfg.beyond_reference() + (["time_cond_proj_dim"] if cfg.time_cond_proj_dim
+                                       else [])
+    if beyond:
         raise ConversionError("ModelScope's UNetSD has no equivalent of model.unet."
-                              f"{', model.unet.'.join(cfg.beyond_reference())}: a UNet with it "
-                              "cannot be exported")
+                              f"{', model.unet.'.join(beyond)}: a UNet with it cannot be "
+                              "exported (export to the diffusers layout instead)")
     return convert(state, invert(unet_rules(cfg)), (), "UNet3D state dict")
 
 

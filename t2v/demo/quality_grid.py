@@ -4,9 +4,11 @@
     python -m t2v.demo.quality_grid --out runs/quality --only default bf16 freeu
 
 Each row of GRID is `python -m t2v.eval demo` with one setting changed from the default
-(DPM-Solver++ 25 steps, guidance 5, fp32, 8 frames at 32x32) on the same cases and seeds;
-its report goes to `<out>/<name>.json` (a row whose file exists is read, not re-run, unless
---overwrite). The tools that need more than one call per video are measured by their own
+(DPM-Solver++ 25 steps, guidance 5 at t >= 600, fp32, 8 frames at 32x32) on the same cases
+and seeds (the report set unless --set tuning); its report goes to `<out>/<name>.json` (a row
+whose file exists is read, not re-run, unless --overwrite), and each row is compared with the
+default row video by video: the paired difference of each rate with its 95% interval
+(t2v.demo.scores.compare). The tools that need more than one call per video are measured by their own
 functions (TOOLS): prompt travel (the colour per 8-frame window of a 64-frame video against the
 schedule), first-frame conditioning (the rendered first frame kept; PSNR of frame 0 and the
 attributes), continuation (a clip continued from the last 4 frames of another) and the dtype
@@ -26,22 +28,22 @@ import numpy as np
 import torch
 
 from t2v.atomic import atomic_path
+from t2v.demo.classify import classify, window_colours
 from t2v.demo.evaluate import (
     EVAL_SEED_BASE,
+    SEED_SETS,
     EvalSettings,
-    TRAINED,
     cases,
-    classify,
     demo_options,
     evaluate,
     load_demo_pipeline,
-    window_colours,
 )
+from t2v.demo.scores import RATES, compare, markdown_tables
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.loading.weights import DEMO_SOURCE
 from t2v.pipeline.options import FreeInitOptions
 from t2v.pipeline.text_to_video import TextToVideo
-from t2v.training.synthetic import COLOURS, render
+from t2v.training.synthetic import COLOURS, TRAINED, render
 
 FREEU_DIFFUSERS = (1.2, 1.4, 0.9, 0.2)  # b1 b2 s1 s2 that diffusers documents for ms-1.7b
 
@@ -54,7 +56,7 @@ class Row:
     # emphasis
     changes: dict = field(default_factory=dict)
     split: str = "both"
-    seeds: int | None = None  # per caption; None: t2v.demo.evaluate.DEFAULT_SEEDS
+    seeds: int | None = None  # per caption; None: the seed set's (t2v.demo.evaluate.SEED_SETS)
 
 
 GRID = (
@@ -102,13 +104,14 @@ def row_settings(row: Row, weights: str) -> EvalSettings:
                         **{k: v for k, v in row.changes.items() if k in EXTRAS})
 
 
-def run_row(row: Row, pipes: dict, weights: str) -> dict:
+def run_row(row: Row, pipes: dict, weights: str, seed_set: str = "report") -> dict:
     settings = row_settings(row, weights)
     if settings.dtype not in pipes:
         pipes.clear()  # one pipeline at a time
         pipes[settings.dtype] = load_demo_pipeline(weights, settings.dtype)
     seeds = {"trained": row.seeds, "heldout": row.seeds} if row.seeds else None
-    report = evaluate(pipes[settings.dtype], settings, cases(seeds, (), row.split))
+    report = evaluate(pipes[settings.dtype], settings,
+                      cases(seeds, (), row.split, seed_set), cases_label=f"{seed_set} set")
     report["row"] = {"name": row.name, "label": row.label}
     return report
 
@@ -232,11 +235,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def attribute_scores(predictions, attributes) -> dict:
     pairs = list(zip(predictions, attributes))
-    return {"colour": pct([p.colour == a.colour for p, a in pairs]),
-            "shape": pct([p.shape == a.shape for p, a in pairs]),
-            "direction": pct([p.direction == a.motion for p, a in pairs]),
-            "background": pct([p.background == a.background for p, a in pairs]),
-            "one_blob": pct([p.one_blob for p, _ in pairs])}
+    return {name: pct([RATES[name][1](a, p) for p, a in pairs])
+            for name in ("colour", "shape", "direction", "background", "one_blob")}
 
 
 TOOLS = {"prompt_travel": prompt_travel, "first_frame": first_frame_and_continuation,
@@ -244,22 +244,26 @@ TOOLS = {"prompt_travel": prompt_travel, "first_frame": first_frame_and_continua
 
 
 def grid_markdown(reports: list[dict], tools: dict) -> str:
-    """The tables of docs/quality.md from the row reports and the tool results."""
-    head = ("| setting | split | videos | colour | shape | direction | background | all four "
-            "| one blob | consistent | jitter px | seconds |")
-    lines = [head, "|" + " --- |" * 12]
+    """The tables of docs/quality.md from the row reports (each row's figures with intervals,
+    and its paired differences from the default row on the same videos) and the tool
+    results."""
+    default = next((r for r in reports if r["row"]["name"] == "default"), None)
+    tables = []
     for report in reports:
-        for split, s in report["scores"].items():
-            lines.append(f"| {report['row']['label']} | {split} | {s['videos']} | {s['colour']} "
-                         f"| {s['shape']} | {s['direction']} | {s['background']} | {s['all']} "
-                         f"| {s['one_blob']} | {s['consistent']} | {s['jitter_px']} "
-                         f"| {report['seconds']} |")
+        table = {"label": report["row"]["label"], "scores": report["scores"],
+                 "seconds": report["seconds"]}
+        if default is not None and report is not default and \
+                len(report["rows"]) == len(default["rows"]):
+            table["difference"] = compare(default, report)
+        tables.append(table)
+    lines = [markdown_tables(tables).rstrip("\n")]
+    for report in reports:
         if "window_direction" in report:
             w = report["window_direction"]
-            lines.append(f"| ({report['row']['label']}: {w['segments_per_video']} segments per "
+            lines.append(f"\n{report['row']['label']}: {w['segments_per_video']} segments per "
                          f"video, {w['segments_correct']}% in the prompted direction, "
                          f"{w['videos_all_segments_correct']}% of videos right in every "
-                         "segment) | | | | | | | | | | | |")
+                         "segment.")
     if "prompt_travel" in tools:
         t = tools["prompt_travel"]
         lines += ["", "| prompt travel | videos | windows matching the schedule | before the "
@@ -311,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, choices=names, metavar="NAME",
                         help=f"run these rows only ({', '.join(names)})")
     parser.add_argument("--overwrite", action="store_true", help="re-run rows already written")
+    parser.add_argument("--set", dest="seed_set", default="report", choices=list(SEED_SETS),
+                        help="the evaluation's seed set (docs/quality.md, 'Seed discipline')")
     try:
         args = parser.parse_args(argv)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -326,9 +332,9 @@ def main(argv: list[str] | None = None) -> int:
             if path.exists() and not args.overwrite:
                 report = json.loads(path.read_text())
             else:
-                report = run_row(row, pipes, str(args.weights))
+                report = run_row(row, pipes, str(args.weights), args.seed_set)
                 write_json(path, report)
-            print(f"{row.name}: {report['scores']} ({report['seconds']} s)", flush=True)
+            print(f"{row.name}: {report['seconds']} s", flush=True)
             reports.append(report)
         for name, measure in TOOLS.items():
             path = args.out / f"{name}.json"

@@ -41,10 +41,16 @@ from t2v.training.trainer import Trainer
 
 log = logging.getLogger("t2v.demo.recipe")
 
-# Stage 3: per round, the overrides of configs/demo_finetune.yaml (fresh clips, a new seed).
-FINETUNE_ROUNDS = (("data.synthetic.seed=2", "train.seed=3"),
-                   ("data.synthetic.seed=4", "train.seed=5"),
-                   ("data.synthetic.seed=6", "train.seed=7"))
+
+
+def finetune_rounds(count: int) -> tuple[tuple[str, str], ...]:
+    """Stage 3: per round, the overrides of configs/demo_finetune.yaml (fresh clips, a new
+    seed): round i draws data seed 2i and train seed 2i + 1."""
+    return tuple((f"data.synthetic.seed={2 * i}", f"train.seed={2 * i + 1}")
+                 for i in range(1, count + 1))
+
+
+FINETUNE_ROUNDS = finetune_rounds(3)  # the shipped model's recipe
 
 
 def export(model_dir: Path, target: Path, overwrite: bool = False) -> Path:
@@ -65,9 +71,10 @@ def run_stage(config: str, overrides, progress: bool) -> float:
 
 def train_demo(out: Path, vae_config: str, unet_config: str, finetune_config: str,
                vae_overrides=(), unet_overrides=(), finetune_overrides=(),
-               progress: bool = True, start_from: str | None = None) -> dict:
+               progress: bool = True, start_from: str | None = None,
+               rounds: int = len(FINETUNE_ROUNDS)) -> dict:
     """The stages and the export; returns the timings (seconds). With `start_from`, stage 3
-    alone, on that weights source."""
+    alone, on that weights source; `rounds`: how many fine-tune rounds."""
     out = Path(out)
     timings = {}
     if start_from is None:
@@ -80,7 +87,7 @@ def train_demo(out: Path, vae_config: str, unet_config: str, finetune_config: st
     else:
         source = start_from
     timings["finetune_seconds"] = 0.0
-    for i, round_overrides in enumerate(FINETUNE_ROUNDS, 1):
+    for i, round_overrides in enumerate(finetune_rounds(rounds), 1):
         timings["finetune_seconds"] += run_stage(
             finetune_config, [f"weights.source={source}",
                               f"train.output_dir={out / f'finetune{i}'}",
@@ -137,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-config", default="configs/demo_finetune.yaml")
     parser.add_argument("--finetune-override", action="append", default=[],
                         metavar="KEY=VALUE")
+    parser.add_argument("--rounds", type=int, default=len(FINETUNE_ROUNDS),
+                        help="fine-tune rounds of stage 3")
     parser.add_argument("--start-from", default=None, metavar="SOURCE",
                         help="skip stages 1 and 2: fine-tune these weights (stage 3) only")
     parser.add_argument("--ship", action="store_true",
@@ -154,12 +163,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.ship and DEMO_FOLDER.exists() and not args.overwrite:
             raise UserError(f"{DEMO_FOLDER}: already exists; pass --overwrite to replace it")
+        if args.rounds < 1:
+            raise UserError(f"--rounds must be >= 1, got {args.rounds}")
         if args.out.exists() and any(args.out.iterdir()):
             raise UserError(f"{args.out}: not empty; choose a new --out folder")
         timings = train_demo(args.out, args.vae_config, args.unet_config,
                              args.finetune_config, args.vae_override, args.unet_override,
                              args.finetune_override, progress=not args.quiet,
-                             start_from=args.start_from)
+                             start_from=args.start_from, rounds=args.rounds)
         if args.ship:
             export(args.out / "model", DEMO_FOLDER, overwrite=True)
     except (UserError, NumericalError) as exc:

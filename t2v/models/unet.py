@@ -65,15 +65,32 @@ def in_frame_chunks(layer, x: torch.Tensor, rows: torch.Tensor, context: torch.T
 
 
 class TimestepMLP(nn.Module):
-    """Linear -> SiLU -> Linear on the sinusoidal embedding."""
+    """Linear -> SiLU -> Linear on the sinusoidal embedding; with `cond_dim`, a bias-free
+    projection of a condition (the guidance-scale embedding) added to that embedding first."""
 
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None):
         super().__init__()
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            x = x + self.cond_proj(cond)
         return self.linear_2(F.silu(self.linear_1(x)))
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B,) guidance weights -> (B, dim) [sin(1000 w f_i), cos(1000 w f_i)], f_i =
+    10000^(-i / (dim/2 - 1)): LCM's embedding of w (VDM's, diffusers'
+    get_guidance_scale_embedding; sines first, unlike the timestep's). An odd dim is padded with
+    one zero."""
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device)
+                            * -(math.log(10000.0) / (half - 1)))
+    angles = (w.float() * 1000.0)[:, None] * frequencies[None, :]
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
 class ResBlock(nn.Module):
@@ -409,7 +426,7 @@ class UNet3D(nn.Module):
         ch = cfg.channels
         self.gradient_checkpointing = False  # recompute each block's activations in backward
 
-        self.time_embedding = TimestepMLP(ch[0], cfg.time_embed_dim)
+        self.time_embedding = TimestepMLP(ch[0], cfg.time_embed_dim, cfg.time_cond_proj_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         self.transformer_in = TemporalTransformer(ch[0], cfg.transformer_in_heads, cfg.head_dim,
                                                   cfg.norm_groups,
@@ -450,7 +467,8 @@ class UNet3D(nn.Module):
         return block(*args, **kwargs)
 
     def check_inputs(self, x: torch.Tensor, t: torch.Tensor | float,
-                     context: torch.Tensor, frame_chunk: int | None = None) -> torch.Tensor:
+                     context: torch.Tensor, frame_chunk: int | None = None,
+                     timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """Refuse inputs of the wrong shape; returns t as a tensor with one entry per sample."""
         if x.ndim != 5 or x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"UNet3D: x must be (batch, {self.cfg.in_channels}, frames, height, "
@@ -464,6 +482,10 @@ class UNet3D(nn.Module):
         if frame_chunk is not None and (isinstance(frame_chunk, bool) or frame_chunk < 1):
             raise ValueError(f"UNet3D: frame_chunk must be None (off) or >= 1, got "
                              f"{frame_chunk!r}")
+        dim = self.cfg.time_cond_proj_dim
+        if timestep_cond is not None and (dim is None or tuple(timestep_cond.shape) != (b, dim)):
+            raise ValueError("UNet3D: timestep_cond needs model.unet.time_cond_proj_dim and "
+                             f"shape (batch {b}, {dim}), got {tuple(timestep_cond.shape)}")
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
             t = t[None]
@@ -473,12 +495,16 @@ class UNet3D(nn.Module):
         return t.expand(b)
 
     def prepare(self, x: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor,
-                frame_chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                frame_chunk: int | None = None, timestep_cond: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """The checks, then (h, emb): h = transformer_in(conv_in(x)) with the frames folded into
-        the batch ((B*F, C, h, w), batch-major), emb the time embedding, one row per (b f)."""
-        t = self.check_inputs(x, t, context, frame_chunk)
+        the batch ((B*F, C, h, w), batch-major), emb the time embedding (with `timestep_cond`,
+        (B, time_cond_proj_dim), projected into it), one row per (b f)."""
+        t = self.check_inputs(x, t, context, frame_chunk, timestep_cond)
         sinusoid = timestep_embedding(t, self.cfg.channels[0])
-        emb = self.time_embedding(sinusoid.to(self.conv_in.weight.dtype))
+        dtype = self.conv_in.weight.dtype
+        emb = self.time_embedding(sinusoid.to(dtype), None if timestep_cond is None
+                                  else timestep_cond.to(dtype))
         # The time embedding is shared by the frames of a sample: one row per (b f). The text
         # context stays (B, L, D); cross-attention folds the frames into its queries.
         num_frames = x.shape[2]
@@ -515,11 +541,13 @@ class UNet3D(nn.Module):
             memory_format=torch.contiguous_format)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | float,
-                context: torch.Tensor, frame_chunk: int | None = None) -> torch.Tensor:
+                context: torch.Tensor, frame_chunk: int | None = None,
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
         """`frame_chunk`: None, all frames at once; n >= 1, per-frame layers run on at most n
         frames of a sample at a time and temporal transformers on groups of positions of the
-        same size (a memory bound for long videos; results are unchanged)."""
-        h, emb = self.prepare(x, t, context, frame_chunk)
+        same size (a memory bound for long videos; results are unchanged). `timestep_cond`:
+        the guidance-scale embedding (B, time_cond_proj_dim) of a model that has one."""
+        h, emb = self.prepare(x, t, context, frame_chunk, timestep_cond)
         num_frames = x.shape[2]
         h, skips = self.down_path(h, emb, context, num_frames, frame_chunk)
         for block in self.up_blocks:

@@ -24,6 +24,7 @@ from t2v.errors import ConfigError, UserError
 from t2v.sampling import guidance_parallel
 from t2v.sampling.deep_cache import DEFAULT_BRANCH
 from t2v.sampling.freeinit import METHODS as FREE_INIT_METHODS
+from t2v.sampling.lcm import LCM_RULES
 from t2v.sampling.prompt_travel import resolve_schedule
 from t2v.sampling.samplers import SAMPLERS, sampler_options
 
@@ -75,6 +76,24 @@ class FreeInitOptions:
 
 
 @dataclass(frozen=True)
+class LCMOptions:
+    """The LCM sampler's timestep grid (t2v.sampling.lcm); read with sampler lcm only."""
+
+    original_steps: int = setting(50, "LCM: steps of the distillation grid the sampler's "
+                                  "steps are taken from (diffusers' original_inference_steps)",
+                                  flag="lcm-original-steps", metavar="N")
+    timesteps: str = setting("even", "LCM: how the steps are taken from that grid: even "
+                             "(diffusers) or stride (T2V-Turbo; diffusers before 0.24)",
+                             flag="lcm-timesteps", choices=LCM_RULES)
+
+    def __post_init__(self):
+        _check(1 <= self.original_steps <= 1000, "sample.lcm.original_steps must be between 1 "
+               f"and 1000, got {self.original_steps}")
+        _check(self.timesteps in LCM_RULES, f"sample.lcm.timesteps must be one of {LCM_RULES}, "
+               f"got {self.timesteps!r}")
+
+
+@dataclass(frozen=True)
 class GenerationOptions:
     """Every setting of a generation. Frozen; `dataclasses.replace` makes a changed copy and
     checks it again. Errors are ConfigErrors naming the key (`sample.<field>`)."""
@@ -107,6 +126,7 @@ class GenerationOptions:
                                                 "taken as the threshold s")
     sample_max_value: float = setting(1.0, "thresholding: the largest threshold s (x0 is "
                                       "clamped to [-s, s] / s)")
+    lcm: LCMOptions = setting(default_factory=LCMOptions)
     # -- guidance tools (docs/sampling-tools.md) --------------------------------------------
     guidance_rescale: float = setting(0.0, "rescale guided outputs toward the conditional "
                                       "output's std (0 = off, 0.7 = the paper's value)",
@@ -192,6 +212,13 @@ class GenerationOptions:
                             sample_max_value=self.sample_max_value)
         except ConfigError as exc:
             raise ConfigError(f"sample.{exc}") from None
+        if self.sampler == "lcm":
+            _check(self.steps <= self.lcm.original_steps, f"sample.steps ({self.steps}) must be "
+                   f"at most sample.lcm.original_steps ({self.lcm.original_steps}) for the lcm "
+                   "sampler")
+            _check(not (self.init_video or self.init_image or self.continue_from),
+                   "the lcm sampler does not take sample.init_video, init_image or "
+                   "continue_from yet; use another sampler")
 
     def _check_guidance(self) -> None:
         _check(0.0 <= self.guidance_rescale <= 1.0,
@@ -256,11 +283,6 @@ class GenerationOptions:
                    f"got {value}")
         _check(self.init_weights is None or all(0 <= w <= 1 for w in self.init_weights),
                f"sample.init_weights must be numbers between 0 and 1, got {self.init_weights}")
-
-    @property
-    def guided(self) -> bool:
-        """Classifier-free guidance runs (an unconditional branch exists)."""
-        return self.guidance_scale > 1.0
 
 
 def option_fields(cls: type = GenerationOptions, prefix: str = ""):

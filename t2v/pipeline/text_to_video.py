@@ -35,7 +35,7 @@ from t2v.loading.lora_formats import merge_lora_file
 from t2v.loading.weights import load_models
 from t2v.models.text_encoder import TextEncoder
 from t2v.models.tokenizer import Tokenizer
-from t2v.models.unet import UNet3D
+from t2v.models.unet import UNet3D, guidance_scale_embedding
 from t2v.models.vae import DEFAULT_CHUNK_FRAMES, AutoencoderKL
 from t2v.pipeline import latents as start_of
 from t2v.pipeline.arguments import CallInputs, call_arguments
@@ -282,6 +282,30 @@ class TextToVideo:
         if not o.steps <= self.schedule.num_train_timesteps:
             raise UserError(f"steps must be between 1 and {self.schedule.num_train_timesteps}, "
                             f"got {o.steps}")
+        if self.config.unet.time_cond_proj_dim:
+            unused = [name for name, value in (
+                ("negative_prompt", o.negative_prompt), ("guidance_rescale", o.guidance_rescale),
+                ("guidance_interval", o.guidance_interval),
+                ("guidance_parallel", o.guidance_parallel)) if value]
+            if unused:
+                raise UserError(f"{', '.join(unused)}: this model embeds the guidance scale "
+                                "(model.unet.time_cond_proj_dim) and runs no unconditional "
+                                "pass; leave them unset")
+
+    def cfg_scale(self, o: GenerationOptions) -> float:
+        """The classifier-free guidance scale of a run: 1 (no unconditional pass) for a model
+        that embeds the guidance scale instead (model.unet.time_cond_proj_dim)."""
+        return 1.0 if self.config.unet.time_cond_proj_dim else o.guidance_scale
+
+    def guidance_condition(self, o: GenerationOptions) -> torch.Tensor | None:
+        """(1, time_cond_proj_dim): the embedding of w = guidance_scale - 1 for a model that
+        embeds the guidance scale (LCM's convention: its teacher's eps_c + w (eps_c - eps_u) is
+        diffusers' and t2v's guidance_scale w + 1), else None."""
+        dim = self.config.unet.time_cond_proj_dim
+        if not dim:
+            return None
+        w = torch.tensor([o.guidance_scale - 1.0])
+        return guidance_scale_embedding(w, dim).to(self.device, self.dtype)
 
     def spacing(self, o: GenerationOptions) -> str | None:
         """The timestep spacing of a run: the options', else the model scheduler config's."""
@@ -300,10 +324,10 @@ class TextToVideo:
                     raise UserError(f"{len(negative)} negative prompts for one prompt "
                                     "schedule; give one")
                 negative = negative[0]
-        context = self.prompt_context(prompts, negative, o.guidance_scale,
+        context = self.prompt_context(prompts, negative, self.cfg_scale(o),
                                       call.num_videos_per_prompt, call.prompt_embeds,
                                       call.negative_prompt_embeds, o.prompt_weighting)
-        batch = context.shape[0] // (2 if o.guided else 1)
+        batch = context.shape[0] // (2 if self.cfg_scale(o) > 1.0 else 1)
         if schedule is not None:
             batch //= len(schedule)  # every keyframe's context belongs to the one video
         return TextContext(context, batch, schedule)
@@ -368,12 +392,13 @@ class TextToVideo:
                 return cfg_parallel.guided_denoiser(self.unet, context, o.guidance_scale,
                                                     frame_chunk, o.guidance_rescale,
                                                     freeu=freeu)
-            return self.guided_denoiser(context, o.guidance_scale, frame_chunk,
+            return self.guided_denoiser(context, self.cfg_scale(o), frame_chunk,
                                         o.guidance_rescale, deep_cache, o.guidance_interval,
-                                        freeu)
+                                        freeu, self.guidance_condition(o))
 
         if text.schedule is not None:
-            travel = self.travel_denoiser(list(text.schedule), text.context, o.guided,
+            travel = self.travel_denoiser(list(text.schedule), text.context,
+                                          self.cfg_scale(o) > 1.0,
                                           o.num_frames, o.loop, denoiser_for)
             return windowed(travel, o.window, o.window_overlap, o.loop,
                             pass_frames=True), deep_cache
@@ -394,7 +419,9 @@ class TextToVideo:
                                      dynamic_thresholding_ratio=o.dynamic_thresholding_ratio,
                                      sample_max_value=o.sample_max_value,
                                      noise_start=start == 0 and call.init_video is None
-                                     and o.init_video is None)}
+                                     and o.init_video is None,
+                                     lcm_original_steps=o.lcm.original_steps,
+                                     lcm_rule=o.lcm.timesteps)}
         initial_noise = x
         for k in range(free_init.num_iters if free_init else 1):
             if k > 0:
@@ -454,7 +481,7 @@ class TextToVideo:
                         frame_chunk: int | None, guidance_rescale: float = 0.0,
                         deep_cache: DeepCache | None = None,
                         guidance_interval: tuple[float, float] | None = None,
-                        freeu: FreeU | None = None
+                        freeu: FreeU | None = None, timestep_cond: torch.Tensor | None = None
                         ) -> Callable[[torch.Tensor, int], torch.Tensor]:
         """eps(x, t) = u + g (c - u) from one UNet call on [x, x] (g > 1), rescaled by
         t2v.sampling.guidance.guide if guidance_rescale > 0; else the UNet. The UNet call is
@@ -462,10 +489,11 @@ class TextToVideo:
         `deep_cache` (DeepCache's state) shape it. `guidance_interval` (low, high): guided
         only at timesteps low <= t <= high, the conditional output alone elsewhere (one UNet
         pass on x with the prompt's context; with DeepCache both passes still run, so that its
-        cached features keep their batch)."""
+        cached features keep their batch). `timestep_cond`: the guidance-scale embedding of a
+        model that has one (`guidance_condition`), given to every UNet call."""
         guided = guidance_scale > 1.0
         unet = unet_call(self.unet, frame_chunk=frame_chunk or None, freeu=freeu,
-                         deep_cache=deep_cache)
+                         deep_cache=deep_cache, timestep_cond=timestep_cond)
 
         def denoise(x: torch.Tensor, t: int) -> torch.Tensor:
             inside = guidance_interval is None or \

@@ -83,13 +83,13 @@ class DeepCache:
 
 
 def deep_cached(unet: UNet3D, cache: DeepCache, frame_chunk: int | None = None,
-                freeu: FreeU | None = None
+                freeu: FreeU | None = None, timestep_cond: torch.Tensor | None = None
                 ) -> Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor], torch.Tensor]:
     """eps(x, t, context): `unet(x, t, context, frame_chunk)` through `cache`. A full call runs
     every block and keeps the input of the last up block's layer n - 1 - branch; a shallow
     call (cache.reuse) runs the first `branch` layers of down block 0, then that up block's
     last branch + 1 layers from the kept features. `freeu`: FreeU's factors in its up blocks,
-    on both paths."""
+    on both paths. `timestep_cond`: (1, D), the guidance-scale embedding for every sample."""
     first, last = unet.down_blocks[0], unet.up_blocks[-1]
     cache.check_branch(len(first.resnets))
     stage, n = len(unet.up_blocks) - 1, len(last.resnets)
@@ -111,7 +111,8 @@ def deep_cached(unet: UNet3D, cache: DeepCache, frame_chunk: int | None = None,
         return cache.features, skips
 
     def call(x: torch.Tensor, t: torch.Tensor | int, context: torch.Tensor) -> torch.Tensor:
-        h, emb = unet.prepare(x, t, context, frame_chunk)
+        cond = None if timestep_cond is None else timestep_cond.expand(x.shape[0], -1)
+        h, emb = unet.prepare(x, t, context, frame_chunk, cond)
         num_frames = x.shape[2]
         key = (tuple(h.shape), num_frames, h.dtype, h.device)
         if cache.reuse(key):

@@ -115,13 +115,16 @@ def up_path(unet: UNet3D, freeu: FreeU | None, h: torch.Tensor, skips: list[torc
     return h, skips
 
 
-def with_freeu(unet: UNet3D, freeu: FreeU, frame_chunk: int | None = None
+def with_freeu(unet: UNet3D, freeu: FreeU, frame_chunk: int | None = None,
+               timestep_cond: torch.Tensor | None = None
                ) -> Callable[[torch.Tensor, torch.Tensor | int, torch.Tensor], torch.Tensor]:
-    """eps(x, t, context): `unet(x, t, context, frame_chunk)` with FreeU (diffusers'
-    enable_freeu). The two up blocks it acts on run layer by layer, not as modules."""
+    """eps(x, t, context): `unet(x, t, context, frame_chunk, timestep_cond)` with FreeU
+    (diffusers' enable_freeu). The two up blocks it acts on run layer by layer, not as
+    modules. `timestep_cond`: (1, D), given to every sample."""
 
     def call(x: torch.Tensor, t: torch.Tensor | int, context: torch.Tensor) -> torch.Tensor:
-        h, emb = unet.prepare(x, t, context, frame_chunk)
+        cond = None if timestep_cond is None else timestep_cond.expand(x.shape[0], -1)
+        h, emb = unet.prepare(x, t, context, frame_chunk, cond)
         h, skips = unet.down_path(h, emb, context, x.shape[2], frame_chunk)
         h, _ = up_path(unet, freeu, h, skips, emb, context, x.shape[2], frame_chunk)
         return unet.output(h, x.shape[0])

@@ -48,6 +48,7 @@ from t2v.sampling.schedule import (
     v_to_eps,
     v_to_x0,
 )
+from t2v.sampling.lcm import lcm, lcm_timesteps
 from t2v.sampling.unipc import unipc
 
 
@@ -237,6 +238,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "unipc": unipc,
     "euler": euler,
     "euler_a": euler_ancestral,
+    "lcm": lcm,  # consistency-distilled models only (t2v.sampling.lcm)
 }
 # Samplers whose diffusers scheduler has `solver_order`, and those with `thresholding`.
 ORDER_SAMPLERS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "unipc")
@@ -245,10 +247,12 @@ THRESHOLDING_SAMPLERS = ("ddim", "dpmsolver++", "dpmsolver", "sde-dpmsolver++", 
 
 def sampler_options(sampler: str, *, eta: float = 0.0, solver_order: int = 2,
                     thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                    sample_max_value: float = 1.0, noise_start: bool = False) -> dict:
+                    sample_max_value: float = 1.0, noise_start: bool = False,
+                    lcm_original_steps: int = 50, lcm_rule: str = "even") -> dict:
     """The keyword options `sampler` takes from the generation settings; a setting it cannot
     honour is refused (ConfigError, one line). `noise_start`: x is text-to-video's N(0, I)
-    draw, which the Euler samplers scale as diffusers does (t2v.sampling.samplers_sigma)."""
+    draw, which the Euler samplers scale as diffusers does (t2v.sampling.samplers_sigma).
+    `lcm_*`: the LCM sampler's distillation grid (t2v.sampling.lcm)."""
     if sampler not in SAMPLERS:
         raise ConfigError(f"sampler must be one of {tuple(SAMPLERS)}, got {sampler!r}")
     if sampler != "ddim" and eta > 0:
@@ -266,6 +270,8 @@ def sampler_options(sampler: str, *, eta: float = 0.0, solver_order: int = 2,
         options["order"] = solver_order
     if sampler in ("euler", "euler_a"):
         options["noise_start"] = noise_start
+    if sampler == "lcm":
+        options.update(original_steps=lcm_original_steps, rule=lcm_rule)
     if thresholding:
         options.update(thresholding=True, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                        sample_max_value=sample_max_value)
@@ -273,10 +279,14 @@ def sampler_options(sampler: str, *, eta: float = 0.0, solver_order: int = 2,
 
 
 def sampler_timesteps(sampler: str, steps: int, schedule: NoiseSchedule,
-                      spacing: str | None = None) -> list:
+                      spacing: str | None = None, lcm_original_steps: int = 50,
+                      lcm_rule: str = "even") -> list:
     """The sampler's inference timesteps (its diffusers scheduler's grid; `spacing` None: its
-    default when built from the model's DDIM config, "leading" for DDIM, else "linspace")."""
+    default when built from the model's DDIM config, "leading" for DDIM, else "linspace"; LCM's
+    from its distillation grid)."""
     n, offset = schedule.num_train_timesteps, schedule.steps_offset
+    if sampler == "lcm":
+        return lcm_timesteps(steps, lcm_original_steps, n, lcm_rule)
     if sampler == "ddim":
         return ddim_timesteps(steps, spacing or "leading", n, offset)
     if sampler in ("euler", "euler_a"):
