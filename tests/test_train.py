@@ -54,7 +54,7 @@ def test_training_step_gradients_match_diffusers(squares, tmp_path, checkpointin
     for m in reference.modules():  # the trainer's train.dropout=false
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
-    x0, context, t, noise = trainer.micro_batch(0)
+    x0, context, t, noise, _ = trainer.micro_batch(0)
     assert x0.shape == (2, 4, 4, 4, 4) and context.shape == (2, 77, 32)
 
     grads = []
@@ -472,7 +472,7 @@ def test_timestep_bias_reaches_the_batches(squares, tmp_path):
 def test_text_dropout_one_trains_on_the_empty_caption(squares, tmp_path):
     trainer = Trainer(run_config(squares, tmp_path, "train.text_dropout=1.0",
                                  "train.batch_size=2"))
-    _, context, _, _ = trainer.micro_batch(0)
+    context = trainer.micro_batch(0).context
     with torch.no_grad():
         empty = trainer.text_encoder(trainer.text_encoder_tokens(["", ""]))
     assert torch.equal(context, empty)

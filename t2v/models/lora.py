@@ -9,7 +9,10 @@ File format (safetensors): peft's adapter keys without the adapter name, on t2v/
 UNet module names, e.g. `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`
 (rank x in) and `...lora_B.weight` (out x rank); Conv3d adapters have conv-shaped A (r, in, 3, 1, 1)
 and B (out, r, 1, 1, 1). Metadata: `format` "t2v-lora", `rank`, `alpha`, `targets` (JSON list of
-the adapted module names).
+the adapted module names). A consistency-distilled student's file (docs/few-step.md) also holds
+its guidance-scale embedding in full, `time_embedding.cond_proj.weight`, with metadata
+`guidance_embedding` (its width): loading it gives the UNet that embedding
+(`add_guidance_embedding`) unscaled.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from safetensors.torch import load_file, save_file
 
 from t2v.atomic import atomic_path
 from t2v.errors import UserError
+from t2v.models.unet import add_guidance_embedding
+
+EMBEDDING_KEY = "time_embedding.cond_proj.weight"  # a distilled student's guidance embedding
 
 LORA_FORMAT = "t2v-lora"
 ADAPTER = "default"
@@ -76,9 +82,10 @@ def lora_state_dict(unet: nn.Module, state_dict: dict | None = None) -> dict[str
 
 
 def save_lora(unet: nn.Module, path: str | Path, overwrite: bool = False,
-              state_dict: dict | None = None) -> Path:
+              state_dict: dict | None = None, guidance_embedding: bool = False) -> Path:
     """The adapters as safetensors (format in the module docstring), written atomically;
-    `state_dict`: take the tensors from it instead of the module's own."""
+    `state_dict`: take the tensors from it instead of the module's own.
+    `guidance_embedding`: also the UNet's guidance-scale embedding, in full."""
     meta = getattr(unet, "lora_meta", None)
     if meta is None:
         raise ValueError("the UNet has no LoRA adapters (add_lora first)")
@@ -86,6 +93,10 @@ def save_lora(unet: nn.Module, path: str | Path, overwrite: bool = False,
                for k, v in lora_state_dict(unet, state_dict).items()}
     metadata = {"format": LORA_FORMAT, "rank": str(meta["rank"]), "alpha": str(meta["alpha"]),
                 "targets": json.dumps(meta["targets"])}
+    if guidance_embedding:
+        source = state_dict if state_dict is not None else unet.state_dict()
+        tensors[EMBEDDING_KEY] = source[EMBEDDING_KEY].detach().contiguous().cpu()
+        metadata["guidance_embedding"] = str(tensors[EMBEDDING_KEY].shape[1])
     with atomic_path(Path(path), overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
@@ -108,7 +119,8 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
                         "LoRA files merge with TextToVideo.load_lora or --lora")
     try:
         meta = {"rank": int(metadata["rank"]), "alpha": float(metadata["alpha"]),
-                "targets": json.loads(metadata["targets"])}
+                "targets": json.loads(metadata["targets"]),
+                "guidance_embedding": int(metadata.get("guidance_embedding") or 0)}
     except KeyError as exc:
         raise UserError(f"{path}: incomplete t2v LoRA metadata (no {exc.args[0]!r}); "
                         "re-save it with t2v.models.lora.save_lora") from None
@@ -118,8 +130,16 @@ def read_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_lora(unet: nn.Module, path: str | Path, scale: float = 1.0) -> list[str]:
-    """Add the file's adapters to `unet` and load their weights; `scale` multiplies them."""
+    """Add the file's adapters to `unet` and load their weights; `scale` multiplies them. A
+    file with a guidance-scale embedding gives `unet` that embedding (unscaled)."""
     tensors, meta = read_lora(path)
+    dim = meta["guidance_embedding"]
+    embedding = tensors.pop(EMBEDDING_KEY, None)
+    if (embedding is None) != (dim == 0):
+        raise UserError(f"{path}: its metadata and tensors disagree about a guidance embedding")
+    if dim and getattr(unet.cfg, "time_cond_proj_dim", None) not in (None, dim):
+        raise UserError(f"{path}: a guidance embedding of width {dim}, the UNet has one of "
+                        f"width {unet.cfg.time_cond_proj_dim}")
     known = dict(unet.named_modules())
     missing = [n for n in meta["targets"] if n not in known]
     if missing:
@@ -136,6 +156,11 @@ def load_lora(unet: nn.Module, path: str | Path, scale: float = 1.0) -> list[str
         first = str(exc).strip().splitlines()[-1].strip()
         raise UserError(f"{path}: tensor shapes do not fit this UNet ({first})") from None
     set_lora_scale(unet, scale)
+    if dim:
+        if not unet.cfg.time_cond_proj_dim:
+            add_guidance_embedding(unet, dim)
+        with torch.no_grad():
+            unet.time_embedding.cond_proj.weight.copy_(embedding)
     return names
 
 

@@ -17,6 +17,7 @@ Architecture reference: docs/architecture.md; diffusers `unet_3d_condition.py`, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -555,3 +556,20 @@ class UNet3D(nn.Module):
             h = self.run_block(block, h, block_skips, emb, context, num_frames, size,
                                frame_chunk)
         return self.output(h, x.shape[0])
+
+
+def add_guidance_embedding(unet: UNet3D, dim: int) -> UNetConfig:
+    """Give `unet` a guidance-scale embedding of width `dim` (UNetConfig.time_cond_proj_dim):
+    a new bias-free projection in its time embedding, zero-initialised so that the UNet
+    computes exactly what it did before until it trains. Returns (and sets) its new config."""
+    if unet.cfg.time_cond_proj_dim:
+        raise ValueError("the UNet already embeds the guidance scale "
+                         f"(time_cond_proj_dim={unet.cfg.time_cond_proj_dim}); distil from a "
+                         "model without one")
+    reference = unet.time_embedding.linear_1
+    projection = nn.Linear(dim, reference.in_features, bias=False,
+                           device=reference.weight.device, dtype=reference.weight.dtype)
+    nn.init.zeros_(projection.weight)
+    unet.time_embedding.cond_proj = projection
+    unet.cfg = dataclasses.replace(unet.cfg, time_cond_proj_dim=dim)
+    return unet.cfg

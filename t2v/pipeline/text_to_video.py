@@ -178,9 +178,13 @@ class TextToVideo:
         """Merge a LoRA file into the UNet (and text encoder): t2v's own (`python -m t2v.train`),
         diffusers/PEFT, kohya or Text-To-Video-Finetuning's Stable LoRA (t2v.loading.lora_formats):
         W += scale * (alpha / rank) B A. Several files merge one after the other. Returns the
-        adapted layer names (text-encoder ones as `text_encoder.NAME`)."""
+        adapted layer names (text-encoder ones as `text_encoder.NAME`). A consistency-distilled
+        student's file also gives the UNet its guidance-scale embedding (docs/few-step.md)."""
 
-        return merge_lora_file(path, scale, self.unet, self.text_encoder)
+        names = merge_lora_file(path, scale, self.unet, self.text_encoder)
+        if self.unet.cfg != self.config.unet:  # a distilled student's guidance embedding
+            self.config = dataclasses.replace(self.config, unet=self.unet.cfg)
+        return names
 
     @property
     def vae_scale_factor(self) -> int:

@@ -1,7 +1,8 @@
 """Checkpoints of a run: train.output_dir/checkpoints/step-NNNNNN/, written atomically and
 resumed exactly (train.resume).
 
-ddp (rank 0 writes): trained.safetensors, ema.safetensors (with EMA), state.pt (step, optimizer,
+ddp (rank 0 writes): trained.safetensors, ema.safetensors (with EMA), target.safetensors
+(consistency distillation's target network), state.pt (step, optimizer,
 LR schedule, loss scaler, RNG states), config.yaml. fsdp: every rank's shards (DCP,
 t2v.training.fsdp.save_sharded) and rng-rank<i>.pt, with rank 0's state.pt and config.yaml;
 they resume on any number of processes.
@@ -66,6 +67,12 @@ def _run_state(trainer) -> dict:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
+def _averages(trainer) -> dict[str, dict | None]:
+    """The run's averaged weights by file name: the EMA (train.ema_decay) and consistency
+    distillation's target network (None where off)."""
+    return {"ema": trainer.ema, "target": trainer.consistency_target}
+
+
 def save_checkpoint(trainer) -> Path:
     """Rank 0 writes the folder atomically (a temporary folder renamed into place); with
     fsdp every rank writes its shards into it (t2v.training.fsdp.save_sharded)."""
@@ -77,9 +84,10 @@ def save_checkpoint(trainer) -> Path:
             tmp.mkdir()
             save_file({n: p.detach().contiguous().cpu() for n, p in trainer.trained.items()},
                       str(tmp / "trained.safetensors"))
-            if trainer.ema is not None:
-                save_file({n: v.contiguous().cpu() for n, v in trainer.ema.items()},
-                          str(tmp / "ema.safetensors"))
+            for name, values in _averages(trainer).items():
+                if values is not None:
+                    save_file({n: v.contiguous().cpu() for n, v in values.items()},
+                              str(tmp / f"{name}.safetensors"))
             state = {**_run_state(trainer), "optimizer": trainer.optimizer.state_dict()}
             torch.save(state, tmp / "state.pt")
             (tmp / "config.yaml").write_text(config_to_yaml(trainer.cfg))
@@ -97,7 +105,7 @@ def _save_sharded_checkpoint(trainer, target: Path) -> Path:
     if dist_.main and tmp.exists():
         shutil.rmtree(tmp)  # a run killed while saving
     dist_.barrier()
-    save_sharded(tmp, trainer.model, trainer.optimizer, trainer.ema)
+    save_sharded(tmp, trainer.model, trainer.optimizer, _averages(trainer))
     torch.save({"cpu_rng": torch.get_rng_state()}, tmp / f"rng-rank{dist_.rank}.pt")
     if dist_.main:
         torch.save(_run_state(trainer), tmp / "state.pt")
@@ -142,15 +150,18 @@ def _load_trained(trainer, path: Path) -> None:
     with torch.no_grad():
         for name, p in trainer.trained.items():
             p.copy_(trained[name])
-    if trainer.ema is not None:
-        ema = load_file(str(path / "ema.safetensors"))  # keys sorted: reorder
-        trainer.ema = {n: ema[n].to(trainer.dist.device) for n in trainer.trained}
+    for name, values in _averages(trainer).items():
+        if values is not None:
+            saved = load_file(str(path / f"{name}.safetensors"))  # keys sorted: reorder
+            with torch.no_grad():
+                for n, v in values.items():
+                    v.copy_(saved[n])
 
 
 def _load_sharded_checkpoint(trainer, path: Path, state: dict) -> None:
     """Shards written by any number of processes (DCP reshards); this rank's RNG state if
     the checkpoint has one for it (same or more processes), else the fresh seed's."""
-    load_sharded(path, trainer.model, trainer.optimizer, trainer.ema)
+    load_sharded(path, trainer.model, trainer.optimizer, _averages(trainer))
     trainer.lr_schedule.load_state_dict(state["lr_schedule"])
     rng = path / f"rng-rank{trainer.dist.rank}.pt"
     if rng.is_file():

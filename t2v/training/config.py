@@ -15,6 +15,8 @@ from t2v.pipeline.options import GenerationOptions, WeightsConfig
 MIXED_PRECISION = ("no", "bf16", "fp16")
 TARGETS = ("epsilon", "v_prediction")
 TRAINED_MODELS = ("unet", "vae")
+OBJECTIVES = ("diffusion", "consistency")
+CONSISTENCY_LOSSES = ("huber", "l2")
 LR_SCHEDULES = ("constant", "cosine")
 SYNTHETIC_SPLITS = ("trained", "heldout", "all")
 STRATEGIES = ("ddp", "fsdp")
@@ -100,6 +102,9 @@ class OptimConfig:
     # What trains: the UNet (the diffusion loss), or the VAE alone (reconstruction + KL on
     # single frames; the saved model's vae.scaling_factor is set to 1 / std of its latents).
     model: str = "unet"
+    # diffusion: the denoising loss; consistency: latent consistency distillation of the
+    # loaded model into a few-step student (the `consistency` section, docs/few-step.md)
+    objective: str = "diffusion"
     kl_weight: float = 1e-6  # VAE mode: weight of the KL term against the per-pixel loss
     steps: int = 1000  # optimizer steps
     batch_size: int = 1  # clips per process per micro-step
@@ -151,6 +156,10 @@ class OptimConfig:
         _check(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         _check(self.model in TRAINED_MODELS,
                f"train.model must be one of {TRAINED_MODELS}, got {self.model!r}")
+        _check(self.objective in OBJECTIVES,
+               f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        _check(self.objective == "diffusion" or self.model == "unet",
+               "train.objective=consistency distils the UNet: set train.model=unet")
         _check(self.kl_weight >= 0, f"train.kl_weight must be >= 0, got {self.kl_weight}")
         _check(self.batch_size >= 1, f"train.batch_size must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"train.grad_accum must be >= 1, got {self.grad_accum}")
@@ -211,10 +220,50 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ConsistencyConfig:
+    """train.objective=consistency (t2v.training.consistency); defaults are diffusers'
+    train_lcm_distill_sd_wds.py's."""
+
+    w_min: float = 5.0  # LCM's guidance weight w ~ U[w_min, w_max]; t2v's guidance = w + 1
+    w_max: float = 15.0
+    ddim_steps: int = 50  # the solver's grid: the teacher steps 1000 // ddim_steps at a time
+    timestep_scaling: float = 10.0  # the boundary scalings' (t2v.sampling.lcm)
+    loss: str = "huber"  # huber or l2
+    huber_c: float = 0.001
+    target_ema_decay: float = 0.95  # the target network: an EMA of the student
+    # The student's guidance-scale embedding width (model.unet.time_cond_proj_dim; new,
+    # zero-initialised, trained in full also under LoRA); null: the student is not told w.
+    guidance_embedding: int | None = 256
+    # The teacher guides only at these timesteps (conditional prediction elsewhere: w = 0
+    # there), as sample.guidance_interval; null: at every timestep.
+    teacher_guidance_interval: tuple[int, int] | None = None
+
+    def __post_init__(self):
+        _check(0.0 <= self.w_min <= self.w_max,
+               f"consistency.w_min and w_max must satisfy 0 <= w_min <= w_max, got "
+               f"{self.w_min} and {self.w_max}")
+        _check(1 <= self.ddim_steps <= 1000,
+               f"consistency.ddim_steps must be between 1 and 1000, got {self.ddim_steps}")
+        _check(self.loss in CONSISTENCY_LOSSES,
+               f"consistency.loss must be one of {CONSISTENCY_LOSSES}, got {self.loss!r}")
+        _check(self.huber_c > 0, f"consistency.huber_c must be > 0, got {self.huber_c}")
+        _check(0.0 <= self.target_ema_decay < 1.0, "consistency.target_ema_decay must be in "
+               f"[0, 1), got {self.target_ema_decay}")
+        _check(self.guidance_embedding is None or self.guidance_embedding >= 2,
+               "consistency.guidance_embedding must be null or >= 2, got "
+               f"{self.guidance_embedding}")
+        interval = self.teacher_guidance_interval
+        _check(interval is None or (len(interval) == 2 and 0 <= interval[0] <= interval[1]),
+               "consistency.teacher_guidance_interval must be null or [low, high], got "
+               f"{interval}")
+
+
+@dataclass(frozen=True)
 class TrainRunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: OptimConfig = field(default_factory=OptimConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     sample: GenerationOptions = field(default_factory=GenerationOptions)  # for the periodic samples

@@ -112,23 +112,23 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
                                                                 cpu_offload=True))
 
 
-def _state(model, optimizer, ema: dict | None) -> dict:
+def _state(model, optimizer, averages: dict[str, dict | None]) -> dict:
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    if ema is not None:
-        state["ema"] = ema
+    state.update({name: values for name, values in averages.items() if values is not None})
     return state
 
 
-def save_sharded(folder: Path, model, optimizer, ema: dict | None) -> None:
-    """Every rank writes its shards of the model, AdamW state and EMA into `folder` (DCP)."""
-    dcp.save(_state(model, optimizer, ema), checkpoint_id=str(folder))
+def save_sharded(folder: Path, model, optimizer, averages: dict[str, dict | None]) -> None:
+    """Every rank writes its shards of the model, AdamW state and the averaged weights
+    (`averages`: {"ema": ..., "target": ...}, None entries left out) into `folder` (DCP)."""
+    dcp.save(_state(model, optimizer, averages), checkpoint_id=str(folder))
 
 
-def load_sharded(folder: Path, model, optimizer, ema: dict | None) -> None:
-    """The shards of `folder` into this run's model, optimizer and EMA (in place), whatever
-    number of processes wrote them."""
-    state = _state(model, optimizer, ema)
+def load_sharded(folder: Path, model, optimizer, averages: dict[str, dict | None]) -> None:
+    """The shards of `folder` into this run's model, optimizer and averaged weights (in
+    place), whatever number of processes wrote them."""
+    state = _state(model, optimizer, averages)
     try:
         dcp.load(state, checkpoint_id=str(folder))
     except Exception as exc:  # DCP reports a missing key as a CheckpointException per rank

@@ -125,9 +125,11 @@ def save_final(trainer) -> Path | None:
             unet_state = full_model_state(trainer.model)
             if not trainer.dist.main:
                 return None
-        if trainer.cfg.lora.rank > 0:
+        if trainer.cfg.lora.rank > 0:  # with a distilled student's guidance embedding
             return save_lora(trainer.unet, trainer.output / "lora.safetensors", overwrite=True,
-                             state_dict=unet_state)
+                             state_dict=unet_state,
+                             guidance_embedding=trainer.unet.time_embedding.cond_proj
+                             is not None)
         return _save_model(trainer, unet_state)
 
 

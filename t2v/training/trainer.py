@@ -35,12 +35,15 @@ weights in t2v.training.outputs; this module holds the run's state and its loop.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 import math
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -49,6 +52,7 @@ from tqdm.auto import tqdm
 
 from t2v.errors import ConfigError, OneLineParser, UserError
 from t2v.models.lora import add_lora
+from t2v.models.unet import add_guidance_embedding
 from t2v.models.tokenizer import Tokenizer
 from t2v.noise import randn
 from t2v.pipeline.options import load_config
@@ -56,11 +60,12 @@ from t2v.pipeline.text_to_video import load_pipeline
 from t2v.sampling.schedule import noise_schedule
 from t2v.training.checkpoints import load_checkpoint, resume_path, save_checkpoint
 from t2v.training.config import TrainRunConfig
+from t2v.training.consistency import DDIMGrid, consistency_loss, update_target
 from t2v.training.data import LatentCache, VideoClips, sample_rng
 from t2v.training.distributed import Distributed, global_seed
 from t2v.training.fsdp import clip_grad_norm_, local, shard_unet
 from t2v.training.losses import diffusion_loss, lr_factor, timestep_weights, vae_loss
-from t2v.training.outputs import append_log, save_final, trim_log, write_samples
+from t2v.training.outputs import append_log, ema_weights, save_final, trim_log, write_samples
 from t2v.training.surgery import set_trainable
 from t2v.training.synthetic import SyntheticClips, combinations_named
 
@@ -89,6 +94,17 @@ def load_components(cfg: TrainRunConfig, device: torch.device):
     for frozen in (te, vae):
         frozen.requires_grad_(False).eval().to(device)
     return model_cfg, te, unet.to(device), vae
+
+
+class MicroBatch(NamedTuple):
+    """One process's share of a micro-batch. t: training timesteps (diffusion), or indices
+    into the solver's grid (consistency); w: the guidance weights (consistency), else None."""
+
+    x0: torch.Tensor
+    context: torch.Tensor
+    t: torch.Tensor
+    noise: torch.Tensor
+    w: torch.Tensor | None = None
 
 
 def training_clips(cfg: TrainRunConfig):
@@ -122,12 +138,20 @@ class Trainer:
         self.timestep_weights = timestep_weights(tc, self.schedule.num_train_timesteps)
         self.tokenizer = Tokenizer(context_length=self.model_cfg.text_encoder.context_length)
         self.target = tc.target or self.model_cfg.schedule.prediction_type
+        self.distilling = tc.objective == "consistency"
+        self.teacher = self._consistency_student() if self.distilling else None
 
         trained_module = self._mark_trainable()
         self._prepare_for_training(trained_module)
+        if self.teacher is not None and self.fsdp:
+            shard_unet(self.teacher, self.dist.device, tc.fsdp)
         self.trained = {n: p for n, p in trained_module.named_parameters() if p.requires_grad}
         self.ema = ({n: p.detach().float().clone() for n, p in self.trained.items()}
                     if tc.ema_decay else None)
+        # Consistency distillation's target network: an EMA of the student's trained weights,
+        # swapped into the student for the target's forward pass (`target_weights`).
+        self.consistency_target = ({n: p.detach().clone() for n, p in self.trained.items()}
+                                   if self.distilling else None)
         self.model = self._parallel(trained_module)
         self.optimizer, self.lr_schedule, self.scaler = self._optimizer()
 
@@ -143,6 +167,20 @@ class Trainer:
             self.load_checkpoint(path)
 
     # -- set-up ----------------------------------------------------------------------------
+
+    def _consistency_student(self) -> nn.Module:
+        """train.objective=consistency: a frozen copy of the loaded UNet becomes the teacher
+        (returned); the UNet, the student, gets the guidance-scale embedding (if
+        consistency.guidance_embedding), and the saved model's config says so."""
+        teacher = copy.deepcopy(self.unet).requires_grad_(False).eval()
+        dim = self.cfg.consistency.guidance_embedding
+        if dim:
+            try:
+                unet_cfg = add_guidance_embedding(self.unet, dim)
+            except ValueError as exc:
+                raise UserError(str(exc)) from None
+            self.model_cfg = dataclasses.replace(self.model_cfg, unet=unet_cfg)
+        return teacher
 
     def _mark_trainable(self) -> nn.Module:
         """The module that trains, with requires_grad on what trains in it: the VAE
@@ -161,6 +199,8 @@ class Trainer:
                 set_trainable(self.unet, list(cfg.train.trainable))
             except ValueError as exc:
                 raise UserError(f"train.trainable: {exc}") from None
+        if self.distilling and self.unet.time_embedding.cond_proj is not None:
+            self.unet.time_embedding.cond_proj.requires_grad_(True)  # new: trains in full
         return self.unet
 
     def _prepare_for_training(self, module: nn.Module) -> None:
@@ -228,11 +268,11 @@ class Trainer:
         return torch.cat(frames).to(device), torch.cat(noises).to(device)
 
     @torch.no_grad()
-    def micro_batch(self, micro: int):
-        """This process's share of global micro-batch `micro`: (x0, context, t, noise)."""
+    def micro_batch(self, micro: int) -> MicroBatch:
+        """This process's share of global micro-batch `micro`."""
         tc, device = self.cfg.train, self.dist.device
         global_batch = tc.batch_size * self.dist.world
-        latents, captions, timesteps, noises = [], [], [], []
+        latents, captions, timesteps, noises, weights = [], [], [], [], []
         for slot in range(self.dist.rank * tc.batch_size, (self.dist.rank + 1) * tc.batch_size):
             g = sample_rng(tc.seed, micro, slot)
             index = self._dataset_index(micro * global_batch + slot)
@@ -248,16 +288,23 @@ class Trainer:
             latents.append(x0.to(device, torch.float32))
             captions.append("" if float(torch.rand((), generator=g)) < tc.text_dropout
                             else caption)
-            if self.timestep_weights is None:
+            if self.distilling:  # an index into the solver's grid
+                timesteps.append(int(torch.randint(0, self.cfg.consistency.ddim_steps, (1,),
+                                                   generator=g)))
+            elif self.timestep_weights is None:
                 timesteps.append(int(torch.randint(0, self.schedule.num_train_timesteps, (1,),
                                                    generator=g)))
             else:
                 timesteps.append(int(torch.multinomial(self.timestep_weights, 1, generator=g)))
             noises.append(randn(latents[-1].shape, g))
+            if self.distilling:
+                c = self.cfg.consistency
+                weights.append(c.w_min + (c.w_max - c.w_min) * float(torch.rand((), generator=g)))
         ids = self.text_encoder_tokens(captions)
         context = self.text_encoder(ids.to(device))
-        return (torch.stack(latents), context, torch.tensor(timesteps, device=device),
-                torch.stack(noises).to(device))
+        return MicroBatch(torch.stack(latents), context, torch.tensor(timesteps, device=device),
+                          torch.stack(noises).to(device),
+                          torch.tensor(weights, device=device) if self.distilling else None)
 
     def text_encoder_tokens(self, captions: list[str]) -> torch.Tensor:
         return self.tokenizer(captions)
@@ -281,6 +328,12 @@ class Trainer:
         if stepped:
             self.lr_schedule.step()
             self._update_ema(params)
+            if self.consistency_target is not None:
+                target = list(self.consistency_target.values())
+                current = params
+                if self.fsdp:
+                    target, current = [local(v) for v in target], [local(p) for p in params]
+                update_target(target, current, self.cfg.consistency.target_ema_decay)
         self.step += 1
         return {"step": self.step, "loss": self.dist.mean(sum(losses) / len(losses)),
                 "grad_norm": float(norm), "lr": lr}
@@ -308,9 +361,40 @@ class Trainer:
         if tc.model == "vae":
             frames, noise = self.vae_micro_batch(micro)
             return vae_loss(self.model, frames, noise, tc.kl_weight, self._autocast)
-        x0, context, t, noise = self.micro_batch(micro)
-        return diffusion_loss(self.model, x0, context, t, noise, self.schedule.alphas_cumprod,
-                              self.target, self._autocast, tc.snr_gamma)
+        batch = self.micro_batch(micro)
+        if self.distilling:
+            return self._consistency_loss(batch)
+        return diffusion_loss(self.model, batch.x0, batch.context, batch.t, batch.noise,
+                              self.schedule.alphas_cumprod, self.target, self._autocast,
+                              tc.snr_gamma)
+
+    def _consistency_loss(self, batch: MicroBatch) -> torch.Tensor:
+        c = self.cfg.consistency
+        uncond = self.text_encoder(self.text_encoder_tokens([""]).to(self.dist.device))
+        grid = DDIMGrid.of(self.schedule.num_train_timesteps, c.ddim_steps)
+
+        def target(x, t, context, **kwargs):
+            with self.target_weights():
+                return self.unet(x, t, context, **kwargs)
+
+        return consistency_loss(
+            self.model, self.teacher, target, batch.x0, batch.context,
+            uncond.expand_as(batch.context), batch.t, batch.noise, batch.w,
+            self.schedule.alphas_cumprod, grid, self.target, c.loss, c.huber_c,
+            c.timestep_scaling, self.unet.cfg.time_cond_proj_dim if c.guidance_embedding
+            else None, c.teacher_guidance_interval, self._autocast)
+
+    @contextmanager
+    def target_weights(self):
+        """Inside: the student's module holds the consistency target's weights, in eval mode
+        (no dropout: a deterministic target)."""
+        training = self.unet.training
+        self.unet.eval()
+        try:
+            with ema_weights(self.trained, self.consistency_target):
+                yield
+        finally:
+            self.unet.train(training)
 
     def _clip_gradients(self, params: list[torch.Tensor]) -> torch.Tensor:
         """Unscaled (fp16) and clipped to train.max_grad_norm; returns the total norm."""
