@@ -8,6 +8,7 @@ hand from each tool's formula, and with sd-webui-text2video's merge into ModelSc
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import tempfile
@@ -27,7 +28,7 @@ from reference import modelscope_module
 from t2v.config import ModelConfig, UNetConfig
 from t2v.pipeline.options import load_config
 from t2v.errors import UserError
-from t2v.loading.lora_formats import merge_foreign_lora
+from t2v.loading.lora_formats import merge_foreign_lora, merge_lora_file
 from t2v.pipeline.text_to_video import TextToVideo
 from t2v.cli.sample import main as sample_main
 from t2v.models.text_encoder import TextEncoder
@@ -553,8 +554,13 @@ def test_bad_files_are_one_line_errors_naming_the_key(tmp_path):
     assert all(torch.equal(v, after[k]) for k, v in before.items())  # untouched
 
     torch.save([torch.ones(2), torch.ones(2)], tmp_path / "cloneofsimo.pt")
-    with pytest.raises(UserError, match="a list of tensors"):
-        merge_foreign_lora(tmp_path / "cloneofsimo.pt", 1.0, unet)
+    with pytest.raises(UserError, match="2 tensors, but a T2V-Turbo file for this UNet holds"):
+        merge_lora_file(tmp_path / "cloneofsimo.pt", 1.0, unet)
+    torch.save([torch.ones(2)] * 3, tmp_path / "odd.pt")
+    with pytest.raises(UserError, match="not .up, down. tensor pairs"):
+        merge_lora_file(tmp_path / "odd.pt", 1.0, unet)
+    after = unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())  # untouched
     with pytest.raises(UserError, match="not found"):
         merge_foreign_lora(tmp_path / "nope.safetensors", 1.0, unet)
 
@@ -608,3 +614,102 @@ def test_cli_merges_a_diffusers_file(tmp_path, capsys):
     err_lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and not (tmp_path / "w.mp4").exists()
     assert err_lines[-1].startswith(f"error: {bad}: 'unet.nothing.lora_A.weight'"), err_lines
+
+
+# -- T2V-Turbo (MS): a pickled list placed by position ---------------------------------------
+
+def t2v_turbo_file(reference: torch.nn.Module, path: Path, rank: int = 8, seed: int = 0):
+    """A file as T2V-Turbo's code writes one for `reference` (diffusers UNet3DConditionModel
+    with time_cond_proj_dim): its loader walks reference.named_modules() and adapts every
+    module whose class is exactly nn.Linear, nn.Conv2d or nn.Conv3d, rank min(rank, in, out);
+    save_lora_weight stores [up, down] per module (up (out, r[, 1...]), down (r, in[, kernel]))
+    with torch.save. Returns the list."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = []
+    for _, module in reference.named_modules():
+        kind = type(module)
+        if kind is torch.nn.Linear:
+            r = min(rank, module.in_features, module.out_features)
+            up, down = (module.out_features, r), (r, module.in_features)
+        elif kind in (torch.nn.Conv2d, torch.nn.Conv3d):
+            r = min(rank, module.in_channels, module.out_channels)
+            ones = (1,) * len(module.kernel_size)
+            up, down = (module.out_channels, r, *ones), (r, module.in_channels, *module.kernel_size)
+        else:
+            continue
+        tensors += [0.05 * torch.randn(up, generator=g), 0.05 * torch.randn(down, generator=g)]
+    torch.save(tensors, path)
+    return tensors
+
+
+def collapse_like_t2v_turbo(reference: torch.nn.Module, tensors: list) -> None:
+    """Their collapse_lora: W += up @ down for each adapted module in the same walk (conv:
+    the flattened product reshaped to W), alpha 1."""
+    pairs = iter(zip(tensors[::2], tensors[1::2]))
+    with torch.no_grad():
+        for _, module in reference.named_modules():
+            if type(module) in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d):
+                up, down = next(pairs)
+                module.weight += (up.flatten(1) @ down.flatten(1)).reshape(module.weight.shape)
+
+
+def test_t2v_turbo_file_merges_as_its_authors_code(tmp_path):
+    """A T2V-Turbo-format file for a tiny ms-1.7b-like UNet: t2v's base UNet (no guidance
+    embedding) + the file equals diffusers' UNet3DConditionModel(time_cond_proj_dim=256) with
+    the same base weights, its cond_proj base zero (t2v's documented choice: theirs is an
+    unseeded random draw), merged as their collapse_lora does; outputs with timestep_cond."""
+    from diffusers import UNet3DConditionModel
+
+    from t2v.loading.t2v_turbo import GUIDANCE_EMBEDDING, positional_modules
+    from t2v.models.unet import guidance_scale_embedding
+    from weights_convert.diffusers import diffusers_unet_kwargs
+
+    turbo_cfg = dataclasses.replace(DIFF_UNET, time_cond_proj_dim=GUIDANCE_EMBEDDING)
+    reference = randomize_(UNet3DConditionModel(**diffusers_unet_kwargs(turbo_cfg)), 9).eval()
+    with torch.no_grad():
+        reference.time_embedding.cond_proj.weight.zero_()
+    base = {k: v.clone() for k, v in reference.state_dict().items() if "cond_proj" not in k}
+    tensors = t2v_turbo_file(reference, tmp_path / "unet_lora.pt")
+    collapse_like_t2v_turbo(reference, tensors)
+    order = [n for n, m in reference.named_modules()
+             if type(m) in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d)]
+    assert order.index("mid_block.resnets.0.conv1") > order.index("up_blocks.0.resnets.0.conv1")
+
+    pipe_unet = UNet3D(DIFF_UNET).eval()
+    pipe_unet.load_state_dict(base, strict=True)
+    assert positional_modules(pipe_unet, ("time_embedding.cond_proj",)) == order
+    merged = merge_lora_file(tmp_path / "unet_lora.pt", 1.0, pipe_unet)
+    assert merged == order and pipe_unet.cfg.time_cond_proj_dim == GUIDANCE_EMBEDDING
+    x, context = inputs(2, 3, (8, 8))
+    cond = guidance_scale_embedding(torch.tensor([7.5, 3.0]), GUIDANCE_EMBEDDING)
+    with torch.no_grad():
+        expected = reference(x, torch.tensor([999, 259]), context, timestep_cond=cond).sample
+        actual = pipe_unet(x, torch.tensor([999, 259]), context, timestep_cond=cond)
+    assert_parity(actual, expected, what="T2V-Turbo file merged vs diffusers + their collapse")
+
+
+def test_t2v_turbo_file_through_the_pipeline_and_cli_flags(tmp_path):
+    """TextToVideo.load_lora of a T2V-Turbo file: the pipeline's config gains the embedding
+    and `--sampler lcm --steps 4` runs one UNet pass per step."""
+    from diffusers import UNet3DConditionModel
+
+    from t2v.loading.t2v_turbo import GUIDANCE_EMBEDDING
+    from weights_convert.diffusers import diffusers_unet_kwargs
+
+    text, unet, vae = diffusers_models(seed=3)
+    config = ModelConfig(text_encoder=DIFF_TEXT, unet=DIFF_UNET, vae=DIFF_VAE,
+                         schedule=schedule_config(HUB_SCHEDULER))
+    pipe = TextToVideo(config, build(lambda: TextEncoder(DIFF_TEXT), text.state_dict(), "text"),
+                       build(lambda: UNet3D(DIFF_UNET), unet.state_dict(), "unet"),
+                       build(lambda: AutoencoderKL(DIFF_VAE), vae.state_dict(), "vae"))
+    turbo_cfg = dataclasses.replace(DIFF_UNET, time_cond_proj_dim=GUIDANCE_EMBEDDING)
+    t2v_turbo_file(UNet3DConditionModel(**diffusers_unet_kwargs(turbo_cfg)),
+                   tmp_path / "unet_lora.pt")
+    pipe.load_lora(tmp_path / "unet_lora.pt")
+    assert pipe.config.unet.time_cond_proj_dim == GUIDANCE_EMBEDDING
+    calls = []
+    handle = pipe.unet.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    pipe("a cat", num_frames=2, height=32, width=32, steps=4, sampler="lcm",
+         lcm={"timesteps": "stride"}, guidance_scale=8.5, seed=0, progress=False)
+    handle.remove()
+    assert calls == [1] * 4

@@ -46,8 +46,12 @@ from t2v.loading.checkpoint_io import (
     read_safetensors,
     safetensors_metadata,
 )
+from t2v.loading.t2v_turbo import is_positional_list, merge_t2v_turbo
 from t2v.models.lora import LORA_FORMAT, load_lora, merge_lora
 from weights_convert.modelscope import unet_rules
+
+# A pickled list of (up, down) tensor pairs placed by position: T2V-Turbo's files.
+POSITIONAL_FORMAT = "positional-list"
 
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.Embedding)
@@ -98,9 +102,10 @@ def read_lora_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise UserError(f"{path}: LoRA file not found")
     if path.suffix in PICKLE_SUFFIXES:
         state = read_pickle(path)
+        if is_positional_list(state):  # T2V-Turbo's (t2v.loading.t2v_turbo), by position
+            return {str(i): t for i, t in enumerate(state)}, {"format": POSITIONAL_FORMAT}
         if isinstance(state, (list, tuple)):
-            raise UserError(f"{path}: a list of tensors (cloneofsimo's LoRA .pt, Text-To-Video-"
-                            "Finetuning's lora_version: cloneofsimo) names no layers; t2v "
+            raise UserError(f"{path}: a list that is not (up, down) tensor pairs; t2v "
                             "cannot place it. Use a Stable LoRA or diffusers file")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                                   for v in state.values()):
@@ -115,6 +120,8 @@ def detect_format(keys: list[str], metadata: dict[str, str]) -> str:
 
     if metadata.get("format") == LORA_FORMAT:
         return "t2v"
+    if metadata.get("format") == POSITIONAL_FORMAT:
+        return "t2v_turbo"
     if any(re.search(r":\d+:(up|down)$", k) for k in keys):
         raise UserError("cloneofsimo's safeloras layout (keys like 'unet:0:up') identifies "
                         "layers by order, not name; t2v cannot place it")
@@ -446,8 +453,8 @@ def merge_foreign_lora(path, scale: float, unet: nn.Module,
         tensors, metadata = read_lora_tensors(path)
     metadata = metadata or {}
     fmt = _detect(path, tensors, metadata)
-    if fmt == "t2v":
-        raise ValueError("t2v's own LoRA files go through t2v.models.lora.load_lora")
+    if fmt in ("t2v", "t2v_turbo"):
+        raise ValueError(f"{fmt} LoRA files go through merge_lora_file")
     parser = _Parser(path, unet, text_encoder)
     getattr(parser, fmt)(tensors)
     updates = sorted(parser.updates.values(), key=lambda u: (u.component, u.module))
@@ -467,8 +474,12 @@ def merge_lora_file(path, scale: float, unet: nn.Module,
 
     path = Path(path)
     tensors, metadata = read_lora_tensors(path)
-    if _detect(path, tensors, metadata) == "t2v":
+    kind = _detect(path, tensors, metadata)
+    if kind == "t2v":
         names = load_lora(unet, path, scale)
         merge_lora(unet)
         return names
+    if kind == "t2v_turbo":
+        return merge_t2v_turbo(path, [tensors[str(i)] for i in range(len(tensors))], unet,
+                               scale)
     return merge_foreign_lora(path, scale, unet, text_encoder, tensors, metadata)

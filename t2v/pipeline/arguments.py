@@ -21,7 +21,7 @@ import torch
 
 from t2v.errors import UserError
 from t2v.pipeline.inputs import video_argument
-from t2v.pipeline.options import FreeInitOptions, GenerationOptions
+from t2v.pipeline.options import FreeInitOptions, GenerationOptions, LCMOptions
 from t2v.sampling.freeinit import FreeInit
 from t2v.sampling.freeu import FreeU
 
@@ -69,7 +69,8 @@ INPUT_NAMES = frozenset(f.name for f in dataclasses.fields(CallInputs)) - {"prom
 
 
 def _option_value(name: str, value: Any) -> Any:
-    """A keyword's value in the options' form (FreeU and FreeInit objects, lists, False)."""
+    """A keyword's value in the options' form (FreeU and FreeInit objects, the lcm section as
+    a dict, lists, False)."""
     if name == "freeu":
         freeu = FreeU.of(value or None)  # False: off
         return None if freeu is None else (freeu.b1, freeu.b2, freeu.s1, freeu.s2)
@@ -77,6 +78,11 @@ def _option_value(name: str, value: Any) -> Any:
         free_init = FreeInit.of(value or None)
         return FreeInitOptions() if free_init is None else \
             FreeInitOptions(**dataclasses.asdict(free_init))
+    if name == "lcm" and isinstance(value, dict):  # lcm={"original_steps": 50, ...}
+        try:
+            return LCMOptions(**value)
+        except TypeError as exc:
+            raise UserError(f"lcm: {exc}; its keys are original_steps and timesteps") from None
     if name in ("guidance_interval", "init_weights") and value is not None:
         try:
             return tuple(float(v) for v in value)
