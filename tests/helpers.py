@@ -82,6 +82,21 @@ def run_config(data: Path, out: Path, *extra: str):
     return load_config(ROOT / "configs" / "tiny.yaml", base + list(extra), schema=TrainRunConfig)
 
 
+def straight_and_resumed(data: Path, out: Path, *extra: str):
+    """(a run of 4 steps, a run of 2 steps resumed to 4) of the tiny model with `extra`
+    (checkpoint_every=2 among them): their states must be equal."""
+    from t2v.training.trainer import Trainer
+
+    straight = Trainer(run_config(data, out / "a", "train.steps=4", *extra))
+    straight.run(progress=False)
+    Trainer(run_config(data, out / "b", "train.steps=2", *extra)).run(progress=False)
+    resumed = Trainer(run_config(data, out / "b", "train.steps=4", "train.resume=latest",
+                                 *extra))
+    assert resumed.step == 2
+    resumed.run(progress=False)
+    return straight, resumed
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (for torchrun's rendezvous)."""
     import socket

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import max_rel_diff, randomize_, run_config
+from helpers import max_rel_diff, randomize_, run_config, straight_and_resumed
 from synthetic import write_squares
 from t2v.config import UNetConfig
 from t2v.models.unet import UNet3D, add_guidance_embedding
@@ -219,13 +219,7 @@ def test_distillation_resume_is_exact(squares, tmp_path):
     """The target network is part of the state: 4 steps equal 2 + resume + 2, bit for bit."""
     extra = [*DISTIL, "train.trainable=[temporal]", "train.lr=1e-3", "train.checkpoint_every=2",
              "train.ema_decay=0.9"]
-    straight = Trainer(run_config(squares, tmp_path / "a", "train.steps=4", *extra))
-    straight.run(progress=False)
-    Trainer(run_config(squares, tmp_path / "b", "train.steps=2", *extra)).run(progress=False)
-    resumed = Trainer(run_config(squares, tmp_path / "b", "train.steps=4",
-                                 "train.resume=latest", *extra))
-    assert resumed.step == 2
-    resumed.run(progress=False)
+    straight, resumed = straight_and_resumed(squares, tmp_path, *extra)
     for name, p in straight.trained.items():
         assert torch.equal(p, resumed.trained[name]), name
         assert torch.equal(straight.consistency_target[name],

@@ -138,3 +138,22 @@ def test_eval_cli_compare(tmp_path, capsys):
     assert all(d[0] == 0.0 for k, d in report["difference"]["heldout"].items() if k != "videos")
     assert main([*common, "--split", "trained", "--compare", str(first)]) == 2
     assert "different cases" in capsys.readouterr().err
+
+
+def test_quality_grid_tables_hold_intervals_and_paired_differences():
+    """The grid's markdown: each row's figures with intervals, and every other row's paired
+    difference from the default row on the same videos."""
+    from t2v.demo.quality_grid import grid_markdown
+
+    default = {**_report(_results([True] * 17 + [False] * 3)), "seconds": 1.0,
+               "row": {"name": "default", "label": "the default"}}
+    other = {**_report(_results([True] * 20)), "seconds": 2.0,
+             "row": {"name": "g9", "label": "guidance 9"}}
+    text = grid_markdown([default, other], {})
+    expected = [round(100 * v, 1) for v in paired_difference([True] * 17 + [False] * 3,
+                                                             [True] * 20)]
+    cell = f"{expected[0]:+.1f} ({expected[1]:+.1f}, {expected[2]:+.1f})"
+    difference_rows = [line for line in text.splitlines() if line.startswith("| guidance 9")
+                       and cell in line]
+    assert difference_rows, text
+    assert "85.0 (" in text and "colour in every frame" in text

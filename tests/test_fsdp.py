@@ -296,3 +296,25 @@ def test_clip_grad_norm_equals_torch():
             assert clipped == pytest.approx(min(max_norm, float(expected)), rel=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+DISTIL = ["train.objective=consistency", "consistency.guidance_embedding=16",
+          "consistency.w_min=1.0", "consistency.w_max=4.0", "consistency.ddim_steps=20",
+          "consistency.target_ema_decay=0.5"]
+
+
+@pytest.mark.slow
+def test_consistency_distillation_sharded_equals_one_process(squares, tmp_path):
+    """train.objective=consistency under fsdp (teacher sharded too, the target's local shards
+    updated): 2 processes x batch 1 = 1 process x batch 2 without FSDP, weights and first
+    gradients; the target network takes part (decay 0.5 moves it a lot in 2 steps)."""
+    common = [*DISTIL, "train.trainable=[all]", "train.steps=2", "train.dropout=false",
+              "train.lr=1.0", "train.adam_eps=1.0", "train.max_grad_norm=0.05",
+              "train.checkpoint_every=2"]
+    two = run(squares, tmp_path / "two", *common, "train.strategy=fsdp",
+              "train.fsdp.param_dtype=float32", "train.batch_size=1")
+    one = run(squares, tmp_path / "one", *common, "train.batch_size=2", processes=1)
+    g, w = diff(two, one, "grad."), diff(two, one)
+    print(f"[fsdp] consistency distillation 2x1 sharded vs 1x2 plain: gradients {g:.2e}, "
+          f"weights {w:.2e}")
+    assert g <= GRAD_TOL and w <= WEIGHT_TOL

@@ -16,7 +16,7 @@ from diffusers import UNet3DConditionModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from helpers import max_rel_diff, randomize_, run_config
+from helpers import max_rel_diff, randomize_, run_config, straight_and_resumed
 from synthetic import write_squares
 from t2v.pipeline.options import load_config
 from t2v.training.data import frame_indices, list_clips, resize_crop
@@ -97,13 +97,7 @@ def test_resume_is_exact(squares, tmp_path):
     # Dropout on, EMA, warm-up and accumulation: every piece of state must come back.
     extra = ["train.trainable=[temporal]", "train.ema_decay=0.9", "train.warmup_steps=3",
              "train.grad_accum=2", "train.lr=1e-3", "train.checkpoint_every=2"]
-    straight = Trainer(run_config(squares, tmp_path / "a", "train.steps=4", *extra))
-    straight.run(progress=False)
-    Trainer(run_config(squares, tmp_path / "b", "train.steps=2", *extra)).run(progress=False)
-    resumed = Trainer(run_config(squares, tmp_path / "b", "train.steps=4",
-                                 "train.resume=latest", *extra))
-    assert resumed.step == 2
-    resumed.run(progress=False)
+    straight, resumed = straight_and_resumed(squares, tmp_path, *extra)
     for name, p in straight.trained.items():
         assert torch.equal(p, resumed.trained[name]), name
         assert torch.equal(straight.ema[name], resumed.ema[name]), name

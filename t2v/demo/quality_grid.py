@@ -38,7 +38,7 @@ from t2v.demo.evaluate import (
     evaluate,
     load_demo_pipeline,
 )
-from t2v.demo.scores import RATES, compare, markdown_tables
+from t2v.demo.scores import RATES, compare, markdown_tables, text_differences
 from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.loading.weights import DEMO_SOURCE
 from t2v.pipeline.options import FreeInitOptions
@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                 report = run_row(row, pipes, str(args.weights), args.seed_set)
                 write_json(path, report)
             print(f"{row.name}: {report['seconds']} s", flush=True)
+            default = next((r for r in reports if r["row"]["name"] == "default"), None)
+            if default is not None and len(report["rows"]) == len(default["rows"]):
+                print("\n".join(text_differences(compare(default, report))), flush=True)
             reports.append(report)
         for name, measure in TOOLS.items():
             path = args.out / f"{name}.json"

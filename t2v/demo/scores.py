@@ -150,7 +150,8 @@ def markdown_tables(reports: list[dict]) -> str:
         out.append("\n".join(lines))
     compared = [r for r in reports if r.get("difference")]
     if compared:
-        head = ["setting", "split", "videos"] + [_label(n) for n in COMPARED]
+        head = ["paired difference from the default, points (95% interval)", "split",
+                "videos"] + [_label(n) for n in COMPARED]
         lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
         for r in compared:
             for split, d in r["difference"].items():
