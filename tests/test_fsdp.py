@@ -171,7 +171,7 @@ def test_bf16_policy_computes_in_bf16(squares, tmp_path, one_thread):
                                          "train.strategy=fsdp", "train.dropout=false",
                                          f"train.fsdp.param_dtype={dtype}"))
             assert all(p.dtype == torch.float32 for p in trainer.trained.values())
-            x0, context, t, noise = trainer.micro_batch(0)
+            x0, context, t, noise, _ = trainer.micro_batch(0)
             with torch.no_grad():
                 out = trainer.model(x0, t, context)
                 losses[dtype] = float(diffusion_loss(trainer.model, x0, context, t, noise,
@@ -298,23 +298,13 @@ def test_clip_grad_norm_equals_torch():
         dist.destroy_process_group()
 
 
-DISTIL = ["train.objective=consistency", "consistency.guidance_embedding=16",
-          "consistency.w_min=1.0", "consistency.w_max=4.0", "consistency.ddim_steps=20",
-          "consistency.target_ema_decay=0.5"]
+def test_consistency_distillation_refuses_fsdp():
+    """Sharded distillation diverged from the one-process run (weights 0.29 apart after 2
+    steps, 2026-12-05: the target's weight swap is not shard-safe); refused until it is."""
+    from t2v.errors import ConfigError
+    from t2v.pipeline.options import load_config
+    from t2v.training.config import TrainRunConfig
 
-
-@pytest.mark.slow
-def test_consistency_distillation_sharded_equals_one_process(squares, tmp_path):
-    """train.objective=consistency under fsdp (teacher sharded too, the target's local shards
-    updated): 2 processes x batch 1 = 1 process x batch 2 without FSDP, weights and first
-    gradients; the target network takes part (decay 0.5 moves it a lot in 2 steps)."""
-    common = [*DISTIL, "train.trainable=[all]", "train.steps=2", "train.dropout=false",
-              "train.lr=1.0", "train.adam_eps=1.0", "train.max_grad_norm=0.05",
-              "train.checkpoint_every=2"]
-    two = run(squares, tmp_path / "two", *common, "train.strategy=fsdp",
-              "train.fsdp.param_dtype=float32", "train.batch_size=1")
-    one = run(squares, tmp_path / "one", *common, "train.batch_size=2", processes=1)
-    g, w = diff(two, one, "grad."), diff(two, one)
-    print(f"[fsdp] consistency distillation 2x1 sharded vs 1x2 plain: gradients {g:.2e}, "
-          f"weights {w:.2e}")
-    assert g <= GRAD_TOL and w <= WEIGHT_TOL
+    with pytest.raises(ConfigError, match="consistency does not run under train.strategy=fsdp"):
+        load_config(None, ["train.objective=consistency", "train.strategy=fsdp"],
+                    schema=TrainRunConfig)

@@ -143,8 +143,6 @@ class Trainer:
 
         trained_module = self._mark_trainable()
         self._prepare_for_training(trained_module)
-        if self.teacher is not None and self.fsdp:
-            shard_unet(self.teacher, self.dist.device, tc.fsdp)
         self.trained = {n: p for n, p in trained_module.named_parameters() if p.requires_grad}
         self.ema = ({n: p.detach().float().clone() for n, p in self.trained.items()}
                     if tc.ema_decay else None)
@@ -328,12 +326,9 @@ class Trainer:
         if stepped:
             self.lr_schedule.step()
             self._update_ema(params)
-            if self.consistency_target is not None:
-                target = list(self.consistency_target.values())
-                current = params
-                if self.fsdp:
-                    target, current = [local(v) for v in target], [local(p) for p in params]
-                update_target(target, current, self.cfg.consistency.target_ema_decay)
+            if self.consistency_target is not None:  # ddp only (config.py refuses fsdp)
+                update_target(list(self.consistency_target.values()), params,
+                              self.cfg.consistency.target_ema_decay)
         self.step += 1
         return {"step": self.step, "loss": self.dist.mean(sum(losses) / len(losses)),
                 "grad_norm": float(norm), "lr": lr}
