@@ -60,9 +60,10 @@ COMMON = dict(prompt="a red ball", num_frames=4, height=64, width=64, steps=3,
 def split_passes(pipe: TextToVideo) -> None:
     """One process, the two passes as two UNet calls on batch B (as the 2 ranks run them)."""
     def guided_denoiser(context, guidance_scale, frame_chunk, guidance_rescale=0.0,
-                        deep_cache=None, guidance_interval=None, freeu=None):
+                        deep_cache=None, guidance_interval=None, freeu=None,
+                        timestep_cond=None):
         assert deep_cache is None and guidance_interval is None  # not with guidance_parallel
-        assert freeu is None
+        assert freeu is None and timestep_cond is None
         uncond, cond = context.chunk(2)
 
         def denoise(x, t):
