@@ -125,25 +125,38 @@ def run(dtype: str, steps: int, weights_dir: Path, out_dir: Path) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--steps", type=int, default=25)
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """--weights-dir and --json, shared by the end-to-end benchmarks."""
     parser.add_argument("--weights-dir", type=Path, default=None,
                         help="keep the full-size weights here (reused when present)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args()
+
+
+def run_with_scratch(parser: argparse.ArgumentParser, args: argparse.Namespace, measure,
+                     prefix: str) -> dict:
+    """measure(weights_dir, out_dir) in a temporary folder (removed afterwards; the weights go
+    to --weights-dir if given), its result written to --json (never over an existing file)."""
     if args.json and args.json.exists():
         parser.error(f"{args.json} already exists; choose another path")
-    scratch = Path(tempfile.mkdtemp(prefix="t2v-e2e-"))
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
     try:
-        result = run(args.dtype, args.steps, args.weights_dir or scratch, scratch)
+        result = measure(args.weights_dir or scratch, scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     if args.json:
         with atomic_path(args.json, overwrite=False) as tmp:
             tmp.write_text(json.dumps(result, indent=2))
+    return result
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--steps", type=int, default=25)
+    add_common_flags(parser)
+    args = parser.parse_args()
+    run_with_scratch(parser, args, lambda weights, out: run(args.dtype, args.steps, weights,
+                                                            out), "t2v-e2e-")
 
 if __name__ == "__main__":
     main()

@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from t2v.atomic import atomic_path
 from t2v.bench.common import trained_like_
-from t2v.bench.end_to_end import DIFFUSERS_SCRIPT, PROMPT, prepare_weights, timed
+from t2v.bench.end_to_end import (DIFFUSERS_SCRIPT, PROMPT, add_common_flags,
+                                  prepare_weights, run_with_scratch, timed)
 from t2v.loading.weights import read_checkpoint
 from t2v.models.unet import add_guidance_embedding, UNet3D
 from weights_convert.native import save_native
@@ -85,21 +83,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
-    parser.add_argument("--weights-dir", type=Path, default=None,
-                        help="keep the full-size weights here (reused when present)")
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    add_common_flags(parser)
     args = parser.parse_args()
-    if args.json and args.json.exists():
-        parser.error(f"{args.json} already exists; choose another path")
-    scratch = Path(tempfile.mkdtemp(prefix="t2v-few-step-"))
-    try:
-        result = run(args.steps, args.dtype, args.weights_dir or scratch, scratch)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    if args.json:
-        with atomic_path(args.json, overwrite=False) as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
-
+    run_with_scratch(parser, args, lambda weights, out: run(args.steps, args.dtype, weights,
+                                                            out), "t2v-few-step-")
 
 if __name__ == "__main__":
     main()
