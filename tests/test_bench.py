@@ -123,3 +123,40 @@ def test_report_records_the_cpu_capability():
     info = machine()
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["cores"] >= 1 and info["cpu"]
+
+
+def test_few_step_benchmark_runs_the_fast_path(tmp_path, monkeypatch):
+    """t2v.bench.few_step: t2v's side is lcm with one pass per step on the weights plus a
+    guidance embedding (random, no zero weight), every component in the benchmark's dtype, as
+    `python -m t2v.sample` parses it; diffusers runs its usual 25 fp32 steps."""
+    from t2v.bench.few_step import EMBEDDING, REFERENCE_STEPS, commands, student_weights
+    from t2v.cli.sample import parse
+    from t2v.config import ModelConfig, TextEncoderConfig, UNetConfig, VAEConfig
+    from t2v.loading.weights import read_checkpoint
+    from t2v.pipeline.text_to_video import TextToVideo
+    from weights_convert.native import save_native
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs/ms17b.yaml
+    t2v_cmd, ref_cmd = commands(4, "bfloat16", tmp_path / "student", tmp_path / "diffusers",
+                                tmp_path)
+    args, _ = parse(t2v_cmd[3:])
+    assert (args.sampler, args.steps, args.dtype, args.vae_dtype) == \
+        ("lcm", 4, "bfloat16", "bfloat16")
+    assert ref_cmd[ref_cmd.index(str(tmp_path / "diffusers")) + 2:][:2] == \
+        [str(REFERENCE_STEPS), "float32"]
+
+    cfg = ModelConfig(text_encoder=TextEncoderConfig(width=32, heads=2, layers=1, mlp_width=64),
+                      unet=UNetConfig(channels=(32, 64), attention=(True, False),
+                                      layers_per_block=1, head_dim=16, transformer_in_heads=2,
+                                      context_dim=32, norm_groups=8),
+                      vae=VAEConfig(channels=(32, 64), layers_per_block=1, norm_groups=8))
+    model = TextToVideo.from_config(cfg)
+    native = tmp_path / "native"
+    native.mkdir()
+    save_native(native, cfg, {n: getattr(model, n).state_dict()
+                              for n in ("text_encoder", "unet", "vae")})
+    student = student_weights(native, tmp_path / "student")
+    _, student_cfg, states = read_checkpoint(student, layout="native")
+    assert student_cfg.unet.time_cond_proj_dim == EMBEDDING
+    projection = states["unet"]["time_embedding.cond_proj.weight"]
+    assert projection.shape == (32, EMBEDDING) and projection.abs().min() > 0

@@ -298,13 +298,22 @@ def test_clip_grad_norm_equals_torch():
         dist.destroy_process_group()
 
 
-def test_consistency_distillation_refuses_fsdp():
-    """Sharded distillation diverged from the one-process run (weights 0.29 apart after 2
-    steps, 2026-12-05: the target's weight swap is not shard-safe); refused until it is."""
-    from t2v.errors import ConfigError
-    from t2v.pipeline.options import load_config
-    from t2v.training.config import TrainRunConfig
+# The loss is the difference of two nearly equal network outputs (student at x_t, target at
+# x_s), so the batch-composition noise of each (1x2 vs 2x1 batches) is a larger part of its
+# gradient than in the diffusion loss: 5.2e-5 measured (2026-12-05).
+CONSISTENCY_GRAD_TOL = 1e-4
 
-    with pytest.raises(ConfigError, match="consistency does not run under train.strategy=fsdp"):
-        load_config(None, ["train.objective=consistency", "train.strategy=fsdp"],
-                    schema=TrainRunConfig)
+
+@pytest.mark.slow
+def test_consistency_distillation_two_processes_equal_one(squares, tmp_path):
+    """Sharded consistency distillation (the target network's weights swapped into the
+    sharded student for its pass, its EMA updated on the local shards) gives the one-process
+    run's first gradients and weights after 4 steps."""
+    distil = [*COMMON, "train.fsdp.param_dtype=float32", "train.objective=consistency",
+              "consistency.loss=l2", "consistency.guidance_embedding=16",
+              "consistency.ddim_steps=10", "consistency.target_ema_decay=0.5", "train.steps=4"]
+    two = run(squares, tmp_path / "two", *distil, "train.batch_size=1")
+    one = run(squares, tmp_path / "one", *distil, "train.batch_size=2", processes=1)
+    g, w = diff(two, one, "grad."), diff(two, one)
+    print(f"[fsdp] consistency 2x1 vs 1x2 (fp32): first gradients {g:.2e}, weights {w:.2e}")
+    assert g <= CONSISTENCY_GRAD_TOL and w <= WEIGHT_TOL

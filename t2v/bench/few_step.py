@@ -1,7 +1,7 @@
 """The full-size fast path: a consistency-distilled ms-1.7b (4 LCM steps, guidance embedding:
-one UNet pass per step, bf16) through `python -m t2v.sample`, beside a diffusers script doing
-its usual 25-step DPM-Solver++ run (guidance 9: 50 UNet passes, float32), in the same session,
-each in a fresh process.
+one UNet pass per step, every component in bf16) through `python -m t2v.sample`, beside a
+diffusers script doing its usual 25-step DPM-Solver++ run (guidance 9: 50 UNet passes,
+float32), in the same session, each in a fresh process.
 
     python -m t2v.bench.few_step [--steps 4] [--dtype bfloat16] [--weights-dir D] [--json R]
 
@@ -52,23 +52,33 @@ def student_weights(native: Path, folder: Path) -> Path:
     return folder
 
 
+REFERENCE_STEPS = 25  # diffusers' usual run: DPM-Solver++ 25 steps, guidance 9
+
+
+def commands(steps: int, dtype: str, student: Path, diffusers: Path,
+             out_dir: Path) -> tuple[list[str], list[str]]:
+    """t2v's fast path (lcm, `steps` single passes, every component in `dtype`) and the
+    diffusers script's usual fp32 run."""
+    t2v_cmd = [sys.executable, "-m", "t2v.sample", "--config", "configs/ms17b.yaml",
+               "--weights", str(student), "--prompt", PROMPT, "--seed", "0",
+               "--sampler", "lcm", "--steps", str(steps), "--guidance", "8.5",
+               "--frames", "16", "--height", "256", "--width", "256", "--dtype", dtype,
+               "--vae-dtype", dtype, "--out", str(out_dir / "t2v_lcm.mp4"), "--overwrite"]
+    ref_cmd = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(diffusers),
+               str(out_dir / "diffusers.mp4"), str(REFERENCE_STEPS), "float32", PROMPT]
+    return t2v_cmd, ref_cmd
+
+
 def run(steps: int, dtype: str, weights_dir: Path, out_dir: Path) -> dict:
     if not Path("configs/ms17b.yaml").is_file():
         raise SystemExit("run from the repository root: configs/ms17b.yaml not found")
     native, diffusers = prepare_weights(weights_dir)
     student = student_weights(native, weights_dir / "student")
-    t2v_cmd = [sys.executable, "-m", "t2v.sample", "--config", "configs/ms17b.yaml",
-               "--weights", str(student), "--prompt", PROMPT, "--seed", "0",
-               "--sampler", "lcm", "--steps", str(steps), "--guidance", "8.5",
-               "--frames", "16", "--height", "256", "--width", "256", "--dtype", dtype,
-               "--out", str(out_dir / "t2v_lcm.mp4"), "--overwrite"]
-    reference_steps = 25
-    ref_cmd = [sys.executable, "-c", DIFFUSERS_SCRIPT, str(diffusers),
-               str(out_dir / "diffusers.mp4"), str(reference_steps), "float32", PROMPT]
-    seconds = {"t2v": timed(t2v_cmd, steps), "diffusers": timed(ref_cmd, reference_steps)}
+    t2v_cmd, ref_cmd = commands(steps, dtype, student, diffusers, out_dir)
+    seconds = {"t2v": timed(t2v_cmd, steps), "diffusers": timed(ref_cmd, REFERENCE_STEPS)}
     result = {"t2v": {"sampler": "lcm", "steps": steps, "dtype": dtype, "unet_passes": steps},
-              "diffusers": {"sampler": "dpmsolver++", "steps": reference_steps,
-                            "dtype": "float32", "unet_passes": 2 * reference_steps},
+              "diffusers": {"sampler": "dpmsolver++", "steps": REFERENCE_STEPS,
+                            "dtype": "float32", "unet_passes": 2 * REFERENCE_STEPS},
               "threads": torch.get_num_threads(), "seconds": seconds,
               "speedup_wall": seconds["diffusers"]["wall"] / seconds["t2v"]["wall"]}
     print(f"t2v lcm {steps} steps {dtype}: {seconds['t2v']['wall']:.1f}s (first step at "

@@ -40,7 +40,7 @@ from t2v.errors import NumericalError, OneLineParser, UserError, fail
 from t2v.loading.weights import DEMO_SOURCE
 from t2v.models.lora import parse_lora_arg
 from t2v.noise import randn
-from t2v.pipeline.options import GenerationOptions, load_config
+from t2v.pipeline.options import Config, GenerationOptions, load_config
 from t2v.pipeline.text_to_video import TextToVideo
 from t2v.sampling.schedule import noise_schedule
 from t2v.sampling.windows import reschedule_noise
@@ -255,19 +255,27 @@ def load_demo_pipeline(source: str, dtype: str = "float32", loras: tuple[str, ..
     return pipe
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config: Config | None = None,
+                 add_help: bool = True) -> argparse.ArgumentParser:
     """The evaluation's own flags, then every generation option's flag (t2v.cli.flags),
-    defaulting to configs/demo.yaml's values."""
+    defaulting to `config`'s values (configs/demo.yaml's)."""
+    config = config or load_config(DEMO_CONFIG)
     parser = OneLineParser(prog="python -m t2v.eval",
                            description="Prompt-following evaluation of the demo model.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                           add_help=add_help)
     parser.add_argument("model", choices=["demo"], help="what to evaluate")
-    parser.add_argument("--weights", default=DEMO_SOURCE,
+    parser.add_argument("--config", type=Path, default=DEMO_CONFIG,
+                        help="the sampling config whose sample section and weights.lora the "
+                        "run starts from (e.g. configs/demo_fast.yaml)")
+    parser.add_argument("--weights", default=config.weights.source or DEMO_SOURCE,
                         help="a weights folder of the demo architecture")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--emphasis", type=float, default=None, metavar="W",
                         help="weight the colour word: 'a (red:W) circle ...' (prompt weighting)")
-    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]")
+    parser.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                        help="merge a LoRA file (repeat for several; replaces the config's "
+                        "weights.lora)")
     parser.add_argument("--colours", nargs="+", default=(),
                         help="evaluate every combination of these colours instead (e.g. orange)")
     parser.add_argument("--set", dest="seed_set", default="report", choices=list(SEED_SETS),
@@ -284,12 +292,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare", type=Path, default=None, metavar="REPORT.json",
                         help="also print the paired differences from this saved report "
                         "(same cases: the same --set, --split, --seeds)")
-    add_option_flags(parser.add_argument_group("generation (configs/demo.yaml's sample "
-                                               "section)"), demo_options())
+    add_option_flags(parser.add_argument_group("generation (the config's sample section)"),
+                     config.sample)
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> EvalSettings:
+def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
+    """Two passes: the config first, so that the flags default to its values."""
+    known, _ = build_parser(add_help=False).parse_known_args(argv)
+    config = load_config(known.config)
+    return build_parser(config).parse_args(argv), config
+
+
+def settings_from_args(args: argparse.Namespace,
+                       config: Config | None = None) -> EvalSettings:
+    config = config or load_config(DEMO_CONFIG)
     if args.batch < 1:
         raise UserError("--batch must be >= 1")
     if args.json is not None and args.json.exists() and not args.overwrite:
@@ -300,8 +317,9 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     if unknown:
         raise UserError(f"--colours: unknown {unknown}; known: "
                         f"{sorted({**COLOURS, **EXTRA_COLOURS})}")
-    return EvalSettings(options_from_args(args, demo_options()), args.dtype, str(args.weights),
-                        tuple(args.lora), args.emphasis)
+    lora = args.lora if args.lora is not None else config.weights.lora
+    return EvalSettings(options_from_args(args, config.sample), args.dtype, str(args.weights),
+                        tuple(lora), args.emphasis)
 
 
 def cases_label(args: argparse.Namespace) -> str:
@@ -321,8 +339,8 @@ def read_report(path: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
-        settings = settings_from_args(args)
+        args, config = parse(argv)
+        settings = settings_from_args(args, config)
         reference = read_report(args.compare) if args.compare is not None else None
         pipe = load_demo_pipeline(settings.weights, settings.dtype, settings.lora)
         seeds = {"trained": args.seeds, "heldout": args.seeds} if args.seeds else None

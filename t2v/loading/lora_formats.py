@@ -53,6 +53,11 @@ from weights_convert.modelscope import unet_rules
 # A pickled list of (up, down) tensor pairs placed by position: T2V-Turbo's files.
 POSITIONAL_FORMAT = "positional-list"
 
+# The demo model's consistency-distilled student (configs/demo_fast.yaml, docs/few-step.md),
+# shipped in the package: `--lora t2v:demo-fast`.
+DEMO_FAST_LORA = "t2v:demo-fast"
+DEMO_FAST_FILE = Path(__file__).resolve().parents[1] / "demo" / "fast" / "lora.safetensors"
+
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 ADAPTABLE = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.Embedding)
 
@@ -467,12 +472,22 @@ def merge_foreign_lora(path, scale: float, unet: nn.Module,
     return [u.module if u.component == "unet" else f"text_encoder.{u.module}" for u in updates]
 
 
+def lora_path(spec) -> Path:
+    """The file a LoRA argument names: a path as it is; DEMO_FAST_LORA the shipped student."""
+    if str(spec) == DEMO_FAST_LORA:
+        if not DEMO_FAST_FILE.is_file():
+            raise UserError(f"{spec}: the demo student is missing from this installation "
+                            f"({DEMO_FAST_FILE}); reinstall t2v")
+        return DEMO_FAST_FILE
+    return Path(spec)
+
+
 def merge_lora_file(path, scale: float, unet: nn.Module,
                     text_encoder: nn.Module | None = None) -> list[str]:
     """Any LoRA file t2v reads, merged into the models: t2v's own through peft
     (t2v.models.lora.load_lora + merge_lora), the others through `merge_foreign_lora`."""
 
-    path = Path(path)
+    path = lora_path(path)
     tensors, metadata = read_lora_tensors(path)
     kind = _detect(path, tensors, metadata)
     if kind == "t2v":

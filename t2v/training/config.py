@@ -198,9 +198,6 @@ class OptimConfig:
                f"train.strategy must be one of {STRATEGIES}, got {self.strategy!r}")
         _check(self.strategy != "fsdp" or self.model == "unet",
                "train.strategy=fsdp shards the UNet; train.model=vae trains with ddp")
-        _check(self.strategy != "fsdp" or self.objective == "diffusion",
-               "train.objective=consistency does not run under train.strategy=fsdp yet (its "
-               "target network's weight swap is not shard-safe); use train.strategy=ddp")
         _check(self.strategy != "fsdp" or self.mixed_precision == "no",
                "with train.strategy=fsdp the precision is train.fsdp.param_dtype (bf16 compute "
                "by default): set train.mixed_precision=no")

@@ -326,9 +326,11 @@ class Trainer:
         if stepped:
             self.lr_schedule.step()
             self._update_ema(params)
-            if self.consistency_target is not None:  # ddp only (config.py refuses fsdp)
-                update_target(list(self.consistency_target.values()), params,
-                              self.cfg.consistency.target_ema_decay)
+            if self.consistency_target is not None:
+                target, current = list(self.consistency_target.values()), params
+                if self.fsdp:  # DTensors: the local shards update in place
+                    target, current = [local(v) for v in target], [local(p) for p in current]
+                update_target(target, current, self.cfg.consistency.target_ema_decay)
         self.step += 1
         return {"step": self.step, "loss": self.dist.mean(sum(losses) / len(losses)),
                 "grad_norm": float(norm), "lr": lr}
@@ -382,7 +384,8 @@ class Trainer:
     @contextmanager
     def target_weights(self):
         """Inside: the student's module holds the consistency target's weights, in eval mode
-        (no dropout: a deterministic target)."""
+        (no dropout: a deterministic target); with fsdp, the target's weights in the student's
+        shards."""
         training = self.unet.training
         self.unet.eval()
         try:
