@@ -120,7 +120,7 @@ def test_cli_commands_of_the_docs(tmp_path):
     frames = {}
     for name, args in runs.items():
         assert main([*args, *prompt, "--out", str(tmp_path / name)]) == 0
-        pngs = sorted((tmp_path / name).glob("*.png"))
+        pngs = sorted((tmp_path / name).rglob("*.png"))  # OUT/<prompt>-<seed>/NNNN.png
         assert len(pngs) == 8
         frames[name] = np.stack([np.asarray(Image.open(p)) for p in pngs])
     assert np.array_equal(frames["config"], frames["by_hand"])
