@@ -18,7 +18,7 @@ from t2v.errors import ConfigError
 from t2v.demo.classify import (CORNERS_GAP, SKEW_GAP, classify, shape_gaps, speed_variation,
                                vae_round_trip)
 from t2v.demo.evaluate import (EVAL_SEED_BASE, REPORT_SEED_BASE, Case, EvalSettings, cases,
-                               demo_options, evaluate, generate, load_demo_pipeline)
+                               demo_options, generate, load_demo_pipeline)
 from t2v.demo.scores import score
 from t2v.demo.statistics import wilson
 from t2v.training.synthetic import (HELDOUT, TRAINED, Attributes, SyntheticClips, all_combinations,
@@ -28,6 +28,8 @@ from t2v.training.outputs import latent_scaling_factor
 from t2v.training.trainer import Trainer
 from t2v.training.config import TrainRunConfig
 from t2v.loading.weights import DEMO_FOLDER, DEMO_SOURCE, resolve_source
+
+from helpers import MIN_BACKGROUND, MIN_COLOUR, MIN_DIRECTION, MIN_SHAPE, prompt_following
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Pixel rounding of the centroid of a rendered, anti-aliased object: up to 0.30 px measured.
@@ -244,30 +246,12 @@ def test_demo_source_is_the_package_folder():
 
 
 DEMO_TEST_STEPS = 10  # DPM-Solver++, guidance 5 at t >= 600: a few seconds for 2 x 20 videos
-# Accuracy floors on the 20 trained cases below (every fifth combination of the report set,
-# its first seed). The shipped model on the whole report set (docs/quality.md, 25 steps):
-# colour 99.7%, shape 87.5%, direction 100%, background 100% (95% intervals 98.8-99.9,
-# 84.6-89.9, 99.4-100, 99.4-100); on these 20 at 10 steps (2026-12-05): 100%, 95%, 100%, 100%.
-# Videos made from the wrong prompts score colour 0%, shape 25%, direction 5%, background 70%
-# (half the neighbours share it); chance is 20%, 33%, 25% and 50%. The floors sit between, so
-# the test fails when the stack breaks (guidance sign, sampler, schedule, weights, text encoder,
-# VAE) without failing on a few of the model's own mistakes (4 of 20 videos); the control
-# shows it can fail.
-MIN_COLOUR = 80.0
-MIN_SHAPE = 70.0
-MIN_DIRECTION = 80.0
-MIN_BACKGROUND = 90.0
+# The floors MIN_* and the 20 cases: tests/helpers.py (shared with tests/test_demo_fast.py).
 
 
 def demo_test_report(pipe, prompts_of=None) -> dict:
-    listed = cases(split="trained")[::30]  # report set: every fifth combination, its 1st seed
-    settings = EvalSettings(demo_options(steps=DEMO_TEST_STEPS))  # configs/demo.yaml's otherwise
-    if prompts_of is not None:  # generate from other cases' prompts, score against these
-        generated = [Case(prompts_of(i, listed).attributes, c.seed, c.split)
-                     for i, c in enumerate(listed)]
-        frames = generate(pipe, generated, settings)
-        return score([(c, classify(v)) for c, v in zip(listed, frames)])["trained"]
-    return evaluate(pipe, settings, listed, batch_size=len(listed))["scores"]["trained"]
+    """configs/demo.yaml's settings at DEMO_TEST_STEPS steps on the 20 cases."""
+    return prompt_following(pipe, EvalSettings(demo_options(steps=DEMO_TEST_STEPS)), prompts_of)
 
 
 def test_demo_model_follows_prompts():

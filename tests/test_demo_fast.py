@@ -10,19 +10,17 @@ from pathlib import Path
 import pytest
 
 from t2v.bench import demo_fast
-from t2v.demo.evaluate import EvalSettings, cases, evaluate, generate, load_demo_pipeline, parse
-from t2v.demo.classify import classify
-from t2v.demo.scores import score
+from t2v.demo.evaluate import EvalSettings, load_demo_pipeline, parse, settings_from_args
 from t2v.errors import UserError
 from t2v.loading import lora_formats
 from t2v.loading.lora_formats import DEMO_FAST_FILE, DEMO_FAST_LORA, lora_path
 from t2v.loading.weights import DEMO_SOURCE
 from t2v.pipeline.options import load_config
 
+from helpers import MIN_BACKGROUND, MIN_COLOUR, MIN_DIRECTION, MIN_SHAPE, prompt_following
+
 ROOT = Path(__file__).resolve().parents[1]
 FAST_CONFIG = ROOT / "configs" / "demo_fast.yaml"
-# The floors of tests/test_demo.py (the teacher's), on the same 20 report-set cases.
-MIN_COLOUR, MIN_SHAPE, MIN_DIRECTION, MIN_BACKGROUND = 80.0, 70.0, 80.0, 90.0
 
 
 def test_the_student_is_found_by_name(monkeypatch, tmp_path):
@@ -31,16 +29,6 @@ def test_the_student_is_found_by_name(monkeypatch, tmp_path):
     monkeypatch.setattr(lora_formats, "DEMO_FAST_FILE", tmp_path / "missing.safetensors")
     with pytest.raises(UserError, match="demo student is missing.*reinstall"):
         lora_path(DEMO_FAST_LORA)
-
-
-def student_report(pipe, settings, prompts_of=None) -> dict:
-    listed = cases(split="trained")[::30]  # as tests/test_demo.py: 20 report-set cases
-    if prompts_of is None:
-        return evaluate(pipe, settings, listed, batch_size=len(listed))["scores"]["trained"]
-    generated = [type(c)(prompts_of(i, listed).attributes, c.seed, c.split)
-                 for i, c in enumerate(listed)]
-    frames = generate(pipe, generated, settings)
-    return score([(c, classify(v)) for c, v in zip(listed, frames)])["trained"]
 
 
 def test_demo_student_follows_prompts_in_four_passes():
@@ -54,13 +42,13 @@ def test_demo_student_follows_prompts_in_four_passes():
     calls = []
     hook = pipe.unet.register_forward_hook(lambda m, a, k: calls.append(a[0].shape[0]))
     settings = EvalSettings(cfg.sample, lora=cfg.weights.lora)
-    scores = student_report(pipe, settings)
+    scores = prompt_following(pipe, settings)
     hook.remove()
     assert calls == [20] * cfg.sample.steps  # one pass of the 20 videos per step, no uncond
     assert scores["colour"] >= MIN_COLOUR and scores["shape"] >= MIN_SHAPE \
         and scores["direction"] >= MIN_DIRECTION \
         and scores["background"] >= MIN_BACKGROUND, scores
-    wrong = student_report(pipe, settings, lambda i, listed: listed[(i + 7) % len(listed)])
+    wrong = prompt_following(pipe, settings, lambda i, listed: listed[(i + 7) % len(listed)])
     assert wrong["colour"] < MIN_COLOUR and wrong["shape"] < MIN_SHAPE \
         and wrong["direction"] < MIN_DIRECTION, wrong
 
@@ -69,7 +57,6 @@ def test_eval_reads_a_config():
     """`python -m t2v.eval demo --config configs/demo_fast.yaml`: the flags default to that
     config's sample section and LoRAs; flags still override; the default is configs/demo.yaml."""
     args, cfg = parse(["demo", "--config", str(FAST_CONFIG), "--steps", "2"])
-    from t2v.demo.evaluate import settings_from_args
     settings = settings_from_args(args, cfg)
     assert (settings.options.sampler, settings.options.steps) == ("lcm", 2)
     assert settings.options.guidance_interval is None and settings.lora == (DEMO_FAST_LORA,)

@@ -304,9 +304,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, Config]:
     return build_parser(config).parse_args(argv), config
 
 
-def settings_from_args(args: argparse.Namespace,
-                       config: Config | None = None) -> EvalSettings:
-    config = config or load_config(DEMO_CONFIG)
+def settings_from_args(args: argparse.Namespace, config: Config) -> EvalSettings:
+    """The run's settings: `config` (the one --config named) under the flags."""
     if args.batch < 1:
         raise UserError("--batch must be >= 1")
     if args.json is not None and args.json.exists() and not args.overwrite:

@@ -13,7 +13,7 @@ One step, per clip (x0, prompt context c, empty-prompt context u):
     target:   f-(x_s, s) = c_skip(s) x_s + c_out(s) x0_hat(target(x_s, s, c, emb(w)))  (no grad)
     loss = mean(sqrt((f - f-)^2 + c^2) - c)  (Huber, c = huber_c)  or  mean((f - f-)^2)  (l2)
 
-The target network is an exponential moving average of the student (`update_target`); the
+The target network is an exponential moving average of the student (the Trainer's); the
 boundary scalings c_skip, c_out are LCM's (t2v.sampling.lcm.boundary_scalings). emb(w) is the
 guidance-scale embedding when the student has one (model.unet.time_cond_proj_dim), else the
 student is not told w (LCM-LoRA). After distillation the student samples with the lcm sampler
@@ -110,11 +110,3 @@ def consistency_loss(student, teacher, target, x0: torch.Tensor, context: torch.
     if loss == "l2":
         return torch.nn.functional.mse_loss(online.float(), goal.float())
     return (torch.sqrt((online.float() - goal.float()) ** 2 + huber_c ** 2) - huber_c).mean()
-
-
-@torch.no_grad()
-def update_target(target_params: list[torch.Tensor], student_params: list[torch.Tensor],
-                  decay: float) -> None:
-    """target <- decay * target + (1 - decay) * student, in place."""
-    torch._foreach_lerp_(target_params, [p.detach().to(q.dtype) for p, q in
-                                         zip(student_params, target_params)], 1.0 - decay)

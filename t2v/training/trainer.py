@@ -60,7 +60,7 @@ from t2v.pipeline.text_to_video import load_pipeline
 from t2v.sampling.schedule import noise_schedule
 from t2v.training.checkpoints import load_checkpoint, resume_path, save_checkpoint
 from t2v.training.config import TrainRunConfig
-from t2v.training.consistency import DDIMGrid, consistency_loss, update_target
+from t2v.training.consistency import DDIMGrid, consistency_loss
 from t2v.training.data import LatentCache, VideoClips, sample_rng
 from t2v.training.distributed import Distributed, global_seed
 from t2v.training.fsdp import clip_grad_norm_, local, shard_unet
@@ -325,12 +325,11 @@ class Trainer:
         lr = self.lr_schedule.get_last_lr()[0]
         if stepped:
             self.lr_schedule.step()
-            self._update_ema(params)
+            if self.ema is not None:
+                self._move_average(self.ema, params, self.cfg.train.ema_decay)
             if self.consistency_target is not None:
-                target, current = list(self.consistency_target.values()), params
-                if self.fsdp:  # DTensors: the local shards update in place
-                    target, current = [local(v) for v in target], [local(p) for p in current]
-                update_target(target, current, self.cfg.consistency.target_ema_decay)
+                self._move_average(self.consistency_target, params,
+                                   self.cfg.consistency.target_ema_decay)
         self.step += 1
         return {"step": self.step, "loss": self.dist.mean(sum(losses) / len(losses)),
                 "grad_norm": float(norm), "lr": lr}
@@ -419,13 +418,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return stepped
 
-    def _update_ema(self, params: list[torch.Tensor]) -> None:
-        if self.ema is None:
-            return
-        ema, current = list(self.ema.values()), [p.detach().float() for p in params]
-        if self.fsdp:  # DTensors: the local shards update in place
-            ema, current = [local(v) for v in ema], [local(p) for p in current]
-        torch._foreach_lerp_(ema, current, 1.0 - self.cfg.train.ema_decay)
+    def _move_average(self, averages: dict, params: list[torch.Tensor], decay: float) -> None:
+        """averages <- decay * averages + (1 - decay) * params, in place: the EMA weights and
+        consistency distillation's target network. With fsdp, DTensors: the local shards."""
+        values = list(averages.values())
+        if self.fsdp:
+            values, params = [local(v) for v in values], [local(p) for p in params]
+        torch._foreach_lerp_(values, [p.detach().to(v.dtype) for p, v in zip(params, values)],
+                             1.0 - decay)
 
     # -- checkpoints and outputs (t2v.training.checkpoints, t2v.training.outputs) ----------
 
