@@ -1,8 +1,7 @@
 """python -m t2v.sample: prompt in, video file out (docs/cli.md)."""
 
-import sys
-
 from t2v.cli.sample import main
+from t2v.process_end import end_process
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

@@ -1,8 +1,7 @@
 """python -m t2v.train: fine-tuning and training (docs/finetuning.md)."""
 
-import sys
-
+from t2v.process_end import end_process
 from t2v.training.trainer import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

@@ -52,6 +52,7 @@ import torch.distributed as dist
 from pathlib import Path
 from safetensors.torch import save_file
 from helpers import run_config
+from t2v.process_end import end_process
 from t2v.training.fsdp import full_value
 from t2v.training.trainer import Trainer
 trainer = Trainer(run_config(Path({data!r}), Path({out!r}), *{extra!r}))
@@ -71,6 +72,7 @@ if trainer.dist.main:
     save_file({{**weights, **ema, **grads, **init}}, {out!r} + f"/result-{{trainer.dist.world}}.st")
 if dist.is_initialized():
     dist.destroy_process_group()
+end_process(0)  # t2v/process_end.py: why not a plain exit
 """
 
 

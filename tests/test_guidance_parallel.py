@@ -100,9 +100,11 @@ sys.path.insert(0, {tests!r})
 import torch.distributed as dist
 from safetensors.torch import save_file
 from test_guidance_parallel import run_cases
+from t2v.process_end import end_process
 dist.init_process_group("gloo")
 save_file(run_cases(parallel=True), {out!r} + f"/rank{{dist.get_rank()}}.st")
 dist.destroy_process_group()
+end_process(0)  # t2v/process_end.py: why not a plain exit
 """
 
 

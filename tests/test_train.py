@@ -268,6 +268,7 @@ sys.path.insert(0, {tests!r})
 import torch
 from safetensors.torch import save_file
 from helpers import run_config
+from t2v.process_end import end_process
 from t2v.training.trainer import Trainer
 from pathlib import Path
 trainer = Trainer(run_config(Path({data!r}), Path({out!r}), *{extra!r}))
@@ -281,6 +282,7 @@ trainer.run(progress=False)
 weights = {{n: p.detach().clone() for n, p in trainer.trained.items()}}
 name = f"/rank{{trainer.dist.rank}}-of-{{trainer.dist.world}}.st"
 save_file({{**weights, **grads}}, {out!r} + name)
+end_process(0)  # t2v/process_end.py: why not a plain exit
 """
 
 

@@ -27,6 +27,7 @@ from t2v.bench.memory import MALLOC_ENV, status_kib
 from t2v.config import ModelConfig, UNetConfig
 from t2v.models.memory import parameter_counts, training_memory
 from t2v.models.unet import UNet3D
+from t2v.process_end import end_process
 from t2v.training.config import FSDPConfig
 from t2v.training.fsdp import shard_unet
 from t2v.training.losses import diffusion_loss
@@ -119,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    end_process(main())

@@ -41,6 +41,7 @@ from t2v.models.memory import (
 from t2v.pipeline.options import Config, GenerationOptions, load_config
 from t2v.pipeline.text_to_video import TextToVideo, auto_frame_chunk, load_pipeline
 from t2v.pipeline.video_io import write_gif, write_mp4, write_png_frames
+from t2v.process_end import end_process
 from t2v.sampling import guidance_parallel
 
 log = logging.getLogger("t2v.cli.sample")
@@ -402,4 +403,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

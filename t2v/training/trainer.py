@@ -57,6 +57,7 @@ from t2v.models.tokenizer import Tokenizer
 from t2v.noise import randn
 from t2v.pipeline.options import load_config
 from t2v.pipeline.text_to_video import load_pipeline
+from t2v.process_end import end_process
 from t2v.sampling.schedule import noise_schedule
 from t2v.training.checkpoints import load_checkpoint, resume_path, save_checkpoint
 from t2v.training.config import TrainRunConfig
@@ -494,4 +495,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())
