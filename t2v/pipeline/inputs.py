@@ -60,7 +60,8 @@ def frames_to_video_tensor(frames: np.ndarray, height: int | None = None,
                            width: int | None = None) -> torch.Tensor:
     """uint8 frames (F, H, W, 3) -> (1, 3, F, H', W') in [-1, 1], resized (bilinear,
     antialiased) to height x width, or to the frame size rounded down to multiples of 8."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    # torch.tensor copies: decoded frames may be read-only arrays, which from_numpy warns about
+    x = torch.tensor(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     h, w = x.shape[-2:]
     height = height or h - h % 8
     width = width or w - w % 8
